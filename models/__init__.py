@@ -1,0 +1,1 @@
+"""Model definitions; the whole transformer lives in models/transformer.py."""

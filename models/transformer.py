@@ -1,0 +1,286 @@
+"""A decoder-only transformer of the Llama or GPT-2 family, whole, in one file.
+
+Shape suffixes name every array's axes:
+  B batch, T sequence (queries), S sequence (keys), D model width, F feed-forward width,
+  N query heads, K key/value heads, G query heads per key/value head, H head dimension,
+  V vocabulary, L layers, P positions (max_seq_len).
+
+Parameters carry logical axis names only ('embed', 'mlp', 'heads', ...); the trainer maps
+them to mesh axes with rules from the config. Activations are constrained with logical names
+too, resolved by the same rules against the mesh set with `jax.set_mesh`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen, nnx
+
+FAMILIES = ('llama', 'gpt2')
+ATTENTION_IMPLS = ('xla', 'cudnn')
+# Which intermediates to keep for the backward pass; the rest is recomputed.
+REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
+    'none': None,  # keep everything: fastest, most memory
+    'full': jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer
+    'dots': jax.checkpoint_policies.dots_saveable,  # keep matmul outputs
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
+}
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and numerics; the trainer builds it from `config.model`."""
+
+    family: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    d_model: int
+    d_ff: int
+    vocab_size: int
+    max_seq_len: int
+    dtype: str = 'bfloat16'
+    param_dtype: str = 'float32'
+    remat: str = 'none'
+    scan_layers: bool = True
+    dropout: float = 0.0
+    tie_embeddings: bool = False
+    use_bias: bool = False
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    attention_impl: str = 'xla'
+    sharding_rules: Rules = ()
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+
+def _param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: tuple, cfg: ModelConfig):
+    # eager_sharding=False: parameters are laid out by the trainer's jitted init, not here.
+    value = init(rngs.params(), tuple(shape), jnp.dtype(cfg.param_dtype))
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def _normal(std: float) -> Callable:
+    return jax.nn.initializers.normal(std)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...], rules: Rules) -> jax.Array:
+    """Pins an activation's layout by logical axis names; a no-op outside a mesh."""
+    if not rules or jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, linen.logical_to_mesh_axes(names, rules))
+
+
+def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Norm(nnx.Module):
+    """RMSNorm (llama) or LayerNorm (gpt2), computed in float32."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.scale = _param(rngs, jax.nn.initializers.ones, (cfg.d_model,), ('norm',), cfg)
+        has_bias = cfg.family == 'gpt2' and cfg.use_bias
+        self.bias = _param(rngs, jax.nn.initializers.zeros, (cfg.d_model,), ('norm',), cfg) if has_bias else None
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        x = x_BTD.astype(jnp.float32)
+        if self.cfg.family == 'gpt2':
+            x = x - x.mean(-1, keepdims=True)
+        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.cfg.norm_eps)
+        x = x * self.scale[...][None, None, :]
+        if self.bias is not None:
+            x = x + self.bias[...][None, None, :]
+        return x.astype(self.cfg.dtype)
+
+
+def rotary(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """Rotates pairs (i, i + H/2) of each head by position-dependent angles (RoPE)."""
+    half = x_BTNH.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq[None, None, :]
+    sin, cos = jnp.sin(angle_BTh)[:, :, None, :], jnp.cos(angle_BTh)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BTNH.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with grouped key/value heads (num_kv_heads <= num_heads)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        init, out_init = _normal(cfg.init_std), _normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+        self.wq_DNH = _param(rngs, init, (D, N, H), ('embed', 'heads', 'head_dim'), cfg)
+        self.wk_DKH = _param(rngs, init, (D, K, H), ('embed', 'kv_heads', 'head_dim'), cfg)
+        self.wv_DKH = _param(rngs, init, (D, K, H), ('embed', 'kv_heads', 'head_dim'), cfg)
+        self.wo_NHD = _param(rngs, out_init, (N, H, D), ('heads', 'head_dim', 'embed'), cfg)
+        zeros = jax.nn.initializers.zeros
+        self.biases = (
+            nnx.Dict(
+                q_NH=_param(rngs, zeros, (N, H), ('heads', 'head_dim'), cfg),
+                k_KH=_param(rngs, zeros, (K, H), ('kv_heads', 'head_dim'), cfg),
+                v_KH=_param(rngs, zeros, (K, H), ('kv_heads', 'head_dim'), cfg),
+                o_D=_param(rngs, zeros, (D,), ('embed',), cfg),
+            )
+            if cfg.use_bias
+            else None
+        )
+
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None) -> jax.Array:
+        cfg, dt = self.cfg, self.cfg.dtype
+        q_BTNH = jnp.einsum('btd,dnh->btnh', x_BTD, self.wq_DNH[...].astype(dt))
+        k_BSKH = jnp.einsum('bsd,dkh->bskh', x_BTD, self.wk_DKH[...].astype(dt))
+        v_BSKH = jnp.einsum('bsd,dkh->bskh', x_BTD, self.wv_DKH[...].astype(dt))
+        if self.biases is not None:
+            q_BTNH += self.biases['q_NH'][...].astype(dt)[None, None]
+            k_BSKH += self.biases['k_KH'][...].astype(dt)[None, None]
+            v_BSKH += self.biases['v_KH'][...].astype(dt)[None, None]
+        if cfg.family == 'llama':
+            q_BTNH = rotary(q_BTNH, positions_BT, cfg.rope_theta)
+            k_BSKH = rotary(k_BSKH, positions_BT, cfg.rope_theta)
+        heads = ('activation_batch', 'activation_length', 'activation_heads', None)
+        q_BTNH = constrain(q_BTNH, heads, cfg.sharding_rules)
+        mask_B1TS = None
+        if segment_ids_BT is not None:  # packed rows: attend only within one document
+            mask_B1TS = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
+        out_BTNH = jax.nn.dot_product_attention(
+            q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, is_causal=True, implementation=cfg.attention_impl
+        )
+        out_BTD = jnp.einsum('btnh,nhd->btd', out_BTNH, self.wo_NHD[...].astype(dt))
+        if self.biases is not None:
+            out_BTD += self.biases['o_D'][...].astype(dt)[None, None]
+        return out_BTD
+
+
+class Mlp(nnx.Module):
+    """SwiGLU (llama) or GELU (gpt2) feed-forward block."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, F = cfg.d_model, cfg.d_ff
+        init, out_init = _normal(cfg.init_std), _normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+        self.w_up_DF = _param(rngs, init, (D, F), ('embed', 'mlp'), cfg)
+        self.w_gate_DF = _param(rngs, init, (D, F), ('embed', 'mlp'), cfg) if cfg.family == 'llama' else None
+        self.w_down_FD = _param(rngs, out_init, (F, D), ('mlp', 'embed'), cfg)
+        zeros = jax.nn.initializers.zeros
+        self.biases = (
+            nnx.Dict(up_F=_param(rngs, zeros, (F,), ('mlp',), cfg), down_D=_param(rngs, zeros, (D,), ('embed',), cfg))
+            if cfg.use_bias
+            else None
+        )
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        dt = self.cfg.dtype
+        h_BTF = jnp.einsum('btd,df->btf', x_BTD, self.w_up_DF[...].astype(dt))
+        if self.biases is not None:
+            h_BTF += self.biases['up_F'][...].astype(dt)[None, None]
+        if self.w_gate_DF is not None:
+            h_BTF = jax.nn.silu(jnp.einsum('btd,df->btf', x_BTD, self.w_gate_DF[...].astype(dt))) * h_BTF
+        else:
+            h_BTF = jax.nn.gelu(h_BTF, approximate=True)
+        h_BTF = constrain(h_BTF, ('activation_batch', 'activation_length', 'activation_mlp'), self.cfg.sharding_rules)
+        out_BTD = jnp.einsum('btf,fd->btd', h_BTF, self.w_down_FD[...].astype(dt))
+        if self.biases is not None:
+            out_BTD += self.biases['down_D'][...].astype(dt)[None, None]
+        return out_BTD
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.attention_norm, self.attention = Norm(cfg, rngs), Attention(cfg, rngs)
+        self.mlp_norm, self.mlp = Norm(cfg, rngs), Mlp(cfg, rngs)
+
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, dropout_rng):
+        rngs = (None, None) if dropout_rng is None else tuple(jax.random.split(dropout_rng))
+        x_BTD += _dropout(
+            self.attention(self.attention_norm(x_BTD), positions_BT, segment_ids_BT), self.cfg.dropout, rngs[0]
+        )
+        x_BTD += _dropout(self.mlp(self.mlp_norm(x_BTD)), self.cfg.dropout, rngs[1])
+        return constrain(x_BTD, ('activation_batch', 'activation_length', 'activation_embed'), self.cfg.sharding_rules)
+
+
+class Decoder(nnx.Module):
+    """Token ids in, next-token logits out. Layer weights are stacked along a leading L axis."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, V = cfg.d_model, cfg.vocab_size
+        self.embedding_VD = _param(rngs, _normal(cfg.init_std), (V, D), ('vocab', 'embed'), cfg)
+        self.position_embedding_PD = (
+            _param(rngs, _normal(cfg.init_std), (cfg.max_seq_len, D), ('position', 'embed'), cfg)
+            if cfg.family == 'gpt2'
+            else None
+        )
+
+        # One Block whose every parameter has a leading layer axis, whatever scan_layers says,
+        # so that checkpoints do not depend on how the layers are run.
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = Norm(cfg, rngs)
+        self.unembedding_DV = (
+            None if cfg.tie_embeddings else _param(rngs, _normal(cfg.init_std), (D, V), ('embed', 'vocab'), cfg)
+        )
+
+    def __call__(
+        self,
+        tokens_BT: jax.Array,
+        positions_BT: jax.Array | None = None,
+        segment_ids_BT: jax.Array | None = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """Returns float32 logits; `dropout_rng=None` means deterministic (no dropout)."""
+        cfg = self.cfg
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+        x_BTD = jnp.take(self.embedding_VD[...], tokens_BT, axis=0).astype(cfg.dtype)
+        if self.position_embedding_PD is not None:
+            x_BTD += jnp.take(self.position_embedding_PD[...], positions_BT, axis=0).astype(cfg.dtype)
+        embed_rng, layer_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
+        x_BTD = _dropout(x_BTD, cfg.dropout, embed_rng)
+        x_BTD = constrain(x_BTD, ('activation_batch', 'activation_length', 'activation_embed'), cfg.sharding_rules)
+
+        graphdef, layer_params = nnx.split(self.blocks)
+        layer_rngs = None if layer_rng is None else jax.random.split(layer_rng, cfg.num_layers)
+
+        def run_layer(x_BTD, params_and_rng):
+            params, rng = params_and_rng
+            return nnx.merge(graphdef, params)(x_BTD, positions_BT, segment_ids_BT, rng), None
+
+        if cfg.remat != 'none':
+            run_layer = jax.checkpoint(run_layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            x_BTD, _ = jax.lax.scan(run_layer, x_BTD, (layer_params, layer_rngs))
+        else:
+            for i in range(cfg.num_layers):
+                x_BTD, _ = run_layer(x_BTD, jax.tree.map(operator.itemgetter(i), (layer_params, layer_rngs)))
+
+        x_BTD = self.final_norm(x_BTD)
+        if self.unembedding_DV is None:
+            logits_BTV = jnp.einsum('btd,vd->btv', x_BTD, self.embedding_VD[...].astype(cfg.dtype))
+        else:
+            logits_BTV = jnp.einsum('btd,dv->btv', x_BTD, self.unembedding_DV[...].astype(cfg.dtype))
+        logits_BTV = constrain(
+            logits_BTV, ('activation_batch', 'activation_length', 'activation_vocab'), cfg.sharding_rules
+        )
+        return logits_BTV.astype(jnp.float32)

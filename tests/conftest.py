@@ -1,0 +1,60 @@
+"""Test setup: 8 simulated CPU devices (set before jax is imported) and a tiny model config."""
+
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from ml_collections import config_dict  # noqa: E402
+
+from configs import small_lm  # noqa: E402
+from trainer import mesh as mesh_lib  # noqa: E402
+from trainer import train
+
+jax.config.update('jax_threefry_partitionable', True)
+
+SEQ_LEN = 12
+BATCH = 8
+
+
+def tiny_config(family: str = 'llama', **mesh_sizes: int) -> config_dict.ConfigDict:
+    """small_lm shrunk to odd little sizes (so shape bugs show) that still split over 8 devices."""
+    config = small_lm.get_config()
+    model = config.model
+    model.family, model.num_layers, model.d_model, model.d_ff = family, 3, 24, 40
+    model.num_heads, model.num_kv_heads = 4, (2 if family == 'llama' else 4)
+    model.vocab_size, model.max_seq_len, model.dtype = 38, 16, 'float32'
+    model.tie_embeddings = model.use_bias = family == 'gpt2'
+    config.data.seq_len = SEQ_LEN
+    config.train.global_batch_size = BATCH
+    config.train.warmup_steps = 2
+    config.train.steps = 10
+    for axis in mesh_lib.MESH_AXES:
+        config.mesh[axis] = mesh_sizes.get(axis, 1)
+    return config
+
+
+def random_batch(setup: train.Setup, config: config_dict.ConfigDict, seed: int = 0, rows: int = BATCH):
+    """A batch of random token ids, laid out with the setup's batch sharding."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, config.model.vocab_size, size=(rows, config.data.seq_len + 1), dtype=np.int32)
+    return {
+        name: jax.device_put(array, setup.batch_sharding)
+        for name, array in (('inputs', tokens[:, :-1]), ('targets', tokens[:, 1:]))
+    }
+
+
+def mesh_for(config: config_dict.ConfigDict) -> jax.sharding.Mesh:
+    """The config's mesh over as many of the 8 devices as its axis sizes multiply to."""
+    sizes = {axis: config.mesh[axis] for axis in mesh_lib.MESH_AXES}
+    return mesh_lib.make_mesh(sizes, jax.devices()[: int(np.prod(list(sizes.values())))])
+
+
+@pytest.fixture(autouse=True)
+def _strict_rank_promotion():
+    """Implicit rank broadcasting is a common shape bug: make it an error in tests."""
+    with jax.numpy_rank_promotion('raise'):
+        yield

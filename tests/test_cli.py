@@ -1,0 +1,132 @@
+"""`python -m trainer` end to end: outputs on disk, a falling loss, one-line errors."""
+
+import json
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = [
+    '--config.model.num_layers=2',
+    '--config.model.d_model=64',
+    '--config.model.d_ff=128',
+    '--config.data.seq_len=64',
+    '--config.train.global_batch_size=16',
+    '--config.train.warmup_steps=5',
+    '--config.train.learning_rate=3e-3',
+    '--config.train.eval_steps=2',
+]
+
+
+def run_trainer(*args: str) -> subprocess.CompletedProcess:
+    """Runs the trainer on the 8 simulated devices that conftest put in the environment."""
+    return subprocess.run(
+        [sys.executable, '-m', 'trainer', *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope='module')
+def short_run(tmp_path_factory) -> tuple[pathlib.Path, subprocess.CompletedProcess]:
+    workdir = tmp_path_factory.mktemp('run')
+    result = run_trainer(
+        '--config',
+        'configs/small_lm.py',
+        '--workdir',
+        str(workdir),
+        *TINY,
+        '--config.train.steps=60',
+        '--config.train.log_every=10',
+        '--config.train.eval_every=30',
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result
+
+
+def test_run_writes_config_metrics_and_tensorboard(short_run):
+    workdir, _ = short_run
+    config = json.loads((workdir / 'config.json').read_text())
+    assert config['train']['steps'] == 60 and config['model']['d_model'] == 64
+    lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+    train_lines = [line for line in lines if 'loss' in line]
+    assert [line['step'] for line in train_lines] == [10, 20, 30, 40, 50, 60]
+    for line in train_lines:
+        for key in (
+            'learning_rate',
+            'grad_norm',
+            'tokens_per_s',
+            'tokens_per_s_per_device',
+            'mfu',
+            'step_time_s',
+            'tokens_seen',
+        ):
+            assert line[key] > 0, (key, line)
+        assert line['tokens_per_s_per_device'] == pytest.approx(line['tokens_per_s'] / 8)
+    assert train_lines[-1]['tokens_seen'] == 60 * 16 * 64
+    assert [line['step'] for line in lines if 'eval_loss' in line] == [30, 60]
+
+    events = EventAccumulator(str(workdir / 'tensorboard'))
+    events.Reload()
+    assert {'loss', 'eval_loss', 'mfu', 'tokens_per_s_per_device'} <= set(events.Tags()['scalars'])
+    assert [event.step for event in events.Scalars('loss')] == [10, 20, 30, 40, 50, 60]
+
+
+def test_run_loss_falls(short_run):
+    workdir, result = short_run
+    lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+    losses = [line['loss'] for line in lines if 'loss' in line]
+    evals = [line['eval_loss'] for line in lines if 'eval_loss' in line]
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert evals[-1] < evals[0], evals
+    assert 'done: step 60' in result.stdout
+
+
+def test_run_prints_devices_mesh_parameters_and_flops(short_run):
+    _, result = short_run
+    out = result.stdout
+    assert 'devices: 8 x cpu' in out and 'mesh: data=1 fsdp=8 tensor=1 (8 devices)' in out
+    assert 'parameters: ' in out and 'FLOPs per token: ' in out and 'MFU ' in out
+
+
+def test_bad_override_is_one_line_and_exit_code_2(tmp_path):
+    result = run_trainer('--config', 'configs/small_lm.py', '--workdir', str(tmp_path), '--config.model.num_heads=5')
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith('error: config.model.num_heads=5 does not divide')
+    assert 'Traceback' not in result.stderr
+
+
+def test_missing_data_file_is_one_line(tmp_path):
+    result = run_trainer(
+        '--config', 'configs/small_lm.py', '--workdir', str(tmp_path), '--config.data.train_files=/no/such/*.txt'
+    )
+    assert result.returncode == 2
+    assert "error: config.data.train_files='/no/such/*.txt' matches no file" in result.stderr
+    assert 'Traceback' not in result.stderr
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+    result = run_trainer('--config', 'configs/small_lm.py', '--workdir', str(tmp_path), '--config.train.stpes=5')
+    assert result.returncode != 0
+    assert 'stpes' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_nan_loss_stops_the_run_naming_the_step(tmp_path):
+    result = run_trainer(
+        '--config',
+        'configs/small_lm.py',
+        '--workdir',
+        str(tmp_path),
+        *TINY,
+        '--config.train.steps=8',
+        '--config.train.log_every=4',
+        '--config.train.learning_rate=1e30',
+        '--config.train.warmup_steps=0',
+        '--config.train.grad_clip=0',
+        '--config.model.dtype=float32',
+    )
+    assert result.returncode == 3, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.match(r'error: the loss became (nan|inf|-inf) at step [1-8]: lower config.train.learning_rate', last)

@@ -1,0 +1,117 @@
+"""Every impossible config fails before compiling, with one sentence naming the field."""
+
+import pytest
+from conftest import tiny_config
+
+from trainer import config_checks
+from trainer.errors import ConfigError
+
+
+def failure(changes: dict, num_devices: int = 8, **mesh_sizes) -> str:
+    config = tiny_config('llama', **(mesh_sizes or dict(fsdp=8)))
+    config.model.vocab_size = 256  # what the byte tokenizer needs
+    for dotted, value in changes.items():
+        section, key = dotted.split('.') if '.' in dotted else (None, dotted)
+        (config[section] if section else config)[key] = value
+    with pytest.raises(ConfigError) as error:
+        config_checks.validate(config, num_devices)
+    message = str(error.value)
+    assert '\n' not in message, 'errors are one line'
+    return message
+
+
+@pytest.mark.parametrize(
+    'changes, expected',
+    [
+        ({'model.num_heads': 5}, 'config.model.num_heads=5 does not divide config.model.d_model=24'),
+        ({'model.num_kv_heads': 3}, 'config.model.num_kv_heads=3 does not divide config.model.num_heads=4: use one of'),
+        ({'model.family': 'bert'}, "config.model.family='bert' is not known: use one of 'llama', 'gpt2'"),
+        ({'model.remat': 'some'}, "config.model.remat='some' is not known: use one of 'none', 'full'"),
+        ({'model.dtype': 'float8'}, "config.model.dtype='float8' is not known"),
+        ({'data.seq_len': 17}, 'config.data.seq_len=17 exceeds config.model.max_seq_len=16'),
+        ({'data.train_files': '/nonexistent/*.txt'}, "config.data.train_files='/nonexistent/*.txt' matches no file"),
+        ({'data.eval_files': 'nope.txt'}, "config.data.eval_files='nope.txt' matches no file"),
+        ({'data.tokenizer': 'gpt2'}, "config.data.tokenizer='gpt2' is not known"),
+        (
+            {'model.vocab_size': 200},
+            'tokenizer has 256 ids but config.model.vocab_size=200: set vocab_size to at least 256',
+        ),
+        ({'train.lr_schedule': 'step'}, "config.train.lr_schedule='step' is not known"),
+        ({'train.global_batch_size': 12}, 'config.train.global_batch_size=12 split into 1 micro-batches gives 12'),
+        (
+            {'train.grad_accum_steps': 3},
+            'config.train.grad_accum_steps=3 does not divide config.train.global_batch_size=8',
+        ),
+        ({'train.warmup_steps': 11}, 'config.train.warmup_steps=11 must be between 0 and config.train.steps=10'),
+        ({'train.steps': 0}, 'config.train.steps=0 must be a positive integer'),
+        ({'model.dropout': 1.0}, 'config.model.dropout=1.0 must be in [0, 1)'),
+        ({'model.attention_impl': 'cudnn'}, "config.model.attention_impl='cudnn' needs an NVIDIA GPU"),
+        ({'model.family': 'gpt2', 'model.tie_embeddings': False}, 'gpt2 family ties'),
+    ],
+)
+def test_bad_values_are_reported_by_field(changes, expected):
+    assert expected in failure(changes)
+
+
+def test_mesh_that_does_not_cover_the_devices():
+    message = failure({}, num_devices=8, data=2, fsdp=2, tensor=1)
+    assert message == (
+        'config.mesh data=2 fsdp=2 tensor=1 does not cover the 8 devices: make the product 8, or set one axis to -1.'
+    )
+
+
+def test_mesh_with_two_wildcards():
+    assert 'at most one of config.mesh.data/fsdp/tensor may be -1' in failure({}, data=-1, fsdp=-1)
+
+
+def test_wildcard_that_does_not_divide():
+    assert 'does not cover the 8 devices' in failure({}, data=3, fsdp=-1)
+
+
+def test_batch_that_the_data_axes_do_not_divide():
+    message = failure({'train.global_batch_size': 4}, data=2, fsdp=4)
+    assert (
+        'which the 8 devices of the batch axes do not divide: use a global_batch_size that is a multiple of 8'
+        in message
+    )
+
+
+def test_rule_naming_an_unknown_mesh_axis():
+    config = tiny_config('llama', fsdp=8)
+    config.model.vocab_size = 256
+    config.mesh.rules = (('embed', 'model'),)
+    with pytest.raises(ConfigError, match="maps 'embed' to unknown mesh axis 'model'"):
+        config_checks.validate(config, 8)
+
+
+def test_empty_data_file(tmp_path):
+    empty = tmp_path / 'empty.txt'
+    empty.write_text('')
+    from trainer import data
+
+    with pytest.raises(ConfigError, match='empty.txt.*which is empty'):
+        data.load_tokens([str(empty)], data.ByteTokenizer(), 'config.data.train_files')
+
+
+def test_parameter_that_the_mesh_cannot_split():
+    from conftest import mesh_for
+
+    from trainer import train as train_lib
+
+    config = tiny_config('llama', fsdp=1, tensor=8)
+    config.model.vocab_size = 256
+    config_checks.validate(config, 8)  # the config alone is consistent...
+    mesh = mesh_for(config)
+    with pytest.raises(
+        ConfigError,
+        match=r"blocks/attention/wk_DKH has 2 along 'kv_heads', which mesh axes "
+        r"'tensor' \(8 devices\) do not divide",
+    ):
+        train_lib.build(config, mesh)  # ...but 2 key/value heads cannot be split 8 ways
+
+
+def test_default_config_is_valid_on_one_and_eight_devices():
+    from configs import small_lm
+
+    for devices in (1, 8):
+        config_checks.validate(small_lm.get_config(), devices)

@@ -1,0 +1,28 @@
+"""Every file in configs/ loads through the command-line machinery and passes validation."""
+
+import pathlib
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from trainer import config_checks
+
+CONFIG_FILES = sorted(
+    p for p in (pathlib.Path(__file__).resolve().parents[1] / 'configs').glob('*.py') if p.name != '__init__.py'
+)
+
+
+def test_there_are_configs():
+    assert any(p.name == 'small_lm.py' for p in CONFIG_FILES)
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES, ids=lambda p: p.name)
+def test_config_loads_overrides_and_validates(path):
+    argv = [__file__, f'--config={path}', '--config.train.steps=70']
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', flag_values=flag_values, lock_config=True, sys_argv=argv)
+    flag_values(argv)
+    config = flag_values.config
+    assert config.train.steps == 70
+    config_checks.validate(config, num_devices=8)

@@ -1,0 +1,95 @@
+"""The transformer's own properties: causality, and settings that must not change the math."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+from flax import nnx
+
+from models.transformer import REMAT_POLICIES, Decoder
+from trainer.steps import cross_entropy
+from trainer.train import model_config
+
+FAMILIES = ('llama', 'gpt2')
+
+
+def tiny_model(family: str, **changes) -> Decoder:
+    return Decoder(dataclasses.replace(model_config(tiny_config(family)), **changes), nnx.Rngs(0))
+
+
+def tokens(seed: int = 0, shape=(2, 12)) -> jax.Array:
+    return jax.random.randint(jax.random.key(seed), shape, 0, 38)
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_changing_a_later_token_leaves_earlier_logits_unchanged(family):
+    model = tiny_model(family)
+    original = tokens()
+    changed = original.at[:, 7].set((original[:, 7] + 1) % 38)
+    before, after = model(original), model(changed)
+    np.testing.assert_array_equal(before[:, :7], after[:, :7])
+    assert not np.allclose(before[:, 7:], after[:, 7:]), 'the changed token must affect its own and later logits'
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_documents_in_a_packed_row_do_not_see_each_other(family):
+    model = tiny_model(family)
+    segment_ids = jnp.array([[1] * 5 + [2] * 7] * 2)
+    positions = jnp.array([list(range(5)) + list(range(7))] * 2)
+    original = tokens()
+    changed = original.at[:, :5].set((original[:, :5] + 1) % 38)  # rewrite the whole first document
+    before = model(original, positions, segment_ids)
+    after = model(changed, positions, segment_ids)
+    np.testing.assert_allclose(before[:, 5:], after[:, 5:], rtol=1e-6, atol=1e-6)
+
+
+def loss_and_grads(model: Decoder, inputs, targets):
+    graphdef, params = nnx.split(model)
+
+    def loss(params):
+        return cross_entropy(nnx.merge(graphdef, params)(inputs), targets)
+
+    return jax.value_and_grad(loss)(params)
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+@pytest.mark.parametrize('policy', [p for p in REMAT_POLICIES if p != 'none'])
+def test_remat_gives_the_same_loss_and_gradients(family, policy):
+    data = tokens(shape=(2, 13))
+    inputs, targets = data[:, :-1], data[:, 1:]
+    plain_loss, plain_grads = loss_and_grads(tiny_model(family), inputs, targets)
+    remat_loss, remat_grads = loss_and_grads(tiny_model(family, remat=policy), inputs, targets)
+    np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), remat_grads, plain_grads)
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_scanned_and_unrolled_layers_agree(family):
+    data = tokens(shape=(2, 13))
+    inputs, targets = data[:, :-1], data[:, 1:]
+    scan_loss, scan_grads = loss_and_grads(tiny_model(family, scan_layers=True), inputs, targets)
+    loop_loss, loop_grads = loss_and_grads(tiny_model(family, scan_layers=False), inputs, targets)
+    np.testing.assert_allclose(loop_loss, scan_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), loop_grads, scan_grads)
+
+
+def test_dropout_changes_outputs_only_when_given_a_key():
+    model = tiny_model('llama', dropout=0.5)
+    data = tokens()
+    np.testing.assert_array_equal(model(data), model(data))
+    assert not np.allclose(model(data), model(data, dropout_rng=jax.random.key(1)))
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_families_have_their_defining_parameters(family):
+    params = nnx.to_pure_dict(nnx.state(tiny_model(family), nnx.Param))
+    mlp = params['blocks']['mlp']
+    if family == 'llama':
+        assert 'w_gate_DF' in mlp and 'unembedding_DV' in params and 'position_embedding_PD' not in params
+    else:
+        assert 'w_gate_DF' not in mlp and 'unembedding_DV' not in params and 'position_embedding_PD' in params
+        assert 'biases' in mlp and 'bias' in params['final_norm']
+    assert params['blocks']['attention']['wk_DKH'].shape == (3, 24, 2 if family == 'llama' else 4, 6)

@@ -1,0 +1,104 @@
+"""The optimizer step: accumulation, compilation once, schedules and the weight-decay mask."""
+
+import jax
+import numpy as np
+import pytest
+from conftest import mesh_for, random_batch, tiny_config
+
+from trainer import optimizer, train
+
+
+def one_step(config, batch_seed: int = 0):
+    mesh = mesh_for(config)
+    with jax.set_mesh(mesh):
+        setup = train.build(config, mesh)
+        state, metrics = setup.compiled.train(setup.sharded.state, random_batch(setup, config, batch_seed))
+        return jax.device_get(metrics), jax.device_get(state.params)
+
+
+@pytest.mark.parametrize('sizes', [dict(fsdp=4, tensor=2), dict(data=2, fsdp=1)])
+def test_k_accumulation_steps_of_b_equal_one_step_of_k_times_b(sizes):
+    whole = tiny_config('llama', **sizes)
+    accumulated = tiny_config('llama', **sizes)
+    accumulated.train.grad_accum_steps = 4  # 4 micro-batches of 2 sequences = one batch of 8
+    whole_metrics, whole_params = one_step(whole)
+    accum_metrics, accum_params = one_step(accumulated)
+    np.testing.assert_allclose(accum_metrics['loss'], whole_metrics['loss'], rtol=1e-6)
+    np.testing.assert_allclose(accum_metrics['grad_norm'], whole_metrics['grad_norm'], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), accum_params, whole_params)
+
+
+def test_train_step_compiles_once():
+    compiles = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == '/jax/core/compile/backend_compile_duration':
+            compiles.append(event)
+
+    config = tiny_config('llama', fsdp=4, tensor=2)
+    mesh = mesh_for(config)
+    with jax.set_mesh(mesh):
+        setup = train.build(config, mesh)
+        batches = [random_batch(setup, config, seed) for seed in range(4)]
+        state, metrics = setup.compiled.train(setup.sharded.state, batches[0])
+        jax.block_until_ready(metrics)
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            for batch in batches[1:]:
+                state, metrics = setup.compiled.train(state, batch)
+            jax.block_until_ready(metrics)
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == [], f'{len(compiles)} compilations after the first step'
+
+
+def test_state_is_donated_to_the_step():
+    config = tiny_config('llama', fsdp=8)
+    mesh = mesh_for(config)
+    with jax.set_mesh(mesh):
+        setup = train.build(config, mesh)
+        old = setup.sharded.state
+        setup.compiled.train(old, random_batch(setup, config))
+        assert old.params['embedding_VD'].is_deleted()
+
+
+@pytest.mark.parametrize('schedule', ['cosine', 'linear', 'constant', 'wsd'])
+def test_schedules_warm_up_to_the_peak_and_end_at_their_floor(schedule):
+    config = tiny_config()
+    config.train.update(lr_schedule=schedule, steps=100, warmup_steps=10, learning_rate=1.0, min_lr_ratio=0.1)
+    lr = optimizer.make_schedule(config.train)
+    assert float(lr(0)) == 0.0
+    np.testing.assert_allclose(float(lr(5)), 0.5, rtol=1e-6)
+    np.testing.assert_allclose(float(lr(10)), 1.0, rtol=1e-6)
+    final = {'constant': 1.0}.get(schedule, 0.1)
+    np.testing.assert_allclose(float(lr(100)), final, rtol=1e-5)
+    if schedule == 'wsd':  # stable at the peak until the last 20% of steps
+        np.testing.assert_allclose(float(lr(80)), 1.0, rtol=1e-6)
+        assert float(lr(90)) < 1.0
+
+
+@pytest.mark.parametrize('decay_embeddings', [False, True])
+def test_weight_decay_skips_norms_biases_and_optionally_embeddings(decay_embeddings):
+    from trainer.state import abstract_model
+
+    _, shapes, _ = abstract_model(train.model_config(tiny_config('gpt2')))
+    mask = optimizer.decay_mask(shapes, decay_embeddings)
+    assert mask['blocks']['mlp']['w_up_DF'] and mask['blocks']['attention']['wq_DNH']
+    assert not mask['blocks']['attention_norm']['scale'] and not mask['final_norm']['bias']
+    assert not mask['blocks']['mlp']['biases']['up_F'] and not mask['blocks']['attention']['biases']['o_D']
+    assert mask['embedding_VD'] == decay_embeddings and mask['position_embedding_PD'] == decay_embeddings
+
+
+def test_weight_decay_leaves_norm_scales_alone():
+    """With zero gradients, AdamW moves exactly the decayed parameters."""
+    config = tiny_config('llama', fsdp=8)
+    config.train.update(weight_decay=0.5, learning_rate=0.1, warmup_steps=0, grad_clip=0.0)
+    tx, _ = optimizer.make_optimizer(config.train)
+    from trainer.state import abstract_model
+
+    _, shapes, _ = abstract_model(train.model_config(config))
+    params = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes)
+    updates, _ = tx.update(jax.tree.map(np.zeros_like, params), tx.init(params), params)
+    assert np.all(np.asarray(updates['blocks']['mlp_norm']['scale']) == 0)
+    assert np.all(np.asarray(updates['embedding_VD']) == 0)
+    assert np.all(np.asarray(updates['blocks']['mlp']['w_up_DF']) < 0)

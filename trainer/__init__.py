@@ -1,0 +1,1 @@
+"""shardtrain's trainer: `python -m trainer --config configs/small_lm.py` (see trainer/train.py)."""

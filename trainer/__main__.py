@@ -1,0 +1,77 @@
+"""python -m trainer --config configs/small_lm.py [--workdir DIR] [--config.section.key=value ...]"""
+
+import pathlib
+import re
+import sys
+from typing import NoReturn
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from trainer.errors import ConfigError, TrainingDivergedError
+from trainer.train import train
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/small_lm.py.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for everything the run writes (default runs/<config name>).')
+flags.mark_flags_as_required(['config'])
+
+EXIT_BAD_INPUT = 2  # a config or data problem, reported in one line
+EXIT_DIVERGED = 3  # the loss became NaN or Inf
+
+
+def _fail(message: str) -> NoReturn:
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with config-file and override mistakes reported in one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:  # a malformed value, e.g. --config.train.steps=abc
+        _fail(str(error))
+    except SyntaxError as error:  # in the config file
+        _fail(f'the config file does not parse: {error.filename}:{error.lineno}: {error.msg}.')
+    except (KeyError, AttributeError) as error:  # an override of a field the config does not declare
+        text = str(error).replace('\\n', ' ').replace("\\'", "'")  # ml_collections nests the KeyError's repr
+        field = re.search(r"'(\w+)'", text)
+        hint = re.search(r'Did you mean "(\w+)"', text)
+        name = field.group(1) if field else '?'
+        flag = next((a.split('=')[0] for a in argv if f'.{name}' in a.split('=')[0]), name)
+        _fail(
+            f'{flag} names no field of the config'
+            + (f' (did you mean {hint.group(1)!r}?)' if hint else '')
+            + ': every field is declared in the config file.'
+        )
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    if not flags.FLAGS['verbosity'].present:  # jax logs its backend probing at INFO
+        logging.set_verbosity(logging.WARNING)
+    # Random bits that do not depend on how arrays are sharded: the same init on every mesh.
+    jax.config.update('jax_threefry_partitionable', True)
+    config_name = pathlib.Path(config_flags.get_config_filename(flags.FLAGS['config'])).stem
+    workdir = pathlib.Path(_WORKDIR.value or pathlib.Path('runs') / config_name)
+    try:
+        config = _CONFIG.value
+        config.keys()  # a config file that failed to load raises on first attribute access
+    except OSError as error:
+        _fail(f'cannot load --config: {str(error).strip().splitlines()[-1].strip()}')
+    try:
+        result = train(config, workdir)
+    except ConfigError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrainingDivergedError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return EXIT_DIVERGED
+    eval_text = f', eval loss {result.eval_loss:.4f}' if result.eval_loss is not None else ''
+    print(f'done: step {result.final_step}, loss {result.last_loss:.4f}{eval_text}; outputs in {workdir}')
+    return 0
+
+
+if __name__ == '__main__':
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,179 @@
+"""Checks a config before anything compiles; each problem is one sentence naming the field and the fix."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from ml_collections import config_dict
+
+from models.transformer import ATTENTION_IMPLS, FAMILIES, REMAT_POLICIES
+from trainer import data
+from trainer.errors import ConfigError
+from trainer.mesh import MESH_AXES, resolve_mesh_shape
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+LR_SCHEDULES = ('cosine', 'linear', 'constant', 'wsd')
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(section: config_dict.ConfigDict, prefix: str, *names: str) -> None:
+    for name in names:
+        value = section[name]
+        _require(isinstance(value, int) and value > 0, f'{prefix}.{name}={value!r} must be a positive integer.')
+
+
+def _one_of(value, allowed: tuple, field: str) -> None:
+    _require(value in allowed, f'{field}={value!r} is not known: use one of {", ".join(map(repr, allowed))}.')
+
+
+def check_model(model: config_dict.ConfigDict) -> None:
+    """Architecture fields that must agree with each other."""
+    _one_of(model.family, FAMILIES, 'config.model.family')
+    _one_of(model.remat, tuple(REMAT_POLICIES), 'config.model.remat')
+    _one_of(model.dtype, DTYPES, 'config.model.dtype')
+    _one_of(model.param_dtype, DTYPES, 'config.model.param_dtype')
+    _one_of(model.attention_impl, ATTENTION_IMPLS, 'config.model.attention_impl')
+    _positive(
+        model, 'config.model', 'num_layers', 'num_heads', 'num_kv_heads', 'd_model', 'd_ff', 'vocab_size', 'max_seq_len'
+    )
+    _require(
+        model.d_model % model.num_heads == 0,
+        f'config.model.num_heads={model.num_heads} does not divide config.model.d_model={model.d_model}: '
+        f'use a head count that divides it, such as {_divisors_near(model.d_model, model.num_heads)}.',
+    )
+    _require(
+        model.num_heads % model.num_kv_heads == 0,
+        f'config.model.num_kv_heads={model.num_kv_heads} does not divide config.model.num_heads='
+        f'{model.num_heads}: use one of {_divisors(model.num_heads)}.',
+    )
+    _require(
+        model.family != 'llama' or (model.d_model // model.num_heads) % 2 == 0,
+        f'the llama family needs an even head dimension for RoPE, but d_model / num_heads = '
+        f'{model.d_model / model.num_heads:g}: change config.model.num_heads or d_model.',
+    )
+    _require(
+        model.family != 'gpt2' or model.tie_embeddings,
+        'the gpt2 family ties its input and output embeddings: set config.model.tie_embeddings=True.',
+    )
+    _require(0.0 <= model.dropout < 1.0, f'config.model.dropout={model.dropout} must be in [0, 1).')
+    _require(
+        model.attention_impl != 'cudnn' or jax.default_backend() == 'gpu',
+        f"config.model.attention_impl='cudnn' needs an NVIDIA GPU, but the backend is "
+        f"{jax.default_backend()!r}: use 'xla'.",
+    )
+
+
+def check_data(config: config_dict.ConfigDict) -> None:
+    """Tokenizer, sequence length and files."""
+    tokenizer = data.make_tokenizer(config.data.tokenizer)
+    _require(
+        tokenizer.vocab_size <= config.model.vocab_size,
+        f'the {config.data.tokenizer!r} tokenizer has {tokenizer.vocab_size} ids but config.model.vocab_size='
+        f'{config.model.vocab_size}: set vocab_size to at least {tokenizer.vocab_size}.',
+    )
+    _positive(config.data, 'config.data', 'seq_len')
+    _require(
+        config.data.seq_len <= config.model.max_seq_len,
+        f'config.data.seq_len={config.data.seq_len} exceeds config.model.max_seq_len={config.model.max_seq_len}: '
+        'shorten seq_len or raise max_seq_len.',
+    )
+    data.resolve_files(config.data.train_files, 'config.data.train_files')
+    if config.data.eval_files:
+        data.resolve_files(config.data.eval_files, 'config.data.eval_files')
+
+
+def check_train(train: config_dict.ConfigDict) -> None:
+    """Optimizer, schedule and logging fields."""
+    _positive(train, 'config.train', 'steps', 'global_batch_size', 'grad_accum_steps', 'log_every', 'eval_steps')
+    _one_of(train.lr_schedule, LR_SCHEDULES, 'config.train.lr_schedule')
+    _require(train.learning_rate > 0, f'config.train.learning_rate={train.learning_rate} must be positive.')
+    _require(
+        0 <= train.warmup_steps <= train.steps,
+        f'config.train.warmup_steps={train.warmup_steps} must be between 0 and config.train.steps={train.steps}.',
+    )
+    _require(0.0 <= train.min_lr_ratio <= 1.0, f'config.train.min_lr_ratio={train.min_lr_ratio} must be in [0, 1].')
+    _require(
+        0.0 < train.wsd_decay_fraction <= 1.0,
+        f'config.train.wsd_decay_fraction={train.wsd_decay_fraction} must be in (0, 1].',
+    )
+    _require(train.eval_every >= 0, f'config.train.eval_every={train.eval_every} must be 0 (end only) or positive.')
+    _require(train.grad_clip >= 0, f'config.train.grad_clip={train.grad_clip} must be 0 (off) or positive.')
+    _require(train.weight_decay >= 0, f'config.train.weight_decay={train.weight_decay} must not be negative.')
+    _require(
+        train.peak_flops_per_device >= 0,
+        f'config.train.peak_flops_per_device={train.peak_flops_per_device} must be 0 (auto) or positive.',
+    )
+
+
+def check_mesh(config: config_dict.ConfigDict, num_devices: int) -> None:
+    """Mesh sizes against the device count, rules against the mesh, batch against the data axes."""
+    sizes = {axis: config.mesh[axis] for axis in MESH_AXES}
+    _require(list(sizes.values()).count(-1) <= 1, 'at most one of config.mesh.data/fsdp/tensor may be -1.')
+    for axis, size in sizes.items():
+        _require(
+            isinstance(size, int) and (size > 0 or size == -1),
+            f'config.mesh.{axis}={size!r} must be a positive integer or -1 (all remaining devices).',
+        )
+    shape = resolve_mesh_shape(sizes, num_devices)
+    _require(
+        math.prod(shape) == num_devices,
+        f'config.mesh data={sizes["data"]} fsdp={sizes["fsdp"]} tensor={sizes["tensor"]} does not cover the '
+        f'{num_devices} devices: make the product {num_devices}, or set one axis to -1.',
+    )
+    for logical, mesh_axes in config.mesh.rules:
+        named = mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,)
+        unknown = [axis for axis in named if axis is not None and axis not in MESH_AXES]
+        if unknown:
+            raise ConfigError(
+                f'config.mesh.rules maps {logical!r} to unknown mesh axis {unknown[0]!r}: use {MESH_AXES} or None.'
+            )
+    batch_devices = _batch_split(config.mesh.rules, dict(zip(MESH_AXES, shape, strict=True)))
+    micro_batch, rem = divmod(config.train.global_batch_size, config.train.grad_accum_steps)
+    _require(
+        rem == 0,
+        f'config.train.grad_accum_steps={config.train.grad_accum_steps} does not divide '
+        f'config.train.global_batch_size={config.train.global_batch_size}.',
+    )
+    _require(
+        micro_batch % batch_devices == 0,
+        f'config.train.global_batch_size={config.train.global_batch_size} split into '
+        f'{config.train.grad_accum_steps} micro-batches gives {micro_batch} sequences, which the '
+        f'{batch_devices} devices of the batch axes do not divide: use a global_batch_size that is a multiple '
+        f'of {batch_devices * config.train.grad_accum_steps}.',
+    )
+
+
+def _batch_split(rules, sizes: dict[str, int]) -> int:
+    """How many ways the batch axis is split: the product of the mesh axes 'activation_batch' maps to."""
+    for logical, mesh_axes in rules:
+        if logical == 'activation_batch':
+            named = mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,)
+            return math.prod(sizes[axis] for axis in named if axis is not None)
+    return 1
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _divisors_near(n: int, target: int) -> str:
+    return ' or '.join(str(d) for d in sorted(_divisors(n), key=lambda d: abs(d - target))[:2])
+
+
+def validate(config: config_dict.ConfigDict, num_devices: int) -> None:
+    """Raises ConfigError for the first impossible setting in `config`."""
+    check_model(config.model)
+    check_data(config)
+    check_train(config.train)
+    check_mesh(config, num_devices)
+    _require(
+        jnp.dtype(config.model.param_dtype).itemsize >= jnp.dtype(config.model.dtype).itemsize,
+        f'config.model.param_dtype={config.model.param_dtype!r} is narrower than the compute dtype '
+        f'{config.model.dtype!r}: store parameters in float32.',
+    )

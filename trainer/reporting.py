@@ -1,0 +1,107 @@
+"""Where metrics go: a console progress line, metrics.jsonl and TensorBoard scalars."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+import time
+
+import tensorboardX
+import tqdm
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to metrics.jsonl and the same scalars to TensorBoard."""
+
+    def __init__(self, workdir: pathlib.Path):
+        self._jsonl = open(workdir / 'metrics.jsonl', 'a', encoding='utf-8')
+        # tensorboardX writes classic scalar events without needing TensorFlow.
+        self._tensorboard = tensorboardX.SummaryWriter(str(workdir / 'tensorboard'))
+
+    def write(self, step: int, metrics: dict[str, float | int | None]) -> None:
+        present = {name: value for name, value in metrics.items() if value is not None}
+        self._jsonl.write(json.dumps({'step': step, **present}) + '\n')
+        self._jsonl.flush()
+        for name, value in present.items():
+            self._tensorboard.add_scalar(name, value, step)
+        self._tensorboard.flush()
+
+    def close(self) -> None:
+        self._jsonl.close()
+        self._tensorboard.close()
+
+
+def format_count(value: float) -> str:
+    """12345678 -> '12.3M'."""
+    for unit, scale in (('T', 1e12), ('G', 1e9), ('M', 1e6), ('k', 1e3)):
+        if abs(value) >= scale:
+            return f'{value / scale:.3g}{unit}'
+    return f'{value:.3g}'
+
+
+def format_duration(seconds: float) -> str:
+    """3725 -> '1:02:05'."""
+    if not math.isfinite(seconds):
+        return '?'
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f'{hours}:{minutes:02d}:{secs:02d}' if hours else f'{minutes}:{secs:02d}'
+
+
+class Progress:
+    """A progress bar on a terminal; one plain line per update when output goes to a file."""
+
+    def __init__(self, first_step: int, total_steps: int):
+        self._total = total_steps
+        self._bar = None
+        if sys.stderr.isatty():
+            self._bar = tqdm.tqdm(
+                total=total_steps,
+                initial=first_step,
+                unit='step',
+                dynamic_ncols=True,
+                bar_format='{l_bar}{bar}| {n}/{total} [{elapsed}<{remaining}{postfix}]',
+            )
+
+    def update(self, step: int, metrics: dict[str, float | None]) -> None:
+        """Shows step, loss, tokens/s (per device) and MFU; ETA from the latest step time."""
+        summary = f'loss {metrics["loss"]:.4f}'
+        if metrics['tokens_per_s'] is not None:
+            summary += (
+                f' | {format_count(metrics["tokens_per_s"])} tok/s '
+                f'({format_count(metrics["tokens_per_s_per_device"])}/device)'
+            )
+        if metrics['mfu'] is not None:
+            summary += f' | MFU {100 * metrics["mfu"]:.1f}%'
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix_str(summary, refresh=True)
+        else:
+            step_time = metrics['step_time_s']
+            eta = format_duration((self._total - step) * step_time) if step_time is not None else '?'
+            print(f'step {step}/{self._total} | ETA {eta} | {summary}', flush=True)
+
+    def message(self, text: str) -> None:
+        """A line that does not disturb the bar."""
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class IntervalTimer:
+    """Wall time between successive log points."""
+
+    def __init__(self):
+        self._last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self._last = now - self._last, now
+        return elapsed

@@ -1,0 +1,96 @@
+"""The train state, one pytree, created directly in its sharded layout."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding
+
+from models.transformer import Decoder, ModelConfig
+from trainer.errors import ConfigError
+from trainer.mesh import logical_sharding, replicated
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; params are a plain nested dict of arrays."""
+
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: dict[str, Any]
+    opt_state: optax.OptState
+    rng: jax.Array  # raw uint32 key data: folded with the step inside the step for dropout
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedState:
+    """A freshly created state with the shardings it was created with and the model's structure."""
+
+    state: TrainState
+    shardings: TrainState  # same tree, NamedSharding leaves
+    graphdef: nnx.GraphDef  # merged with params to rebuild the model inside a step
+    logical_axes: dict[str, Any]  # params tree of logical axis-name tuples
+
+
+def abstract_model(model_cfg: ModelConfig) -> tuple[nnx.GraphDef, dict[str, Any], dict[str, Any]]:
+    """The model's structure, parameter shapes and logical axis names, without allocating anything."""
+    # No ambient mesh here: nnx.eval_shape would read the logical names as mesh axes. The trainer maps
+    # them with its own rules (linen.logical_to_mesh_axes), the same ones the activations use.
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(model_cfg, nnx.Rngs(0))))
+    shapes = nnx.to_pure_dict(abstract)
+    logical = jax.tree.map(
+        tuple,
+        nnx.to_pure_dict(nnx.get_partition_spec(abstract)),
+        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
+    )
+    return graphdef, shapes, logical
+
+
+def param_shardings(shapes: Any, logical: Any, mesh: Mesh, rules) -> Any:
+    """Each parameter's sharding; a dimension its mesh axes do not divide is a ConfigError."""
+
+    def sharding(path, shape_struct, names) -> NamedSharding:
+        result = logical_sharding(names, mesh, rules)
+        for dim, (size, axes) in enumerate(zip(shape_struct.shape, result.spec, strict=False)):
+            split = math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)) if a)
+            if size % split:
+                raise ConfigError(
+                    f'parameter {jax.tree_util.keystr(path, simple=True, separator="/")} has {size} along '
+                    f'{names[dim]!r}, which mesh axes {axes!r} ({split} devices) do not divide: change the '
+                    f'model size or config.mesh (or the rule for {names[dim]!r} in config.mesh.rules).'
+                )
+        return result
+
+    return jax.tree_util.tree_map_with_path(sharding, shapes, logical, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def create_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int) -> ShardedState:
+    """Initializes params and optimizer state inside jit, straight into their shardings."""
+    graphdef, shapes, logical = abstract_model(model_cfg)
+    params_sharding = param_shardings(shapes, logical, mesh, model_cfg.sharding_rules)
+
+    def init() -> TrainState:
+        params = nnx.to_pure_dict(nnx.state(Decoder(model_cfg, nnx.Rngs(seed)), nnx.Param))
+        rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+
+    abstract_state = jax.eval_shape(init)
+    # Optimizer moments follow their parameters; scalars such as Adam's count are replicated
+    # (left to jit, they may land on one device and break the next step).
+    opt_sharding = optax.tree_map_params(
+        tx, lambda _, s: s, abstract_state.opt_state, params_sharding, transform_non_params=lambda _: replicated(mesh)
+    )
+    shardings = TrainState(step=replicated(mesh), params=params_sharding, opt_state=opt_sharding, rng=replicated(mesh))
+    state = jax.jit(init, out_shardings=shardings)()
+    return ShardedState(state=state, shardings=shardings, graphdef=graphdef, logical_axes=logical)
+
+
+def count_params(params: Any, exclude: tuple[str, ...] = ()) -> int:
+    """Number of parameters, leaving out top-level entries named in `exclude`."""
+    return sum(math.prod(x.shape) for key, sub in params.items() if key not in exclude for x in jax.tree.leaves(sub))

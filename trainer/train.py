@@ -1,0 +1,230 @@
+"""`train(config, workdir)`: validate, build the sharded state, run the loop, log and evaluate."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+from ml_collections import config_dict
+
+from models.transformer import ModelConfig
+from trainer import config_checks, data, flops, optimizer, reporting, steps
+from trainer import mesh as mesh_lib
+from trainer import state as state_lib
+from trainer.errors import TrainingDivergedError
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What a finished run reports back to its caller."""
+
+    final_step: int
+    last_loss: float  # mean training loss over the last log interval
+    eval_loss: float | None  # at the final step; None without eval files
+
+
+def model_config(config: config_dict.ConfigDict) -> ModelConfig:
+    """The model's frozen config: `config.model` plus the mesh rules for its activations."""
+    return ModelConfig(**config.model.to_dict(), sharding_rules=tuple(config.mesh.rules))
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """A model's sharded train state and the steps compiled for it on one mesh."""
+
+    model_cfg: ModelConfig
+    sharded: state_lib.ShardedState
+    compiled: steps.CompiledSteps
+    batch_sharding: jax.sharding.NamedSharding
+
+
+def build(config: config_dict.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
+    """Creates the sharded state and jits the steps; call and run the steps under `jax.set_mesh(mesh)`."""
+    model_cfg = model_config(config)
+    tx, schedule = optimizer.make_optimizer(config.train)
+    sharded = state_lib.create_train_state(model_cfg, tx, mesh, config.seed)
+    compiled = steps.jit_steps(
+        sharded.graphdef, model_cfg, tx, schedule, config.train.grad_accum_steps, sharded.shardings, mesh
+    )
+    return Setup(
+        model_cfg=model_cfg,
+        sharded=sharded,
+        compiled=compiled,
+        batch_sharding=mesh_lib.batch_sharding(mesh, model_cfg.sharding_rules),
+    )
+
+
+@dataclasses.dataclass
+class _RunContext:
+    """What the loop needs besides the state; built once by `train`."""
+
+    config: config_dict.ConfigDict
+    compiled: steps.CompiledSteps
+    train_data: data.Batches
+    eval_batches: list[dict[str, jax.Array]]
+    writer: reporting.MetricsWriter | None
+    progress: reporting.Progress
+    tokens_per_step: int
+    flops_per_token: float
+    peak_flops: float | None
+    num_devices: int
+
+
+def _summarize(
+    ctx: _RunContext, step: int, fetched: list[dict[str, Any]], seconds: float, timed_steps: int
+) -> dict[str, float | None]:
+    """Host-side averages of an interval's per-step metrics; stops the run on a NaN or Inf loss."""
+    losses = np.array([m['loss'] for m in fetched])
+    if not np.all(np.isfinite(losses)):
+        bad = int(np.argmin(np.isfinite(losses)))
+        raise TrainingDivergedError(
+            f'the loss became {losses[bad]} at step {step - len(losses) + bad + 1}: lower '
+            'config.train.learning_rate, raise config.train.warmup_steps, or set config.train.grad_clip.'
+        )
+    summary = {
+        'loss': float(losses.mean()),
+        'learning_rate': float(fetched[-1]['learning_rate']),
+        'grad_norm': float(np.mean([m['grad_norm'] for m in fetched])),
+        'tokens_seen': step * ctx.tokens_per_step,
+        'step_time_s': None,
+        'tokens_per_s': None,
+        'tokens_per_s_per_device': None,
+        'mfu': None,
+    }
+    if timed_steps:  # an interval holding only the compiling first step has no speed to report
+        step_time = seconds / timed_steps
+        tokens_per_s = ctx.tokens_per_step / step_time
+        summary.update(
+            step_time_s=step_time, tokens_per_s=tokens_per_s, tokens_per_s_per_device=tokens_per_s / ctx.num_devices
+        )
+        if ctx.peak_flops:
+            summary['mfu'] = ctx.flops_per_token * tokens_per_s / (ctx.peak_flops * ctx.num_devices)
+    return summary
+
+
+def _evaluate(ctx: _RunContext, params: Any) -> float:
+    """Mean loss over the fixed eval batches."""
+    return float(np.mean(jax.device_get([ctx.compiled.eval(params, batch) for batch in ctx.eval_batches])))
+
+
+def _announce(
+    progress: reporting.Progress, mesh, num_params: int, flops_per_token: float, peak: float | None, peak_source: str
+) -> None:
+    devices = jax.devices()
+    progress.message(f'devices: {len(devices)} x {devices[0].device_kind} ({jax.process_count()} process(es))')
+    progress.message(f'mesh: {mesh_lib.describe(mesh)}')
+    progress.message(f'parameters: {num_params:,} | FLOPs per token: {reporting.format_count(flops_per_token)}')
+    if peak:
+        progress.message(f'peak per device: {reporting.format_count(peak)}FLOP/s ({peak_source})')
+
+
+def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
+    """Trains `config` for config.train.steps steps, writing everything into `workdir`."""
+    config_checks.validate(config, jax.device_count())
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_chief = jax.process_index() == 0
+    if is_chief:
+        (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+
+    mesh = mesh_lib.make_mesh({axis: config.mesh[axis] for axis in mesh_lib.MESH_AXES})
+    tokenizer = data.make_tokenizer(config.data.tokenizer)
+    with jax.set_mesh(mesh):
+        setup = build(config, mesh)
+        sharded = setup.sharded
+
+        def batches(field: str, seed: int) -> data.Batches:
+            files = data.resolve_files(config.data[field], f'config.data.{field}')
+            return data.Batches(
+                data.load_tokens(files, tokenizer, f'config.data.{field}'),
+                config.data.seq_len,
+                config.train.global_batch_size,
+                setup.batch_sharding,
+                seed,
+            )
+
+        train_data = batches('train_files', config.seed)
+        eval_batches = (
+            batches('eval_files', config.seed).eval_batches(config.train.eval_steps) if config.data.eval_files else []
+        )
+
+        num_params = state_lib.count_params(sharded.state.params, exclude=('position_embedding_PD',))
+        flops_per_token = flops.flops_per_token(setup.model_cfg, num_params, config.data.seq_len)
+        peak, peak_source = flops.peak_flops_per_device(mesh, config.model.dtype, config.train.peak_flops_per_device)
+        progress = reporting.Progress(int(sharded.state.step), config.train.steps)
+        _announce(progress, mesh, num_params, flops_per_token, peak, peak_source)
+        ctx = _RunContext(
+            config=config,
+            compiled=setup.compiled,
+            train_data=train_data,
+            eval_batches=eval_batches,
+            writer=reporting.MetricsWriter(workdir) if is_chief else None,
+            progress=progress,
+            tokens_per_step=config.train.global_batch_size * config.data.seq_len,
+            flops_per_token=flops_per_token,
+            peak_flops=peak,
+            num_devices=mesh.devices.size,
+        )
+        try:
+            return _loop(ctx, sharded.state)
+        finally:
+            progress.close()
+            if ctx.writer is not None:
+                ctx.writer.close()
+
+
+def _loop(ctx: _RunContext, state: state_lib.TrainState) -> TrainResult:
+    """Dispatches steps ahead of the host: an interval's metrics are fetched after the next step is queued.
+
+    Throughput is timed between fetches: a fetch returns once its interval's last step is done.
+    """
+    train_cfg = ctx.config.train
+    first_step, total = int(state.step), train_cfg.steps
+    pending: list[dict[str, jax.Array]] = []  # device-side metrics of the current interval
+    ready: tuple[int, list] | None = None  # a finished interval, reported once the next step is queued
+    timer = reporting.IntervalTimer()
+    timed_from = first_step  # steps after this one are covered by the timer's current lap
+    summary: dict[str, Any] = {}
+    eval_loss = None
+
+    def report(step: int, step_metrics: list) -> None:
+        nonlocal summary, timed_from
+        fetched = jax.device_get(step_metrics)  # waits for the interval's last step
+        summary = _summarize(ctx, step, fetched, timer.lap(), step - timed_from)
+        timed_from = step
+        ctx.progress.update(step, summary)
+        if ctx.writer is not None:
+            ctx.writer.write(step, summary)
+
+    for step in range(first_step, total):
+        batch = ctx.train_data.train_batch(step)
+        with jax.transfer_guard('disallow'):  # the hot loop moves data only where it says so
+            state, metrics = ctx.compiled.train(state, batch)
+        pending.append(metrics)
+        if ready is not None:
+            report(*ready)
+            ready = None
+        done = step + 1
+        if step == first_step:  # keep compilation out of the throughput figures
+            jax.block_until_ready(metrics)
+            ctx.progress.message(f'step {done} compiled and ran in {timer.lap():.1f}s')
+            timed_from = done
+        eval_due = bool(ctx.eval_batches) and (
+            done == total or (train_cfg.eval_every > 0 and done % train_cfg.eval_every == 0)
+        )
+        if done % train_cfg.log_every == 0 or done == total or eval_due:
+            ready, pending = (done, pending), []
+        if eval_due:
+            report(*ready)
+            ready = None
+            eval_loss = _evaluate(ctx, state.params)
+            ctx.progress.message(f'step {done}: eval_loss {eval_loss:.4f}')
+            if ctx.writer is not None:
+                ctx.writer.write(done, {'eval_loss': eval_loss})
+            timer.lap()  # eval time is not training time
+    if ready is not None:
+        report(*ready)
+    return TrainResult(final_step=total, last_loss=summary.get('loss', math.nan), eval_loss=eval_loss)
