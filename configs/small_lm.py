@@ -42,10 +42,21 @@ def get_config() -> config_dict.ConfigDict:
     model.attention_impl = 'xla'  # 'xla' (any backend) or 'cudnn' (NVIDIA GPU flash attention)
 
     config.data = data = config_dict.ConfigDict()
-    data.train_files = sample_file('train.txt')  # comma-separated paths or globs
-    data.eval_files = sample_file('eval.txt')  # comma-separated paths or globs; '' disables eval
-    data.tokenizer = 'byte'  # 'byte': UTF-8 bytes as ids 0-255
+    data.train_files = sample_file('train/*.txt')  # comma-separated paths, globs or fsspec URLs (gs://, s3://, hf://)
+    data.eval_files = sample_file('eval/*.txt')  # the same; '' disables eval
+    data.mixture = ()  # ((pattern, weight), ...): weighted sources instead of train_files; () = train_files
+    data.format = 'auto'  # 'auto' (by extension), 'text', 'jsonl', 'parquet' or 'arrayrecord' (pre-tokenized)
+    data.text_field = 'text'  # JSON-lines field / Parquet column holding the text
+    data.sample_by = (
+        'paragraph'  # text files: a document is a 'line', a 'paragraph' (blank-line separated) or a 'document' (file)
+    )
+    data.max_document_bytes = 1 << 20  # longer text documents are read in pieces of this size, each its own document
+    data.tokenizer = 'byte'  # 'byte' (UTF-8 bytes, ids 0-255), a tokenizers .json file or a SentencePiece .model file
+    data.eos_token = ''  # end-of-document token of a tokenizer file; '' = its own or a common one
     data.seq_len = 128  # tokens per training sequence; <= model.max_seq_len
+    data.shuffle_buffer = 2048  # packed rows mixed by a window shuffle (train only); 0 or 1 = off
+    data.num_workers = 0  # grain worker processes; 0 = one background thread
+    data.prefetch_batches = 4  # batches buffered ahead of the device (per worker)
 
     config.train = train = config_dict.ConfigDict()
     train.steps = 600  # optimizer steps in the whole run

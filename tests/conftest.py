@@ -38,13 +38,20 @@ def tiny_config(family: str = 'llama', **mesh_sizes: int) -> config_dict.ConfigD
 
 
 def random_batch(setup: train.Setup, config: config_dict.ConfigDict, seed: int = 0, rows: int = BATCH):
-    """A batch of random token ids, laid out with the setup's batch sharding."""
+    """Random token ids in packed rows of two documents each, with the setup's batch sharding."""
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, config.model.vocab_size, size=(rows, config.data.seq_len + 1), dtype=np.int32)
-    return {
-        name: jax.device_put(array, setup.batch_sharding)
-        for name, array in (('inputs', tokens[:, :-1]), ('targets', tokens[:, 1:]))
-    }
+    T = config.data.seq_len
+    tokens = rng.integers(0, config.model.vocab_size, size=(rows, T + 1), dtype=np.int32)
+    split = rng.integers(1, T, size=(rows, 1))  # where the second document starts in each row
+    columns = np.arange(T)[None, :]
+    segment_ids = np.where(columns < split, 1, 2).astype(np.int32)
+    positions = np.where(columns < split, columns, columns - split).astype(np.int32)
+    weights = np.ones((rows, T), np.float32)
+    weights[np.arange(rows), split[:, 0] - 1] = 0  # the first document's last token does not predict the second's
+    arrays = dict(
+        inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=segment_ids, positions=positions, weights=weights
+    )
+    return {name: jax.device_put(array, setup.batch_sharding) for name, array in arrays.items()}
 
 
 def mesh_for(config: config_dict.ConfigDict) -> jax.sharding.Mesh:

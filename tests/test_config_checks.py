@@ -84,13 +84,10 @@ def test_rule_naming_an_unknown_mesh_axis():
         config_checks.validate(config, 8)
 
 
-def test_empty_data_file(tmp_path):
-    empty = tmp_path / 'empty.txt'
-    empty.write_text('')
-    from trainer import data
-
-    with pytest.raises(ConfigError, match='empty.txt.*which is empty'):
-        data.load_tokens([str(empty)], data.ByteTokenizer(), 'config.data.train_files')
+def test_only_empty_data_files(tmp_path):
+    (tmp_path / 'empty.txt').write_text('')
+    message = failure({'data.train_files': str(tmp_path / '*.txt')})
+    assert "config.data.train_files matches only empty files ('" in message and 'give files with data' in message
 
 
 def test_parameter_that_the_mesh_cannot_split():

@@ -2,6 +2,9 @@
 
 import pathlib
 import re
+import subprocess
+import sys
+import zipfile
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -21,8 +24,12 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert readme_commands()[1] in ci_lines
 
 
-def test_sample_data_ships_inside_the_package():
-    setup = (REPO / 'setup.cfg').read_text()
-    assert 'trainer = sample_data/*.txt' in setup
-    for name in ('train.txt', 'eval.txt', 'PROVENANCE.md'):
-        assert (REPO / 'trainer' / 'sample_data' / name).stat().st_size > 0
+def test_sample_data_and_configs_ship_inside_the_wheel(tmp_path):
+    """A non-editable install must train the default config too: the wheel carries the sample."""
+    build = [sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w', str(tmp_path)]
+    subprocess.run([*build, str(REPO)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob('shardtrain-*.whl')
+    names = set(zipfile.ZipFile(wheel).namelist())
+    samples = {p.relative_to(REPO).as_posix() for p in (REPO / 'trainer' / 'sample_data').rglob('*') if p.is_file()}
+    assert len(samples) == 14 and samples <= names, samples - names
+    assert {'configs/small_lm.py', 'models/transformer.py', 'trainer/__main__.py'} <= names

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from ml_collections import config_dict
 
 from models.transformer import ATTENTION_IMPLS, FAMILIES, REMAT_POLICIES
-from trainer import data
+from trainer.data import pipeline, sources, tokenizers
 from trainer.errors import ConfigError
 from trainer.mesh import MESH_AXES, resolve_mesh_shape
 
@@ -70,22 +70,32 @@ def check_model(model: config_dict.ConfigDict) -> None:
 
 
 def check_data(config: config_dict.ConfigDict) -> None:
-    """Tokenizer, sequence length and files."""
-    tokenizer = data.make_tokenizer(config.data.tokenizer)
+    """Tokenizer, sequence length, pipeline settings and files (which must exist and suit the format)."""
+    data = config.data
+    _one_of(data.format, sources.FORMATS, 'config.data.format')
+    _one_of(data.sample_by, sources.SAMPLE_BY, 'config.data.sample_by')
+    _positive(data, 'config.data', 'seq_len', 'max_document_bytes', 'prefetch_batches')
+    _require(data.num_workers >= 0, f'config.data.num_workers={data.num_workers} must be 0 (a thread) or more.')
+    _require(data.shuffle_buffer >= 0, f'config.data.shuffle_buffer={data.shuffle_buffer} must not be negative.')
     _require(
-        tokenizer.vocab_size <= config.model.vocab_size,
-        f'the {config.data.tokenizer!r} tokenizer has {tokenizer.vocab_size} ids but config.model.vocab_size='
-        f'{config.model.vocab_size}: set vocab_size to at least {tokenizer.vocab_size}.',
-    )
-    _positive(config.data, 'config.data', 'seq_len')
-    _require(
-        config.data.seq_len <= config.model.max_seq_len,
-        f'config.data.seq_len={config.data.seq_len} exceeds config.model.max_seq_len={config.model.max_seq_len}: '
+        data.seq_len <= config.model.max_seq_len,
+        f'config.data.seq_len={data.seq_len} exceeds config.model.max_seq_len={config.model.max_seq_len}: '
         'shorten seq_len or raise max_seq_len.',
     )
-    data.resolve_files(config.data.train_files, 'config.data.train_files')
-    if config.data.eval_files:
-        data.resolve_files(config.data.eval_files, 'config.data.eval_files')
+    for i, entry in enumerate(data.mixture):
+        _require(
+            len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], (int, float)) and entry[1] > 0,
+            f'config.data.mixture[{i}]={entry!r} must be a (pattern, positive weight) pair.',
+        )
+    tokenizer = tokenizers.make_tokenizer(data.tokenizer, data.eos_token)
+    _require(
+        tokenizer.vocab_size <= config.model.vocab_size,
+        f'the {data.tokenizer!r} tokenizer has {tokenizer.vocab_size} ids but config.model.vocab_size='
+        f'{config.model.vocab_size}: set vocab_size to at least {tokenizer.vocab_size}.',
+    )
+    train_sources = pipeline.train_sources(data)
+    eval_sources = [pipeline.eval_source(data)] if data.eval_files else []
+    pipeline.check_sources(train_sources + eval_sources, data, config.model.vocab_size)
 
 
 def check_train(train: config_dict.ConfigDict) -> None:

@@ -18,17 +18,16 @@ from trainer.mesh import batch_sharding, replicated
 from trainer.state import TrainState
 
 Batch = dict[str, jax.Array]
+# Every batch array is (batch, sequence): token ids, next-token targets, packing metadata, loss weights.
+BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
 
 
-def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy in nats."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT).mean()
-
-
-def batch_loss(params: Any, batch: Batch, graphdef: nnx.GraphDef, dropout_rng: jax.Array | None) -> jax.Array:
-    """Loss of the model with `params` on one batch."""
+def summed_loss(params: Any, batch: Batch, graphdef: nnx.GraphDef, dropout_rng: jax.Array | None) -> jax.Array:
+    """Sum over the batch of weighted next-token losses; packed documents do not attend to each other."""
     model = nnx.merge(graphdef, params)
-    return cross_entropy(model(batch['inputs'], dropout_rng=dropout_rng), batch['targets'])
+    logits_BTV = model(batch['inputs'], batch['positions'], batch['segment_ids'], dropout_rng=dropout_rng)
+    losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch['targets'])
+    return (losses_BT * batch['weights']).sum()
 
 
 def split_micro_batches(batch: Batch, num_micro: int, rules) -> Batch:
@@ -57,11 +56,16 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step over the global batch, accumulating gradients over micro-batches."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    grad_fn = jax.value_and_grad(functools.partial(batch_loss, graphdef=graphdef))
+    # Each micro-batch's summed loss is divided by the whole batch's weight, so the accumulated
+    # gradient is exactly that of the mean over all counted tokens of the global batch.
+    total_weight = jnp.maximum(batch['weights'].sum(), 1.0)
+
+    def micro_loss(params: Any, micro: Batch, dropout_rng: jax.Array | None) -> jax.Array:
+        return summed_loss(params, micro, graphdef, dropout_rng) / total_weight
 
     def micro_step(i: jax.Array, micro: Batch) -> tuple[jax.Array, Any]:
         dropout_rng = jax.random.fold_in(rng, i) if model_cfg.dropout > 0 else None
-        return grad_fn(state.params, micro, dropout_rng=dropout_rng)
+        return jax.value_and_grad(micro_loss)(state.params, micro, dropout_rng)
 
     if grad_accum_steps == 1:
         loss, grads = micro_step(jnp.int32(0), batch)
@@ -75,7 +79,6 @@ def train_step(
         micro_batches = split_micro_batches(batch, grad_accum_steps, model_cfg.sharding_rules)
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
         (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro_batches))
-        loss, grads = loss / grad_accum_steps, jax.tree.map(lambda g: g / grad_accum_steps, grads)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(
@@ -85,9 +88,9 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(params: Any, batch: Batch, *, graphdef: nnx.GraphDef) -> jax.Array:
-    """Mean loss on one batch, without dropout."""
-    return batch_loss(params, batch, graphdef, dropout_rng=None)
+def eval_step(params: Any, batch: Batch, *, graphdef: nnx.GraphDef) -> tuple[jax.Array, jax.Array]:
+    """Summed loss and number of counted tokens of one batch, without dropout."""
+    return summed_loss(params, batch, graphdef, dropout_rng=None), batch['weights'].sum()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +98,7 @@ class CompiledSteps:
     """The jitted steps, their layouts fixed by the mesh."""
 
     train: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
-    eval: Callable[[Any, Batch], jax.Array]
+    eval: Callable[[Any, Batch], tuple[jax.Array, jax.Array]]
 
 
 def jit_steps(
@@ -108,10 +111,7 @@ def jit_steps(
     mesh: Mesh,
 ) -> CompiledSteps:
     """Jits train_step (state donated) and eval_step with explicit in/out shardings."""
-    batch = {
-        'inputs': batch_sharding(mesh, model_cfg.sharding_rules),
-        'targets': batch_sharding(mesh, model_cfg.sharding_rules),
-    }
+    batch = dict.fromkeys(BATCH_KEYS, batch_sharding(mesh, model_cfg.sharding_rules))
     train = jax.jit(
         functools.partial(
             train_step,

@@ -12,9 +12,10 @@ import numpy as np
 from ml_collections import config_dict
 
 from models.transformer import ModelConfig
-from trainer import config_checks, data, flops, optimizer, reporting, steps
+from trainer import config_checks, flops, optimizer, reporting, steps
 from trainer import mesh as mesh_lib
 from trainer import state as state_lib
+from trainer.data import pipeline, tokenizers
 from trainer.errors import TrainingDivergedError
 
 
@@ -64,7 +65,7 @@ class _RunContext:
 
     config: config_dict.ConfigDict
     compiled: steps.CompiledSteps
-    train_data: data.Batches
+    train_data: pipeline.GlobalBatches
     eval_batches: list[dict[str, jax.Array]]
     writer: reporting.MetricsWriter | None
     progress: reporting.Progress
@@ -94,8 +95,13 @@ def _summarize(
         'tokens_per_s': None,
         'tokens_per_s_per_device': None,
         'mfu': None,
+        'data_wait_s': None,
+        'data_wait_fraction': None,
     }
     if timed_steps:  # an interval holding only the compiling first step has no speed to report
+        # Time the loop spent blocked on the input pipeline instead of dispatching steps.
+        wait = ctx.train_data.take_wait()
+        summary.update(data_wait_s=wait, data_wait_fraction=wait / seconds)
         step_time = seconds / timed_steps
         tokens_per_s = ctx.tokens_per_step / step_time
         summary.update(
@@ -107,8 +113,9 @@ def _summarize(
 
 
 def _evaluate(ctx: _RunContext, params: Any) -> float:
-    """Mean loss over the fixed eval batches."""
-    return float(np.mean(jax.device_get([ctx.compiled.eval(params, batch) for batch in ctx.eval_batches])))
+    """Mean loss per counted token over the fixed eval batches."""
+    sums, counts = zip(*jax.device_get([ctx.compiled.eval(params, batch) for batch in ctx.eval_batches]), strict=True)
+    return float(np.sum(sums) / max(np.sum(counts), 1.0))
 
 
 def _announce(
@@ -131,25 +138,12 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
         (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
 
     mesh = mesh_lib.make_mesh({axis: config.mesh[axis] for axis in mesh_lib.MESH_AXES})
-    tokenizer = data.make_tokenizer(config.data.tokenizer)
+    tokenizer = tokenizers.make_tokenizer(config.data.tokenizer, config.data.eos_token)
     with jax.set_mesh(mesh):
         setup = build(config, mesh)
         sharded = setup.sharded
-
-        def batches(field: str, seed: int) -> data.Batches:
-            files = data.resolve_files(config.data[field], f'config.data.{field}')
-            return data.Batches(
-                data.load_tokens(files, tokenizer, f'config.data.{field}'),
-                config.data.seq_len,
-                config.train.global_batch_size,
-                setup.batch_sharding,
-                seed,
-            )
-
-        train_data = batches('train_files', config.seed)
-        eval_batches = (
-            batches('eval_files', config.seed).eval_batches(config.train.eval_steps) if config.data.eval_files else []
-        )
+        train_data = pipeline.train_batches(config, tokenizer, setup.batch_sharding)
+        eval_batches = pipeline.eval_batches(config, tokenizer, setup.batch_sharding) if config.data.eval_files else []
 
         num_params = state_lib.count_params(sharded.state.params, exclude=('position_embedding_PD',))
         flops_per_token = flops.flops_per_token(setup.model_cfg, num_params, config.data.seq_len)
@@ -200,7 +194,7 @@ def _loop(ctx: _RunContext, state: state_lib.TrainState) -> TrainResult:
             ctx.writer.write(step, summary)
 
     for step in range(first_step, total):
-        batch = ctx.train_data.train_batch(step)
+        batch = next(ctx.train_data)
         with jax.transfer_guard('disallow'):  # the hot loop moves data only where it says so
             state, metrics = ctx.compiled.train(state, batch)
         pending.append(metrics)
@@ -211,6 +205,7 @@ def _loop(ctx: _RunContext, state: state_lib.TrainState) -> TrainResult:
         if step == first_step:  # keep compilation out of the throughput figures
             jax.block_until_ready(metrics)
             ctx.progress.message(f'step {done} compiled and ran in {timer.lap():.1f}s')
+            ctx.train_data.take_wait()  # the first batch's wait belongs to start-up
             timed_from = done
         eval_due = bool(ctx.eval_batches) and (
             done == total or (train_cfg.eval_every > 0 and done % train_cfg.eval_every == 0)

@@ -1,0 +1,264 @@
+"""Where documents come from: file patterns (local or fsspec URLs) and lazy per-file readers.
+
+Each reader is a grain IterDataset over one file whose iterator state is a position in that file
+(byte offset, or Parquet row group and row), so a pipeline resumes without re-reading what it used.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from typing import Any
+
+import fsspec
+import grain
+import numpy as np
+
+from trainer.errors import ConfigError
+
+FORMATS = ('auto', 'text', 'jsonl', 'parquet', 'arrayrecord')
+SAMPLE_BY = ('document', 'paragraph', 'line')
+_EXTENSIONS = {
+    '.jsonl': 'jsonl',
+    '.json': 'jsonl',
+    '.parquet': 'parquet',
+    '.arrayrecord': 'arrayrecord',
+    '.array_record': 'arrayrecord',
+}
+_SEPARATORS = {'line': b'\n', 'paragraph': b'\n\n', 'document': None}
+_BLOCK_BYTES = 1 << 20  # read size; a reader holds at most one block plus one document
+# fsspec backends that are separate packages, and the pip extra that brings each.
+_BACKEND_EXTRAS = {'gs': 'gcs', 'gcs': 'gcs', 's3': 's3', 'hf': 'hf'}
+
+
+def _matches(pattern: str, field: str) -> list[str]:
+    if '://' not in pattern:
+        return sorted(m for m in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(m))
+    try:
+        fs, path = fsspec.core.url_to_fs(pattern)
+    except ImportError as error:
+        extra = _BACKEND_EXTRAS.get(pattern.split('://')[0], 'remote')
+        raise ConfigError(
+            f'{field}={pattern!r} needs an fsspec backend that is not installed: pip install '
+            f"'shardtrain[{extra}]' ({error})."
+        ) from None
+    return sorted(fs.unstrip_protocol(m) for m in fs.glob(path) if fs.isfile(m))
+
+
+def _size(path: str) -> int:
+    if '://' not in path:
+        return os.path.getsize(path)
+    fs, plain = fsspec.core.url_to_fs(path)
+    return fs.size(plain)
+
+
+def resolve_files(patterns: str, field: str) -> list[str]:
+    """Expands comma-separated paths, globs and URLs; each must match a file, and some must hold data."""
+    files = []
+    for pattern in (p.strip() for p in patterns.split(',')):
+        if not pattern:
+            continue
+        matches = _matches(pattern, field)
+        if not matches:
+            raise ConfigError(f'{field}={pattern!r} matches no file: give an existing path or a glob that matches one.')
+        files.extend(matches)
+    if not files:
+        raise ConfigError(f'{field} is empty: give at least one path or glob of data files.')
+    non_empty = [f for f in files if _size(f) > 0]
+    for empty in sorted(set(files) - set(non_empty)):
+        logging.warning('data: skipping %s, which is empty (%s)', empty, field)
+    if not non_empty:
+        raise ConfigError(f'{field} matches only empty files ({files[0]!r}, ...): give files with data in them.')
+    return non_empty
+
+
+def file_format(path: str, configured: str) -> str:
+    """The configured format, or for 'auto' the one the extension names (plain text otherwise)."""
+    if configured != 'auto':
+        return configured
+    return _EXTENSIONS.get(os.path.splitext(path)[1].lower(), 'text')
+
+
+def check_parquet_column(path: str, column: str) -> None:
+    """A Parquet file must have the text column; reads only the footer."""
+    import pyarrow.parquet as pq
+
+    with fsspec.open(path, 'rb') as f:
+        names = pq.ParquetFile(f).schema_arrow.names
+    if column not in names:
+        raise ConfigError(
+            f'{path} has no column {column!r} (it has {names}): set config.data.text_field to the text column.'
+        )
+
+
+class _TextIterator(grain.DatasetIterator):
+    """Documents of one text file, read a block at a time; state is the byte offset of the next one."""
+
+    def __init__(self, path: str, sample_by: str, max_document_bytes: int, shard: tuple[int, int]):
+        super().__init__()
+        self._path, self._separator, self._max_bytes = path, _SEPARATORS[sample_by], max_document_bytes
+        self._shard_index, self._shard_count = shard
+        self._file = None
+        self._seek({'offset': 0, 'ordinal': 0})
+        self.invalid_utf8 = 0
+
+    def _seek(self, state: dict[str, int]) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file = fsspec.open(self._path, 'rb').open()
+        self._file.seek(state['offset'])
+        self._offset, self._ordinal, self._buffer, self._eof = state['offset'], state['ordinal'], b'', False
+
+    def _next_raw(self) -> bytes | None:
+        """The next document's bytes, or None at the end of the file."""
+        while True:
+            cut = self._buffer.find(self._separator) if self._separator else -1
+            if cut >= 0:
+                document, used = self._buffer[:cut], cut + len(self._separator)
+            elif len(self._buffer) >= self._max_bytes:
+                cut = self._max_bytes
+                while cut > 0 and (self._buffer[cut] & 0xC0) == 0x80:  # do not split a UTF-8 character
+                    cut -= 1
+                document, used = self._buffer[:cut], cut
+            elif not self._eof:
+                block = self._file.read(_BLOCK_BYTES)
+                self._eof = not block
+                self._buffer += block
+                continue
+            elif self._buffer:
+                document, used = self._buffer, len(self._buffer)
+            else:
+                return None
+            self._buffer = self._buffer[used:]
+            self._offset += used
+            if document.strip():
+                return document
+
+    def _next_text(self) -> str:
+        while True:
+            raw = self._next_raw()
+            if raw is None:
+                if self.invalid_utf8:
+                    logging.warning('data: replaced %d invalid UTF-8 sequences in %s', self.invalid_utf8, self._path)
+                    self.invalid_utf8 = 0
+                raise StopIteration
+            ordinal, self._ordinal = self._ordinal, self._ordinal + 1
+            if ordinal % self._shard_count != self._shard_index:
+                continue  # another process's document
+            text = raw.decode('utf-8', errors='replace')
+            self.invalid_utf8 += text.count('\ufffd') - raw.count('\ufffd'.encode())
+            return text
+
+    def __next__(self) -> str:
+        return self._next_text()
+
+    def get_state(self) -> dict[str, int]:
+        return {'offset': self._offset, 'ordinal': self._ordinal}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self._seek(state)
+
+
+class _JsonlIterator(_TextIterator):
+    """The `field` of each JSON line; lines without it are skipped, counted and logged."""
+
+    def __init__(self, path: str, field: str, shard: tuple[int, int]):
+        super().__init__(path, 'line', 1 << 62, shard)  # a JSON line is never cut
+        self._field, self.skipped = field, 0
+
+    def __next__(self) -> str:
+        while True:
+            try:
+                line = self._next_text()
+            except StopIteration:
+                if self.skipped:
+                    logging.warning(
+                        'data: skipped %d lines of %s without a string field %r', self.skipped, self._path, self._field
+                    )
+                    self.skipped = 0
+                raise
+            try:
+                value = json.loads(line).get(self._field)
+            except (json.JSONDecodeError, AttributeError):
+                value = None
+            if isinstance(value, str) and value:
+                return value
+            self.skipped += 1
+
+
+class _ParquetIterator(grain.DatasetIterator):
+    """One column of a Parquet file, a row group at a time; state is (row group, row)."""
+
+    def __init__(self, path: str, column: str, shard: tuple[int, int]):
+        super().__init__()
+        import pyarrow.parquet as pq
+
+        self._path, self._column = path, column
+        self._shard_index, self._shard_count = shard
+        self._file = pq.ParquetFile(fsspec.open(path, 'rb').open())
+        self._load({'row_group': 0, 'row': 0, 'ordinal': 0})
+
+    def _load(self, state: dict[str, int]) -> None:
+        self._row_group, self._row, self._ordinal = state['row_group'], state['row'], state['ordinal']
+        groups = self._file.num_row_groups
+        self._rows = (
+            self._file.read_row_group(self._row_group, columns=[self._column]).column(0).to_pylist()
+            if self._row_group < groups
+            else []
+        )
+
+    def __next__(self) -> str:
+        while True:
+            if self._row >= len(self._rows):
+                if self._row_group + 1 >= self._file.num_row_groups:
+                    raise StopIteration
+                self._load({'row_group': self._row_group + 1, 'row': 0, 'ordinal': self._ordinal})
+                continue
+            value, self._row = self._rows[self._row], self._row + 1
+            ordinal, self._ordinal = self._ordinal, self._ordinal + 1
+            if ordinal % self._shard_count == self._shard_index and isinstance(value, str) and value:
+                return value
+
+    def get_state(self) -> dict[str, int]:
+        return {'row_group': self._row_group, 'row': self._row, 'ordinal': self._ordinal}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self._load(state)
+
+
+class FileDocuments(grain.IterDataset):
+    """The text documents of one file, read lazily (text, JSON lines or Parquet)."""
+
+    def __init__(self, path: str, data_cfg: Any, shard: tuple[int, int] = (0, 1)):
+        super().__init__()
+        self._path, self._format = path, file_format(path, data_cfg.format)
+        self._sample_by, self._max_bytes = data_cfg.sample_by, data_cfg.max_document_bytes
+        self._field, self._shard = data_cfg.text_field, shard
+
+    def __iter__(self) -> grain.DatasetIterator:
+        if self._format == 'jsonl':
+            return _JsonlIterator(self._path, self._field, self._shard)
+        if self._format == 'parquet':
+            return _ParquetIterator(self._path, self._field, self._shard)
+        return _TextIterator(self._path, self._sample_by, self._max_bytes, self._shard)
+
+
+def read_manifest(files: list[str]) -> dict[str, Any]:
+    """The manifest.json that scripts/prepare_data.py wrote beside pre-tokenized shards."""
+    path = os.path.join(os.path.dirname(files[0]), 'manifest.json')
+    try:
+        with fsspec.open(path, 'r') as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(
+            f'{files[0]} is an ArrayRecord shard without a manifest.json beside it: prepare it with '
+            'scripts/prepare_data.py.'
+        ) from None
+
+
+def token_records(files: list[str], dtype: str) -> grain.MapDataset:
+    """Pre-tokenized documents, one ArrayRecord record each, as a random-access dataset of id arrays."""
+    source = grain.sources.ArrayRecordDataSource(files)
+    return grain.MapDataset.source(source).map(lambda record: np.frombuffer(record, dtype=dtype).astype(np.int32))
