@@ -165,6 +165,7 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
         try:
             return _loop(ctx, sharded.state)
         finally:
+            train_data.close()
             progress.close()
             if ctx.writer is not None:
                 ctx.writer.close()

@@ -16,6 +16,7 @@ from typing import Any
 import grain
 import jax
 import numpy as np
+from absl import flags
 from jax.sharding import NamedSharding
 from ml_collections import config_dict
 
@@ -109,7 +110,8 @@ def _documents(
         shard = (index, count)
     files = files.shuffle(seed) if shuffle else files
     per_file = files.repeat(None).map(lambda path: sources.FileDocuments(path, data_cfg, shard))
-    documents = grain.experimental.InterleaveIterDataset(per_file, cycle_length=min(len(src.files), _INTERLEAVED_FILES))
+    # At most one epoch's files open at once: a wider cycle would read the next epoch's copies early.
+    documents = grain.experimental.InterleaveIterDataset(per_file, cycle_length=min(len(files), _INTERLEAVED_FILES))
     return documents.map(lambda text: {'tokens': np.concatenate([tokenizer.encode(text), eos])})
 
 
@@ -148,6 +150,10 @@ def make_dataset(
 def prefetch(dataset: grain.IterDataset, data_cfg: config_dict.ConfigDict) -> grain.IterDataset:
     """Background work: worker processes when num_workers > 0, else one thread."""
     if data_cfg.num_workers > 0:
+        # grain's workers read its absl flags; outside absl.app.run (tests, notebooks) nothing has
+        # parsed them, and their defaults are what we want.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         options = grain.MultiprocessingOptions(
             num_workers=data_cfg.num_workers, per_worker_buffer_size=data_cfg.prefetch_batches
         )
@@ -185,6 +191,10 @@ class GlobalBatches:
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._iterator.set_state(state)
+
+    def close(self) -> None:
+        """Stops background threads and worker processes."""
+        self._iterator.close()
 
 
 def train_batches(config: config_dict.ConfigDict, tokenizer: Tokenizer, sharding: NamedSharding) -> GlobalBatches:

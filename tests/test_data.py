@@ -1,0 +1,349 @@
+"""The grain input pipeline: formats, packing, exact resume, shuffling, mixtures, sharding, bad data."""
+
+import json
+import logging
+import pathlib
+import subprocess
+import sys
+
+import grain
+import numpy as np
+import pytest
+
+from configs import small_lm
+from trainer import config_checks
+from trainer.data import pipeline, sources, tokenizers
+from trainer.errors import ConfigError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+WORDS = 'the quick brown fox jumps over a lazy dog while seven wizards quietly hex jovial bakers'.split()
+
+
+def write_corpus(folder: pathlib.Path, files: int = 6, paragraphs: int = 40, seed: int = 0) -> list[str]:
+    """Text files of blank-line separated paragraphs, each paragraph tagged with its file and number."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        paragraphs_text = [
+            f'doc {f}.{p}: ' + ' '.join(rng.choice(WORDS, rng.integers(3, 30))) for p in range(paragraphs)
+        ]
+        (folder / f'part{f}.txt').write_text('\n\n'.join(paragraphs_text) + '\n')
+    return sorted(str(p) for p in folder.glob('*.txt'))
+
+
+def data_config(train_files: str, **changes):
+    config = small_lm.get_config()
+    config.data.train_files = train_files
+    config.data.eval_files = ''
+    config.data.seq_len = 32
+    config.data.shuffle_buffer = 16
+    config.data.update(changes)
+    return config
+
+
+def dataset(config, shuffle=True, local_batch=4):
+    tokenizer = tokenizers.make_tokenizer(config.data.tokenizer, config.data.eos_token)
+    srcs = pipeline.train_sources(config.data)
+    return pipeline.make_dataset(srcs, config.data, tokenizer, config.seed, local_batch, shuffle)
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def all_documents(config, shuffle=False, count=400):
+    """The first `count` documents (text) of the train source, decoded."""
+    tokenizer = tokenizers.make_tokenizer(config.data.tokenizer)
+    (src,) = pipeline.train_sources(config.data)
+    docs = pipeline._documents(src, config.data, tokenizer, config.seed, shuffle)
+    iterator = iter(docs)
+    return [tokenizer.decode(next(iterator)['tokens'][:-1]) for _ in range(count)]
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_restored_iterator_continues_with_exactly_the_same_batches(tmp_path, num_workers):
+    config = data_config(str(tmp_path / 'corpus' / '*.txt'), num_workers=num_workers, prefetch_batches=2)
+    write_corpus(tmp_path / 'corpus')
+    first = iter(pipeline.prefetch(dataset(config), config.data))
+    take(first, 7)
+    state = first.get_state()
+    expected = take(first, 30)  # crosses epoch boundaries: 6 files x 40 paragraphs is ~45 batches
+    first.close()
+    json.dumps(state)  # the state must be storable in a checkpoint as it is
+    second = iter(pipeline.prefetch(dataset(config), config.data))
+    second.set_state(state)
+    assert_same_batches(take(second, 30), expected)
+    second.close()
+
+
+def test_same_seed_same_order_and_each_epoch_reshuffled(tmp_path):
+    config = data_config(str(tmp_path / '*.txt'), sample_by='document')  # one document per file
+    write_corpus(tmp_path, files=8, paragraphs=2)
+    docs = [d.split(':')[0] for d in all_documents(config, shuffle=True, count=24)]
+    epochs = [docs[0:8], docs[8:16], docs[16:24]]
+    assert all(sorted(e) == sorted(epochs[0]) for e in epochs), 'each epoch holds every file once'
+    assert len({tuple(e) for e in epochs}) == 3, 'each epoch has its own order'
+    assert docs == [d.split(':')[0] for d in all_documents(config, shuffle=True, count=24)]
+    config.seed = 1
+    assert docs != [d.split(':')[0] for d in all_documents(config, shuffle=True, count=24)]
+
+
+def test_packed_rows_mark_documents_and_mask_what_is_not_predicted(tmp_path):
+    (tmp_path / 'short.txt').write_text('first doc\n\nsecond one\n\n' + 'third and longer document ' * 5)
+    config = data_config(str(tmp_path / 'short.txt'), shuffle_buffer=0)
+    batch = next(iter(dataset(config, shuffle=False)))
+    row = {key: value[0] for key, value in batch.items()}
+    assert bytes(row['inputs'][:21].astype(np.uint8)) == b'first doc\0second one\0'  # EOS (0) after each document
+    np.testing.assert_array_equal(row['inputs'][1:], row['targets'][:-1])
+    np.testing.assert_array_equal(row['segment_ids'][:23], [1] * 10 + [2] * 11 + [3] * 2)
+    np.testing.assert_array_equal(row['positions'][8:13], [8, 9, 0, 1, 2])  # positions restart per document
+    assert row['weights'][8] == 1, 'the last token predicts EOS'
+    assert row['weights'][9] == 0 and row['weights'][20] == 0, 'EOS does not predict the next document'
+    assert row['weights'][:9].all() and row['weights'][10:20].all()
+
+
+def test_a_document_longer_than_seq_len_is_split_not_dropped(tmp_path):
+    long_text = ''.join(chr(ord('a') + i % 26) for i in range(200))
+    (tmp_path / 'long.txt').write_text(long_text)
+    config = data_config(str(tmp_path / 'long.txt'), shuffle_buffer=0)
+    rows = next(iter(dataset(config, shuffle=False, local_batch=8)))
+    stream = np.concatenate([np.append(r, t[-1]) for r, t in zip(rows['inputs'], rows['targets'], strict=True)])
+    expected = np.frombuffer(long_text.encode() + b'\0', np.uint8)
+    assert bytes(stream[: len(expected)].astype(np.uint8)) == bytes(expected)
+    # grain's concat-then-split starts the continuation as a new segment with positions from 0.
+    assert rows['segment_ids'][1][0] == 1 and rows['positions'][1][0] == 0
+
+
+@pytest.mark.parametrize('sample_by, expected', [('line', 4), ('paragraph', 2), ('document', 1)])
+def test_text_documents_by_line_paragraph_or_file(tmp_path, sample_by, expected):
+    (tmp_path / 'a.txt').write_text('one\ntwo\n\nthree\nfour\n')
+    config = data_config(str(tmp_path / 'a.txt'), sample_by=sample_by)
+    reader = iter(sources.FileDocuments(str(tmp_path / 'a.txt'), config.data))
+    assert len(list(reader)) == expected
+
+
+def test_jsonl_parquet_and_text_give_the_same_documents(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f'line {i} ' + ' '.join(WORDS[: i % 10 + 1]) for i in range(50)]
+    (tmp_path / 'c.txt').write_text('\n'.join(texts) + '\n')
+    (tmp_path / 'c.jsonl').write_text('\n'.join(json.dumps({'body': t, 'id': i}) for i, t in enumerate(texts)))
+    pq.write_table(pa.table({'body': texts, 'id': list(range(50))}), tmp_path / 'c.parquet', row_group_size=7)
+    text_docs = all_documents(data_config(str(tmp_path / 'c.txt'), sample_by='line'), count=50)
+    for name in ('c.jsonl', 'c.parquet'):
+        assert all_documents(data_config(str(tmp_path / name), text_field='body'), count=50) == text_docs, name
+    assert text_docs == texts
+
+
+def test_parquet_reader_resumes_inside_a_row_group(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({'text': [f't{i}' for i in range(20)]}), tmp_path / 'p.parquet', row_group_size=6)
+    config = data_config(str(tmp_path / 'p.parquet'))
+    reader = iter(sources.FileDocuments(str(tmp_path / 'p.parquet'), config.data))
+    take(reader, 8)
+    state = reader.get_state()
+    rest = list(reader)
+    again = iter(sources.FileDocuments(str(tmp_path / 'p.parquet'), config.data))
+    again.set_state(state)
+    assert list(again) == rest == [f't{i}' for i in range(8, 20)]
+
+
+def test_prepared_arrayrecord_shards_hold_the_same_tokens_and_rerun_is_a_no_op(tmp_path):
+    files = write_corpus(tmp_path / 'corpus', files=3, paragraphs=10)
+    out = tmp_path / 'prepared'
+    command = [
+        sys.executable,
+        str(REPO / 'scripts' / 'prepare_data.py'),
+        '--inputs',
+        str(tmp_path / 'corpus/*.txt'),
+        '--output_dir',
+        str(out),
+        '--workers',
+        '2',
+    ]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    assert '30 documents' in first.stdout
+    manifest = json.loads((out / 'manifest.json').read_text())
+    assert manifest['tokenizer'] == 'byte' and manifest['dtype'] == 'uint16' and len(manifest['shards']) == 3
+    assert [s['source'] for s in manifest['shards']] == files and all(
+        len(s['sha256']) == 64 for s in manifest['shards']
+    )
+    text_bytes = sum(len(p) for f in files for p in pathlib.Path(f).read_text().split('\n\n') if p.strip())
+    assert manifest['tokens'] == text_bytes
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    assert 'up to date: nothing to do' in second.stdout
+    # Training reads the shards: the same documents as the text, in another (globally shuffled) order.
+    prepared = all_documents(data_config(str(out / '*.arrayrecord')), shuffle=True, count=30)
+    from_text = all_documents(data_config(str(tmp_path / 'corpus/*.txt')), count=30)
+    assert sorted(prepared) == sorted(from_text) and prepared != from_text
+
+
+def test_prepared_shards_must_match_the_tokenizer(tmp_path):
+    write_corpus(tmp_path / 'corpus', files=1, paragraphs=5)
+    sys.path.insert(0, str(REPO / 'scripts'))
+    import prepare_data
+
+    options = dict(
+        tokenizer='byte',
+        eos_token='',
+        format='auto',
+        text_field='text',
+        sample_by='paragraph',
+        max_document_bytes=1 << 20,
+    )
+    prepare_data.prepare(str(tmp_path / 'corpus/*.txt'), str(tmp_path / 'prep'), options, workers=1)
+    config = data_config(str(tmp_path / 'prep/*.arrayrecord'))
+    config.data.tokenizer = str(train_tokenizer(tmp_path))
+    config.model.vocab_size = 512
+    with pytest.raises(ConfigError, match="was tokenized with 'byte', not config.data.tokenizer="):
+        config_checks.check_data(config)
+
+
+def train_tokenizer(tmp_path) -> pathlib.Path:
+    corpus = write_corpus(tmp_path / 'tok_corpus', files=2)
+    output = tmp_path / 'tokenizer.json'
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / 'scripts' / 'train_tokenizer.py'),
+            '--inputs',
+            ','.join(corpus),
+            '--vocab_size',
+            '300',
+            '--output',
+            str(output),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return output
+
+
+def test_trained_bpe_tokenizer_round_trips_and_is_checked_against_the_model(tmp_path):
+    path = train_tokenizer(tmp_path)
+    tokenizer = tokenizers.make_tokenizer(str(path))
+    text = 'the lazy dog jumps'
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text and len(ids) < len(text)
+    assert tokenizer.vocab_size == 300 and tokenizer.eos_id == 0  # '<|endoftext|>' is its first token
+    config = data_config(str(tmp_path / 'tok_corpus/*.txt'), tokenizer=str(path))
+    config.model.vocab_size = 256
+    with pytest.raises(
+        ConfigError, match='has 300 ids but config.model.vocab_size=256: set vocab_size to at least 300'
+    ):
+        config_checks.check_data(config)
+
+
+def test_sentencepiece_model(tmp_path):
+    import sentencepiece
+
+    corpus = write_corpus(tmp_path / 'sp', files=1, paragraphs=200)
+    sentencepiece.SentencePieceTrainer.train(
+        input=corpus[0], model_prefix=str(tmp_path / 'sp_model'), vocab_size=60, model_type='bpe', minloglevel=2
+    )
+    tokenizer = tokenizers.make_tokenizer(str(tmp_path / 'sp_model.model'))
+    assert tokenizer.decode(tokenizer.encode('the lazy dog')) == 'the lazy dog'
+    assert tokenizer.vocab_size == 60 and tokenizer.eos_id == 2  # SentencePiece's default </s>
+    config = data_config(corpus[0], tokenizer=str(tmp_path / 'sp_model.model'))
+    batch = next(iter(dataset(config)))
+    assert batch['inputs'].max() < 60
+
+
+def test_mixture_follows_weights_deterministically(tmp_path):
+    for name, letter in (('a', 'A'), ('b', 'B')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / 'x.txt').write_text('\n'.join(f'{letter}{i}' for i in range(500)))
+    config = data_config(
+        '', sample_by='line', mixture=((str(tmp_path / 'a/*.txt'), 3.0), (str(tmp_path / 'b/*.txt'), 1.0))
+    )
+    tokenizer = tokenizers.make_tokenizer('byte')
+    srcs = pipeline.train_sources(config.data)
+    streams = [pipeline._documents(s, config.data, tokenizer, config.seed + i, True) for i, s in enumerate(srcs)]
+
+    def first_letters():
+        mixed = iter(grain.IterDataset.mix(streams, [s.weight for s in srcs]))
+        return ''.join(chr(next(mixed)['tokens'][0]) for _ in range(400))
+
+    letters = first_letters()
+    assert letters == first_letters()
+    assert letters.count('A') == 300 and letters.count('B') == 100
+
+
+def test_each_process_reads_its_own_disjoint_share(tmp_path, monkeypatch):
+    write_corpus(tmp_path / 'many', files=4, paragraphs=5)
+    (tmp_path / 'one').mkdir()
+    (tmp_path / 'one' / 'x.txt').write_text('\n\n'.join(f'doc {i}' for i in range(20)))
+    for pattern in ('many/*.txt', 'one/*.txt'):  # whole files per process, or every other document of one file
+        config = data_config(str(tmp_path / pattern))
+        shares = []
+        for index in (0, 1):
+            monkeypatch.setattr(pipeline.jax, 'process_index', lambda index=index: index)
+            monkeypatch.setattr(pipeline.jax, 'process_count', lambda: 2)
+            shares.append(set(all_documents(config, count=10)))
+        assert shares[0].isdisjoint(shares[1]) and len(shares[0] | shares[1]) == 20, pattern
+
+
+def test_invalid_utf8_is_replaced_counted_and_logged(tmp_path, caplog):
+    (tmp_path / 'bad.txt').write_bytes(b'good text\n\nbad \xff\xfe text\n\nmore \xc3 here\n')
+    config = data_config(str(tmp_path / 'bad.txt'))
+    with caplog.at_level(logging.WARNING):
+        docs = list(iter(sources.FileDocuments(str(tmp_path / 'bad.txt'), config.data)))
+    assert docs == ['good text', 'bad \ufffd\ufffd text', 'more \ufffd here\n']
+    assert 'replaced 3 invalid UTF-8 sequences in' in caplog.text
+
+
+def test_json_lines_without_the_field_are_skipped_counted_and_logged(tmp_path, caplog):
+    lines = ['{"text": "kept one"}', '{"other": 1}', 'not json', '{"text": 5}', '{"text": "kept two"}']
+    (tmp_path / 'd.jsonl').write_text('\n'.join(lines))
+    config = data_config(str(tmp_path / 'd.jsonl'))
+    with caplog.at_level(logging.WARNING):
+        docs = list(iter(sources.FileDocuments(str(tmp_path / 'd.jsonl'), config.data)))
+    assert docs == ['kept one', 'kept two']
+    assert 'skipped 3 lines of' in caplog.text and "without a string field 'text'" in caplog.text
+
+
+def test_parquet_without_the_column_is_a_clear_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({'content': ['a']}), tmp_path / 'p.parquet')
+    config = data_config(str(tmp_path / 'p.parquet'))
+    with pytest.raises(
+        ConfigError,
+        match=r"p.parquet has no column 'text' \(it has \['content'\]\): set "
+        r'config.data.text_field',
+    ):
+        config_checks.check_data(config)
+
+
+def test_empty_files_are_skipped_with_a_warning(tmp_path, caplog):
+    (tmp_path / 'empty.txt').write_text('')
+    (tmp_path / 'full.txt').write_text('some text')
+    with caplog.at_level(logging.WARNING):
+        assert sources.resolve_files(str(tmp_path / '*.txt'), 'config.data.train_files') == [str(tmp_path / 'full.txt')]
+    assert 'skipping' in caplog.text and 'empty.txt, which is empty' in caplog.text
+
+
+def test_fsspec_urls_are_read(tmp_path):
+    write_corpus(tmp_path, files=2, paragraphs=3)
+    url_config = data_config(f'file://{tmp_path}/*.txt')
+    assert all_documents(url_config, count=6) == all_documents(data_config(str(tmp_path / '*.txt')), count=6)
+
+
+def test_a_missing_fsspec_backend_names_the_extra():
+    with pytest.raises(
+        ConfigError, match=r"needs an fsspec backend that is not installed: pip install 'shardtrain\[s3\]'"
+    ):
+        sources.resolve_files('s3://some-bucket/data/*.jsonl', 'config.data.train_files')
