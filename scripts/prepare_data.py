@@ -34,7 +34,7 @@ MANIFEST = 'manifest.json'
 
 def sha256(path: str) -> str:
     digest = hashlib.sha256()
-    with fsspec.open(path, "rb") as f:
+    with fsspec.open(path, 'rb') as f:
         while block := f.read(1 << 22):
             digest.update(block)
     return digest.hexdigest()
@@ -115,8 +115,10 @@ def main() -> int:
     parser.add_argument('--max_document_bytes', type=int, default=1 << 20)
     parser.add_argument('--workers', type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
-    options = {key: getattr(args, key) for key in
-               ('tokenizer', 'eos_token', 'format', 'text_field', 'sample_by', 'max_document_bytes')}
+    options = {
+        key: getattr(args, key)
+        for key in ('tokenizer', 'eos_token', 'format', 'text_field', 'sample_by', 'max_document_bytes')
+    }
     try:
         manifest = prepare(args.inputs, args.output_dir, options, args.workers)
     except ConfigError as error:
@@ -125,8 +127,10 @@ def main() -> int:
     if manifest is None:
         print(f'{args.output_dir} is up to date: nothing to do.')
     else:
-        print(f'{manifest["documents"]:,} documents, {manifest["tokens"]:,} tokens in {len(manifest["shards"])} '
-              f'shards; manifest in {os.path.join(args.output_dir, MANIFEST)}')
+        print(
+            f'{manifest["documents"]:,} documents, {manifest["tokens"]:,} tokens in {len(manifest["shards"])} '
+            f'shards; manifest in {os.path.join(args.output_dir, MANIFEST)}'
+        )
     return 0
 
 

@@ -36,8 +36,12 @@ def train(files: list[str], vocab_size: int, output: str, options: types.SimpleN
     # Byte-level: every string encodes, so no unknown token is needed.
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
     tokenizer.train_from_iterator(documents(files, options), trainer=trainer)
     tokenizer.save(output)
     return tokenizer.get_vocab_size()
@@ -52,8 +56,9 @@ def main() -> int:
     parser.add_argument('--text_field', default='text')
     parser.add_argument('--sample_by', default='paragraph', choices=sources.SAMPLE_BY)
     args = parser.parse_args()
-    options = types.SimpleNamespace(format=args.format, text_field=args.text_field, sample_by=args.sample_by,
-                                    max_document_bytes=1 << 20)
+    options = types.SimpleNamespace(
+        format=args.format, text_field=args.text_field, sample_by=args.sample_by, max_document_bytes=1 << 20
+    )
     size = train(sources.resolve_files(args.inputs, '--inputs'), args.vocab_size, args.output, options)
     print(f'wrote {args.output}: {size} tokens, end-of-document {EOS_TOKEN!r}')
     return 0

@@ -347,3 +347,11 @@ def test_a_missing_fsspec_backend_names_the_extra():
         ConfigError, match=r"needs an fsspec backend that is not installed: pip install 'shardtrain\[s3\]'"
     ):
         sources.resolve_files('s3://some-bucket/data/*.jsonl', 'config.data.train_files')
+
+
+def test_a_document_longer_than_max_document_bytes_is_read_in_pieces_without_splitting_characters(tmp_path):
+    text = 'é' * 3000 + 'x'  # 6001 bytes of two-byte characters
+    (tmp_path / 'one.txt').write_text(text)
+    config = data_config(str(tmp_path / 'one.txt'), sample_by='document', max_document_bytes=1024)
+    pieces = list(iter(sources.FileDocuments(str(tmp_path / 'one.txt'), config.data)))
+    assert ''.join(pieces) == text and all(len(p.encode()) <= 1024 for p in pieces) and len(pieces) == 6

@@ -117,7 +117,7 @@ class _TextIterator(grain.DatasetIterator):
             cut = self._buffer.find(self._separator) if self._separator else -1
             if cut >= 0:
                 document, used = self._buffer[:cut], cut + len(self._separator)
-            elif len(self._buffer) >= self._max_bytes:
+            elif len(self._buffer) > self._max_bytes:  # the byte after the cut is known: a whole piece
                 cut = self._max_bytes
                 while cut > 0 and (self._buffer[cut] & 0xC0) == 0x80:  # do not split a UTF-8 character
                     cut -= 1

@@ -1,0 +1,60 @@
+"""A corpus much larger than what the pipeline may hold streams with flat memory."""
+
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+STREAM = textwrap.dedent("""
+    import resource, sys
+    sys.path.insert(0, {repo!r})
+    from configs import small_lm
+    from trainer.data import pipeline, tokenizers
+
+    def peak_mb():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    config = small_lm.get_config()
+    config.data.update(train_files={pattern!r}, sample_by={sample_by!r}, seq_len=128, shuffle_buffer=256)
+    tokenizer = tokenizers.make_tokenizer('byte')
+    dataset = pipeline.make_dataset(pipeline.train_sources(config.data), config.data, tokenizer, 0, 32, True)
+    batches = iter(pipeline.prefetch(dataset, config.data))
+    for _ in range(100):
+        next(batches)
+    warm = peak_mb()
+    for _ in range(1500):  # 6M more tokens, read from all over the corpus
+        next(batches)
+    batches.close()
+    print(warm, peak_mb())
+""")
+
+
+def write_large_corpus(folder: pathlib.Path, files: int, megabytes_each: int) -> None:
+    """Files of distinct paragraphs, written a block at a time."""
+    block = '\n\n'.join(
+        f'paragraph {i}: ' + 'all the world is a stage and all the men and women ' * 4 for i in range(4000)
+    ).encode()
+    for f in range(files):
+        with open(folder / f'big{f}.txt', 'wb') as out:
+            for _ in range(megabytes_each * (1 << 20) // len(block)):
+                out.write(block)
+
+
+def peak_memory(pattern: str, sample_by: str) -> tuple[float, float]:
+    code = STREAM.format(repo=str(REPO), pattern=pattern, sample_by=sample_by)
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    warm, peak = map(float, result.stdout.split())
+    return warm, peak
+
+
+def test_a_300_mb_corpus_streams_with_flat_memory(tmp_path):
+    write_large_corpus(tmp_path, files=3, megabytes_each=100)
+    assert sum(p.stat().st_size for p in tmp_path.glob('*.txt')) > 290 * (1 << 20)
+    for sample_by in ('paragraph', 'document'):  # 'document': each 100 MB file is one document, read in pieces
+        warm, peak = peak_memory(str(tmp_path / '*.txt'), sample_by)
+        # Holding the corpus would cost 300 MB as bytes, 1.2 GB as int32 ids.
+        assert peak - warm < 40, (sample_by, warm, peak)
+        assert peak < 1000, (sample_by, peak)
