@@ -56,7 +56,7 @@ def get_config() -> config_dict.ConfigDict:
     data.seq_len = 128  # tokens per training sequence; <= model.max_seq_len
     data.shuffle_buffer = 2048  # packed rows mixed by a window shuffle (train only); 0 or 1 = off
     data.num_workers = 0  # grain worker processes; 0 = one background thread
-    data.prefetch_batches = 4  # batches buffered ahead of the device (per worker)
+    data.prefetch_batches = 16  # batches buffered ahead of the device (per worker); they are small
 
     config.train = train = config_dict.ConfigDict()
     train.steps = 600  # optimizer steps in the whole run
