@@ -78,6 +78,12 @@ def get_config() -> config_dict.ConfigDict:
     train.eval_steps = 8  # batches of global_batch_size sequences per eval
     train.peak_flops_per_device = 0.0  # FLOP/s for MFU; 0 = look up the accelerator, or measure on CPU
 
+    config.checkpoint = checkpoint = config_dict.ConfigDict()
+    checkpoint.every_steps = 200  # save every this many steps (0 = only by time and at the end)
+    checkpoint.every_minutes = 0.0  # also save when this many minutes passed since the last save (0 = off)
+    checkpoint.keep = 3  # newest checkpoints kept in <workdir>/checkpoints
+    checkpoint.keep_every_steps = 0  # also keep every checkpoint whose step is a multiple of this, for good (0 = off)
+
     config.mesh = mesh = config_dict.ConfigDict()
     mesh.data = 1  # pure data parallelism (replicated parameters); usually across hosts
     mesh.fsdp = -1  # data parallelism with sharded parameters and optimizer state; -1 = all remaining devices

@@ -24,7 +24,7 @@ import jax  # noqa: E402
 from configs import small_lm  # noqa: E402
 from trainer import mesh as mesh_lib  # noqa: E402
 from trainer import train  # noqa: E402
-from trainer.data import pipeline, tokenizers  # noqa: E402
+from trainer.data import pipeline, sources, tokenizers  # noqa: E402
 
 DEFAULT_INPUTS = str(pathlib.Path(small_lm.sample_file('train')) / '*.txt')
 
@@ -88,7 +88,7 @@ def main() -> int:
         options = types.SimpleNamespace(
             format='auto', text_field='text', sample_by='paragraph', max_document_bytes=1 << 20
         )
-        train_tokenizer.train(pipeline.sources.resolve_files(args.inputs, '--inputs'), 4096, bpe, options)
+        train_tokenizer.train(sources.resolve_files(args.inputs, '--inputs'), 4096, bpe, options)
         bpe_config = base.copy_and_resolve_references()
         bpe_config.data.tokenizer = bpe
         results['text, BPE tokenizer (4096)'] = pipeline_rate(bpe_config, args.batches)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import small_lm
-from trainer import config_checks
+from trainer import checkpoints, config_checks
 from trainer.data import pipeline, sources, tokenizers
 from trainer.errors import ConfigError
 
@@ -77,7 +77,7 @@ def test_restored_iterator_continues_with_exactly_the_same_batches(tmp_path, num
     state = first.get_state()
     expected = take(first, 30)  # crosses epoch boundaries: 6 files x 40 paragraphs is ~45 batches
     first.close()
-    json.dumps(state)  # the state must be storable in a checkpoint as it is
+    state = checkpoints._from_json(checkpoints._to_json(state))  # exactly what a checkpoint stores
     second = iter(pipeline.prefetch(dataset(config), config.data))
     second.set_state(state)
     assert_same_batches(take(second, 30), expected)

@@ -9,7 +9,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from trainer.errors import ConfigError, TrainingDivergedError
+from trainer.errors import ConfigError, StoppedBySignal, TrainingDivergedError
 from trainer.train import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/small_lm.py.', lock_config=True)
@@ -18,6 +18,7 @@ flags.mark_flags_as_required(['config'])
 
 EXIT_BAD_INPUT = 2  # a config or data problem, reported in one line
 EXIT_DIVERGED = 3  # the loss became NaN or Inf
+EXIT_STOPPED = 4  # SIGTERM/SIGINT: the state was saved; the same command resumes
 
 
 def _fail(message: str) -> NoReturn:
@@ -68,8 +69,12 @@ def main(argv: list[str]) -> int:
     except TrainingDivergedError as error:
         print(f'error: {error}', file=sys.stderr)
         return EXIT_DIVERGED
+    except StoppedBySignal as message:
+        print(f'stopped: {message}', file=sys.stderr)
+        return EXIT_STOPPED
+    loss_text = f', loss {result.last_loss:.4f}' if result.last_loss is not None else ''
     eval_text = f', eval loss {result.eval_loss:.4f}' if result.eval_loss is not None else ''
-    print(f'done: step {result.final_step}, loss {result.last_loss:.4f}{eval_text}; outputs in {workdir}')
+    print(f'done: step {result.final_step}{loss_text}{eval_text}; outputs in {workdir}')
     return 0
 
 

@@ -50,7 +50,7 @@ def table_peak_flops(device_kind: str) -> float | None:
     return next((peak for name, peak in PEAK_BF16_FLOPS if name in kind), None)
 
 
-def measure_matmul_flops(mesh: Mesh, dtype: str, size: int = 512, repeats: int = 5) -> float:
+def measure_matmul_flops(mesh: Mesh, dtype: str, size: int = 512, repeats: int = 10) -> float:
     """FLOP/s per device of a square matmul run on every device of `mesh` at once.
 
     Used on CPU, which has no datasheet peak. All devices run together because simulated CPU

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import pathlib
 from typing import Any
 
@@ -12,11 +11,11 @@ import numpy as np
 from ml_collections import config_dict
 
 from models.transformer import ModelConfig
-from trainer import config_checks, flops, optimizer, reporting, steps
+from trainer import checkpoints, config_checks, flops, optimizer, reporting, steps, stop_signals
 from trainer import mesh as mesh_lib
 from trainer import state as state_lib
 from trainer.data import pipeline, tokenizers
-from trainer.errors import TrainingDivergedError
+from trainer.errors import StoppedBySignal, TrainingDivergedError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +23,7 @@ class TrainResult:
     """What a finished run reports back to its caller."""
 
     final_step: int
-    last_loss: float  # mean training loss over the last log interval
+    last_loss: float | None  # mean training loss over the last log interval; None if no step ran
     eval_loss: float | None  # at the final step; None without eval files
 
 
@@ -73,6 +72,8 @@ class _RunContext:
     flops_per_token: float
     peak_flops: float | None
     num_devices: int
+    checkpointer: checkpoints.Checkpointer
+    stop: stop_signals.StopRequest
 
 
 def _summarize(
@@ -148,8 +149,21 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
         num_params = state_lib.count_params(sharded.state.params, exclude=('position_embedding_PD',))
         flops_per_token = flops.flops_per_token(setup.model_cfg, num_params, config.data.seq_len)
         peak, peak_source = flops.peak_flops_per_device(mesh, config.model.dtype, config.train.peak_flops_per_device)
-        progress = reporting.Progress(int(sharded.state.step), config.train.steps)
+        checkpointer = checkpoints.Checkpointer(
+            workdir / 'checkpoints', config.checkpoint, config.to_json_best_effort()
+        )
+        state, resumed_from = sharded.state, checkpointer.latest_step()
+        if resumed_from is not None:  # the same command again: carry on where the last run stopped
+            state = checkpointer.restore(resumed_from, state, train_data)
+        progress = reporting.Progress(int(state.step), config.train.steps)
         _announce(progress, mesh, num_params, flops_per_token, peak, peak_source)
+        if resumed_from is not None:
+            progress.message(f'resumed from step {resumed_from} ({checkpointer.directory / str(resumed_from)})')
+            if resumed_from >= config.train.steps:
+                progress.message(
+                    f'nothing to train: the run is at step {resumed_from} of config.train.steps={config.train.steps}; '
+                    'raise steps to train further, or give another --workdir for a new run.'
+                )
         ctx = _RunContext(
             config=config,
             compiled=setup.compiled,
@@ -161,10 +175,14 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
             flops_per_token=flops_per_token,
             peak_flops=peak,
             num_devices=mesh.devices.size,
+            checkpointer=checkpointer,
+            stop=stop_signals.StopRequest(),
         )
         try:
-            return _loop(ctx, sharded.state)
+            return _loop(ctx, state)
         finally:
+            ctx.stop.restore()
+            checkpointer.close()  # waits for the last save
             train_data.close()
             progress.close()
             if ctx.writer is not None:
@@ -213,7 +231,9 @@ def _loop(ctx: _RunContext, state: state_lib.TrainState) -> TrainResult:
         )
         if done % train_cfg.log_every == 0 or done == total or eval_due:
             ready, pending = (done, pending), []
-        if eval_due:
+        if ctx.stop.requested and pending:
+            ready, pending = (done, pending), []
+        if eval_due and not ctx.stop.requested:
             report(*ready)
             ready = None
             eval_loss = _evaluate(ctx, state.params)
@@ -221,6 +241,17 @@ def _loop(ctx: _RunContext, state: state_lib.TrainState) -> TrainResult:
             if ctx.writer is not None:
                 ctx.writer.write(done, {'eval_loss': eval_loss})
             timer.lap()  # eval time is not training time
+        if ctx.stop.requested or ctx.checkpointer.due(done) or done == total:
+            # Before the next step is dispatched: that step is given (donates) this state.
+            ctx.checkpointer.save(done, state, ctx.train_data)
+        if ctx.stop.requested:
+            if ready is not None:
+                report(*ready)
+            ctx.checkpointer.wait()
+            raise StoppedBySignal(
+                f'{ctx.stop.signal_name} received: saved step {done} in {ctx.checkpointer.directory}; '
+                'run the same command to resume.'
+            )
     if ready is not None:
         report(*ready)
-    return TrainResult(final_step=total, last_loss=summary.get('loss', math.nan), eval_loss=eval_loss)
+    return TrainResult(final_step=max(total, first_step), last_loss=summary.get('loss'), eval_loss=eval_loss)

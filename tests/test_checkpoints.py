@@ -1,0 +1,95 @@
+"""Killed or stopped runs resume from their last complete checkpoint with bit-identical losses."""
+
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 40
+ARGS = [
+    '--config',
+    'configs/small_lm.py',
+    '--config.model.num_layers=2',
+    '--config.model.d_model=64',
+    '--config.model.d_ff=128',
+    '--config.data.seq_len=64',
+    '--config.train.global_batch_size=16',
+    f'--config.train.steps={STEPS}',
+    '--config.train.warmup_steps=5',
+    '--config.train.log_every=1',
+    '--config.train.eval_every=0',
+    '--config.data.eval_files=',
+    '--config.checkpoint.every_steps=10',
+]
+
+
+def command(workdir: pathlib.Path) -> list[str]:
+    return [sys.executable, '-m', 'trainer', '--workdir', str(workdir), *ARGS]
+
+
+def losses_by_step(workdir: pathlib.Path) -> dict[int, float]:
+    """Each step's loss; for a step logged twice (before a kill and after the restart), the later one."""
+    lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+    return {line['step']: line['loss'] for line in lines if 'loss' in line}
+
+
+def logged_steps(workdir: pathlib.Path) -> int:
+    try:
+        return max(losses_by_step(workdir), default=0)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory) -> dict[int, float]:
+    workdir = tmp_path_factory.mktemp('uninterrupted')
+    result = subprocess.run(command(workdir), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = losses_by_step(workdir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return losses
+
+
+def interrupt(workdir: pathlib.Path, sig: int) -> subprocess.Popen:
+    """Starts a run and sends `sig` a few steps after its step-20 checkpoint is complete."""
+    process = subprocess.Popen(command(workdir), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not ((workdir / 'checkpoints' / '20').is_dir() and logged_steps(workdir) >= 23):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, 'the run did not reach step 23'
+        time.sleep(0.05)
+    process.send_signal(sig)
+    process.wait(timeout=120)
+    return process
+
+
+def test_sigkill_costs_only_the_steps_since_the_checkpoint_and_resumes_bit_exactly(tmp_path, uninterrupted):
+    killed = interrupt(tmp_path, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    assert logged_steps(tmp_path) < STEPS
+    restarted = subprocess.run(command(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    resumed = int(restarted.stdout.split('resumed from step ')[1].split()[0])
+    assert resumed in (20, 30)  # the newest complete checkpoint at the kill
+    losses = losses_by_step(tmp_path)
+    for step in range(resumed + 1, STEPS + 1):
+        assert losses[step] == uninterrupted[step], step  # bit for bit: data order, rng and state
+
+
+def test_sigterm_saves_at_the_current_step_and_resumes_bit_exactly(tmp_path, uninterrupted):
+    stopped = interrupt(tmp_path, signal.SIGTERM)
+    stderr = stopped.stderr.read()
+    assert stopped.returncode == 4, stderr[-3000:]
+    assert 'stopped: SIGTERM received: saved step ' in stderr and 'run the same command to resume' in stderr
+    saved = int(stderr.split('saved step ')[1].split()[0])
+    assert saved > 20 and (tmp_path / 'checkpoints' / str(saved)).is_dir()
+    restarted = subprocess.run(command(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert f'resumed from step {saved} ' in restarted.stdout
+    losses = losses_by_step(tmp_path)
+    assert [losses[s] for s in range(1, STEPS + 1)] == [uninterrupted[s] for s in range(1, STEPS + 1)]

@@ -1,0 +1,116 @@
+"""Asynchronous orbax checkpoints of the train state and the data iterator, and resuming from them."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from ml_collections import config_dict
+
+from trainer.data.pipeline import GlobalBatches
+from trainer.state import TrainState
+
+
+def _to_json(value: Any) -> str:
+    """JSON that keeps tuples tuples (grain's packer state has them, and plain JSON makes them lists)."""
+
+    def mark(x: Any) -> Any:
+        if isinstance(x, tuple):
+            return {'__tuple__': [mark(item) for item in x]}
+        if isinstance(x, list):
+            return [mark(item) for item in x]
+        if isinstance(x, dict):
+            return {key: mark(item) for key, item in x.items()}
+        return x
+
+    return json.dumps(mark(value))
+
+
+def _from_json(text: str) -> Any:
+    return json.loads(text, object_hook=lambda d: tuple(d['__tuple__']) if set(d) == {'__tuple__'} else d)
+
+
+def _gather_json(value: Any) -> list[str]:
+    """Every process's `value` as JSON, in process order (each process has its own data position)."""
+    text = _to_json(value)
+    if jax.process_count() == 1:
+        return [text]
+    encoded = np.frombuffer(text.encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.array([len(encoded)], np.int32)).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: len(encoded)] = encoded
+    rows = multihost_utils.process_allgather(padded).reshape(len(lengths), -1)
+    return [bytes(row[:n]).decode() for row, n in zip(rows, lengths, strict=True)]
+
+
+class Checkpointer:
+    """Saves every N steps and/or minutes into workdir/checkpoints/<step>, keeping the newest few.
+
+    orbax writes each checkpoint into a temporary folder and renames it when complete, so a run
+    killed mid-save leaves nothing that counts as a checkpoint.
+    """
+
+    def __init__(self, directory: pathlib.Path, ckpt_cfg: config_dict.ConfigDict, config_json: str):
+        self._cfg, self._config_json = ckpt_cfg, config_json
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=ckpt_cfg.keep,
+            keep_period=ckpt_cfg.keep_every_steps or None,
+            enable_async_checkpointing=True,
+            cleanup_tmp_directories=True,  # remove what a killed run left half-written
+            create=True,
+        )
+        self.directory = directory
+        self._manager = ocp.CheckpointManager(directory.absolute(), options=options)
+        self._last_save_time = time.monotonic()
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def due(self, step: int) -> bool:
+        """Whether `step` is a scheduled save (every_steps, or every_minutes since the last save)."""
+        if self._cfg.every_steps and step % self._cfg.every_steps == 0:
+            return True
+        minutes = self._cfg.every_minutes
+        return bool(minutes) and time.monotonic() - self._last_save_time >= 60 * minutes
+
+    def save(self, step: int, state: TrainState, data: GlobalBatches) -> None:
+        """Starts an asynchronous save; returns once the arrays are copied off the devices.
+
+        The data iterator's state is read here, synchronously: grain's own orbax handler reads it
+        in the background, by when the loop has already taken the next batch.
+        """
+        if self._manager.latest_step() == step:
+            return
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave({'process_states': _gather_json(data.get_state())}),
+                config=ocp.args.JsonSave({'config': self._config_json}),
+            ),
+            force=True,
+        )
+        self._last_save_time = time.monotonic()
+
+    def restore(self, step: int, target: TrainState, data: GlobalBatches) -> TrainState:
+        """The state saved at `step`, laid out like `target`; the data iterator is rewound in place."""
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
+        )
+        data.set_state(_from_json(restored['data']['process_states'][jax.process_index()]))
+        return restored['state']
+
+    def wait(self) -> None:
+        """Blocks until the save in flight, if any, is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
