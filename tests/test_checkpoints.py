@@ -93,3 +93,33 @@ def test_sigterm_saves_at_the_current_step_and_resumes_bit_exactly(tmp_path, uni
     assert f'resumed from step {saved} ' in restarted.stdout
     losses = losses_by_step(tmp_path)
     assert [losses[s] for s in range(1, STEPS + 1)] == [uninterrupted[s] for s in range(1, STEPS + 1)]
+
+
+def test_an_unreadable_checkpoint_is_named_and_the_one_before_is_used(tmp_path):
+    args = [a for a in command(tmp_path) if not a.startswith('--config.train.steps=')]
+    first = subprocess.run([*args, '--config.train.steps=20'], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for path in (tmp_path / 'checkpoints' / '20' / 'state').rglob('*'):  # garble the newest
+        if path.is_file():
+            path.write_bytes(b'garbage')
+    again = subprocess.run([*args, '--config.train.steps=30'], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f'checkpoint {tmp_path / "checkpoints" / "20"}' in again.stderr and 'is unreadable' in again.stderr
+    assert 'resumed from step 10 ' in again.stdout
+
+
+def test_a_workdir_whose_checkpoints_are_all_unreadable_is_an_error_not_a_fresh_start(tmp_path):
+    first = subprocess.run(
+        command(tmp_path) + ['--config.train.steps=10'], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    for path in (tmp_path / 'checkpoints').rglob('*'):
+        if path.is_file() and 'state' in path.parts:
+            path.unlink()
+    again = subprocess.run(command(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2
+    last = again.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith(f'error: no checkpoint in {tmp_path / "checkpoints"} can be read')
+        and 'Traceback' not in again.stderr
+    )

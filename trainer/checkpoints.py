@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 import time
 from typing import Any
@@ -14,6 +15,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_dict
 
 from trainer.data.pipeline import GlobalBatches
+from trainer.errors import ConfigError
 from trainer.state import TrainState
 
 
@@ -69,9 +71,6 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(directory.absolute(), options=options)
         self._last_save_time = time.monotonic()
 
-    def latest_step(self) -> int | None:
-        return self._manager.latest_step()
-
     def due(self, step: int) -> bool:
         """Whether `step` is a scheduled save (every_steps, or every_minutes since the last save)."""
         if self._cfg.every_steps and step % self._cfg.every_steps == 0:
@@ -106,6 +105,25 @@ class Checkpointer:
         )
         data.set_state(_from_json(restored['data']['process_states'][jax.process_index()]))
         return restored['state']
+
+    def restore_latest(self, target: TrainState, data: GlobalBatches) -> tuple[TrainState, int] | None:
+        """The newest checkpoint that reads back, skipping (and naming) unreadable ones; None if there is none.
+
+        A folder whose checkpoints are all unreadable is an error: never silently start over there.
+        """
+        problem = ''
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                return self.restore(step, target, data), step
+            except Exception as error:  # orbax raises many types for missing or garbled files
+                problem = f'{self.directory / str(step)}: {str(error).strip().splitlines()[0][:300]}'
+                logging.warning('checkpoint %s is unreadable; trying the one before', problem)
+        if problem:
+            raise ConfigError(
+                f'no checkpoint in {self.directory} can be read (the oldest tried: {problem}); move that folder '
+                'away to start over, or use another --workdir.'
+            )
+        return None
 
     def wait(self) -> None:
         """Blocks until the save in flight, if any, is on disk."""

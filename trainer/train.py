@@ -152,9 +152,10 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
         checkpointer = checkpoints.Checkpointer(
             workdir / 'checkpoints', config.checkpoint, config.to_json_best_effort()
         )
-        state, resumed_from = sharded.state, checkpointer.latest_step()
-        if resumed_from is not None:  # the same command again: carry on where the last run stopped
-            state = checkpointer.restore(resumed_from, state, train_data)
+        state, resumed_from = sharded.state, None
+        restored = checkpointer.restore_latest(state, train_data)  # the same command again: carry on
+        if restored is not None:
+            state, resumed_from = restored
         progress = reporting.Progress(int(state.step), config.train.steps)
         _announce(progress, mesh, num_params, flops_per_token, peak, peak_source)
         if resumed_from is not None:
