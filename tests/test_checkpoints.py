@@ -123,3 +123,61 @@ def test_a_workdir_whose_checkpoints_are_all_unreadable_is_an_error_not_a_fresh_
         last.startswith(f'error: no checkpoint in {tmp_path / "checkpoints"} can be read')
         and 'Traceback' not in again.stderr
     )
+
+
+def test_another_model_shape_in_the_same_workdir_names_the_first_mismatched_parameter(tmp_path):
+    first = subprocess.run(
+        command(tmp_path) + ['--config.train.steps=10'], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    wider = subprocess.run(
+        command(tmp_path) + ['--config.model.d_ff=256'], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert wider.returncode == 2
+    last = wider.stderr.strip().splitlines()[-1]
+    assert 'holds another model: parameter blocks/mlp/w_down_FD is (2, 128, 64) there but (2, 256, 64)' in last
+    assert 'Traceback' not in wider.stderr
+
+
+def test_restores_onto_another_mesh_and_device_count(tmp_path):
+    import jax
+    import numpy as np
+    from conftest import mesh_for, tiny_config
+
+    from trainer import train
+    from trainer.checkpoints import Checkpointer
+    from trainer.data import pipeline, tokenizers
+
+    def setup_for(**mesh_sizes):
+        config = tiny_config('llama', **mesh_sizes)
+        config.model.vocab_size = 256  # the byte tokenizer's
+        mesh = mesh_for(config)
+        return config, mesh
+
+    tokenizer = tokenizers.make_tokenizer('byte')
+    config, mesh = setup_for(fsdp=4, tensor=2)  # 8 devices
+    with jax.set_mesh(mesh):
+        setup = train.build(config, mesh)
+        data = pipeline.train_batches(config, tokenizer, setup.batch_sharding)
+        state, _ = setup.compiled.train(setup.sharded.state, next(data))
+        checkpointer = Checkpointer(tmp_path, config.checkpoint, '{}')
+        checkpointer.save(1, state, data)
+        checkpointer.close()
+        saved_params = jax.device_get(state.params)
+        following_batch = jax.device_get(next(data))
+        data.close()
+
+    config, mesh = setup_for(data=2, fsdp=2)  # 4 devices
+    with jax.set_mesh(mesh):
+        setup = train.build(config, mesh)
+        data = pipeline.train_batches(config, tokenizer, setup.batch_sharding)
+        restored, step = Checkpointer(tmp_path, config.checkpoint, '{}').restore_latest(setup.sharded.state, data)
+        assert step == 1 and int(restored.step) == 1
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), saved_params)
+        w_up = restored.params['blocks']['mlp']['w_up_DF']
+        assert w_up.sharding == setup.sharded.shardings.params['blocks']['mlp']['w_up_DF']
+        assert len(w_up.sharding.device_set) == 4
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(next(data)), following_batch)
+        _, metrics = setup.compiled.train(restored, next(data))  # and it trains on
+        assert np.isfinite(float(metrics['loss']))
+        data.close()

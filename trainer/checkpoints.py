@@ -51,6 +51,16 @@ def _gather_json(value: Any) -> list[str]:
     return [bytes(row[:n]).decode() for row, n in zip(rows, lengths, strict=True)]
 
 
+def _param_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """'blocks/mlp/w_up_DF' -> shape, for the params of a TrainState or of its saved metadata."""
+
+    def name(entry: Any) -> str:
+        return str(getattr(entry, 'key', getattr(entry, 'name', getattr(entry, 'idx', entry))))
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {'/'.join(map(name, path[1:])): tuple(leaf.shape) for path, leaf in leaves if name(path[0]) == 'params'}
+
+
 class Checkpointer:
     """Saves every N steps and/or minutes into workdir/checkpoints/<step>, keeping the newest few.
 
@@ -68,7 +78,12 @@ class Checkpointer:
             create=True,
         )
         self.directory = directory
-        self._manager = ocp.CheckpointManager(directory.absolute(), options=options)
+        handlers = {
+            'state': ocp.StandardCheckpointHandler(),
+            'data': ocp.JsonCheckpointHandler(),
+            'config': ocp.JsonCheckpointHandler(),
+        }  # named, so that saved shapes can be read back
+        self._manager = ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
         self._last_save_time = time.monotonic()
 
     def due(self, step: int) -> bool:
@@ -114,7 +129,10 @@ class Checkpointer:
         problem = ''
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
+                self._check_same_model(step, target)
                 return self.restore(step, target, data), step
+            except ConfigError:
+                raise
             except Exception as error:  # orbax raises many types for missing or garbled files
                 problem = f'{self.directory / str(step)}: {str(error).strip().splitlines()[0][:300]}'
                 logging.warning('checkpoint %s is unreadable; trying the one before', problem)
@@ -124,6 +142,21 @@ class Checkpointer:
                 'away to start over, or use another --workdir.'
             )
         return None
+
+    def _check_same_model(self, step: int, target: TrainState) -> None:
+        """A checkpoint of another model shape is an error naming the first parameter that differs."""
+        metadata = self._manager.item_metadata(step)['state']
+        saved = _param_shapes(metadata) if metadata is not None else {}
+        if not saved:  # files missing: unreadable, which restore_latest handles, not another model
+            raise FileNotFoundError('its parameter metadata is missing')
+        wanted = _param_shapes(target)
+        for name in sorted(set(saved) | set(wanted)):
+            if saved.get(name) != wanted.get(name):
+                raise ConfigError(
+                    f'{self.directory / str(step)} holds another model: parameter {name} is '
+                    f'{saved.get(name, "absent")} there but {wanted.get(name, "absent")} in this config; use the '
+                    'config the run started with (its config.json is in the workdir) or another --workdir.'
+                )
 
     def wait(self) -> None:
         """Blocks until the save in flight, if any, is on disk."""
