@@ -83,6 +83,8 @@ def get_config() -> config_dict.ConfigDict:
     checkpoint.every_minutes = 0.0  # also save when this many minutes passed since the last save (0 = off)
     checkpoint.keep = 3  # newest checkpoints kept in <workdir>/checkpoints
     checkpoint.keep_every_steps = 0  # also keep every checkpoint whose step is a multiple of this, for good (0 = off)
+    checkpoint.restore_from = ''  # a new run starts from this checkpoint (or newest in this folder); '' = from scratch
+    checkpoint.restore_params_only = True  # restore_from: params only (fresh optimizer, step 0), or the whole state
 
     config.mesh = mesh = config_dict.ConfigDict()
     mesh.data = 1  # pure data parallelism (replicated parameters); usually across hosts

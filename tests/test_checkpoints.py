@@ -181,3 +181,38 @@ def test_restores_onto_another_mesh_and_device_count(tmp_path):
         _, metrics = setup.compiled.train(restored, next(data))  # and it trains on
         assert np.isfinite(float(metrics['loss']))
         data.close()
+
+
+@pytest.mark.parametrize('params_only', [True, False])
+def test_a_new_run_starts_from_another_runs_checkpoint(tmp_path, params_only):
+    source = tmp_path / 'source'
+    first = subprocess.run(
+        command(source) + ['--config.train.steps=10'], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    tuned = tmp_path / 'tuned'
+    args = [
+        f'--config.checkpoint.restore_from={source / "checkpoints"}',
+        f'--config.checkpoint.restore_params_only={params_only}',
+        '--config.train.steps=15',
+    ]
+    second = subprocess.run(command(tuned) + args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    what = 'parameters' if params_only else 'whole state, step 10'
+    assert f'started from {source / "checkpoints" / "10"} ({what})' in second.stdout
+    source_losses, tuned_losses = losses_by_step(source), losses_by_step(tuned)
+    first_step = min(tuned_losses)
+    assert first_step == (1 if params_only else 11)
+    assert tuned_losses[first_step] < source_losses[1] - 0.5, 'it starts from the trained model'
+
+
+def test_restore_from_a_folder_without_checkpoints_is_a_one_line_error(tmp_path):
+    result = subprocess.run(
+        command(tmp_path / 'run') + [f'--config.checkpoint.restore_from={tmp_path}'],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 2
+    assert f"config.checkpoint.restore_from='{tmp_path}' holds no checkpoint" in result.stderr.strip().splitlines()[-1]

@@ -61,6 +61,27 @@ def _param_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return {'/'.join(map(name, path[1:])): tuple(leaf.shape) for path, leaf in leaves if name(path[0]) == 'params'}
 
 
+def _abstract(target: TrainState) -> TrainState:
+    """Shapes, dtypes and shardings of `target`: restored arrays land in the current mesh's layout."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+
+
+def _check_same_model(manager: ocp.CheckpointManager, directory: pathlib.Path, step: int, target: TrainState) -> None:
+    """A checkpoint of another model shape is an error naming the first parameter that differs."""
+    metadata = manager.item_metadata(step)['state']
+    saved = _param_shapes(metadata) if metadata is not None else {}
+    if not saved:  # files missing: unreadable (restore_latest tries the one before), not another model
+        raise FileNotFoundError('its parameter metadata is missing')
+    wanted = _param_shapes(target)
+    for name in sorted(set(saved) | set(wanted)):
+        if saved.get(name) != wanted.get(name):
+            raise ConfigError(
+                f'{directory / str(step)} holds another model: parameter {name} is {saved.get(name, "absent")} '
+                f'there but {wanted.get(name, "absent")} in this config; use the config that run used (its '
+                'config.json is in its workdir) or another --workdir.'
+            )
+
+
 class Checkpointer:
     """Saves every N steps and/or minutes into workdir/checkpoints/<step>, keeping the newest few.
 
@@ -114,9 +135,9 @@ class Checkpointer:
 
     def restore(self, step: int, target: TrainState, data: GlobalBatches) -> TrainState:
         """The state saved at `step`, laid out like `target`; the data iterator is rewound in place."""
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
         restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target)), data=ocp.args.JsonRestore()),
         )
         data.set_state(_from_json(restored['data']['process_states'][jax.process_index()]))
         return restored['state']
@@ -144,19 +165,33 @@ class Checkpointer:
         return None
 
     def _check_same_model(self, step: int, target: TrainState) -> None:
-        """A checkpoint of another model shape is an error naming the first parameter that differs."""
-        metadata = self._manager.item_metadata(step)['state']
-        saved = _param_shapes(metadata) if metadata is not None else {}
-        if not saved:  # files missing: unreadable, which restore_latest handles, not another model
-            raise FileNotFoundError('its parameter metadata is missing')
-        wanted = _param_shapes(target)
-        for name in sorted(set(saved) | set(wanted)):
-            if saved.get(name) != wanted.get(name):
+        _check_same_model(self._manager, self.directory, step, target)
+
+    def restore_other_run(self, path: str, target: TrainState, params_only: bool) -> tuple[TrainState, str]:
+        """A new run's start from another run's checkpoint: its params only, or its whole train state.
+
+        `path` is a checkpoint (.../checkpoints/600) or a folder of them (its newest is used).
+        """
+        folder = pathlib.Path(path)
+        if not (folder / 'state').is_dir():
+            steps = sorted(int(p.name) for p in folder.glob('[0-9]*') if (p / 'state').is_dir())
+            if not steps:
                 raise ConfigError(
-                    f'{self.directory / str(step)} holds another model: parameter {name} is '
-                    f'{saved.get(name, "absent")} there but {wanted.get(name, "absent")} in this config; use the '
-                    'config the run started with (its config.json is in the workdir) or another --workdir.'
+                    f'config.checkpoint.restore_from={path!r} holds no checkpoint: give a checkpoint folder such '
+                    'as runs/NAME/checkpoints/600, or runs/NAME/checkpoints for its newest.'
                 )
+            folder = folder / str(steps[-1])
+        other = ocp.CheckpointManager(
+            folder.parent.absolute(),
+            item_handlers={'state': ocp.StandardCheckpointHandler()},
+            options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        )
+        step = int(folder.name)
+        _check_same_model(other, folder.parent, step, target)
+        restored = other.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target))))
+        other.close()
+        state = restored['state']
+        return (target.replace(params=state.params), str(folder)) if params_only else (state, str(folder))
 
     def wait(self) -> None:
         """Blocks until the save in flight, if any, is on disk."""

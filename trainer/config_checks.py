@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +122,18 @@ def check_train(train: config_dict.ConfigDict) -> None:
     )
 
 
+def check_checkpoint(ckpt: config_dict.ConfigDict) -> None:
+    """Save schedule and the checkpoint a new run starts from."""
+    _positive(ckpt, 'config.checkpoint', 'keep')
+    for name in ('every_steps', 'every_minutes', 'keep_every_steps'):
+        _require(ckpt[name] >= 0, f'config.checkpoint.{name}={ckpt[name]} must be 0 (off) or positive.')
+    _require(
+        not ckpt.restore_from or os.path.isdir(ckpt.restore_from),
+        f'config.checkpoint.restore_from={ckpt.restore_from!r} is not a folder: give a checkpoint such as '
+        'runs/NAME/checkpoints/600, or runs/NAME/checkpoints for its newest.',
+    )
+
+
 def check_mesh(config: config_dict.ConfigDict, num_devices: int) -> None:
     """Mesh sizes against the device count, rules against the mesh, batch against the data axes."""
     sizes = {axis: config.mesh[axis] for axis in MESH_AXES}
@@ -181,6 +194,7 @@ def validate(config: config_dict.ConfigDict, num_devices: int) -> None:
     check_model(config.model)
     check_data(config)
     check_train(config.train)
+    check_checkpoint(config.checkpoint)
     check_mesh(config, num_devices)
     _require(
         jnp.dtype(config.model.param_dtype).itemsize >= jnp.dtype(config.model.dtype).itemsize,

@@ -154,10 +154,18 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
         )
         state, resumed_from = sharded.state, None
         restored = checkpointer.restore_latest(state, train_data)  # the same command again: carry on
+        started_from = ''
         if restored is not None:
             state, resumed_from = restored
+        elif config.checkpoint.restore_from:  # a new run from another run's checkpoint (fine-tuning)
+            state, started_from = checkpointer.restore_other_run(
+                config.checkpoint.restore_from, state, config.checkpoint.restore_params_only
+            )
         progress = reporting.Progress(int(state.step), config.train.steps)
         _announce(progress, mesh, num_params, flops_per_token, peak, peak_source)
+        if started_from:
+            what = 'parameters' if config.checkpoint.restore_params_only else f'whole state, step {int(state.step)}'
+            progress.message(f'started from {started_from} ({what})')
         if resumed_from is not None:
             progress.message(f'resumed from step {resumed_from} ({checkpointer.directory / str(resumed_from)})')
             if resumed_from >= config.train.steps:
