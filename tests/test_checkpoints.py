@@ -216,3 +216,42 @@ def test_restore_from_a_folder_without_checkpoints_is_a_one_line_error(tmp_path)
     )
     assert result.returncode == 2
     assert f"config.checkpoint.restore_from='{tmp_path}' holds no checkpoint" in result.stderr.strip().splitlines()[-1]
+
+
+def test_export_params_writes_the_parameters_alone_optionally_in_bfloat16(tmp_path):
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    run = subprocess.run(
+        command(tmp_path / 'run') + ['--config.train.steps=10'], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    for dtype in ('float32', 'bfloat16'):
+        out = tmp_path / f'export_{dtype}'
+        export = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / 'scripts' / 'export_params.py'),
+                '--checkpoint',
+                str(tmp_path / 'run' / 'checkpoints'),
+                '--output',
+                str(out),
+                '--dtype',
+                dtype,
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert export.returncode == 0, export.stderr[-3000:]
+        assert f'exported the parameters of {tmp_path / "run" / "checkpoints" / "10"}' in export.stdout
+        with ocp.StandardCheckpointer() as reader:
+            params = reader.restore((out / 'params').absolute())
+            full = reader.restore((tmp_path / 'run' / 'checkpoints' / '10' / 'state').absolute())['params']
+        assert set(params) == set(full) and json.loads((out / 'config.json').read_text())['train']['steps'] == 10
+        for exported, trained in zip(jax.tree.leaves(params), jax.tree.leaves(full), strict=True):
+            assert str(exported.dtype) == dtype
+            tolerance = 0 if dtype == 'float32' else 1e-2  # bfloat16 keeps 8 bits of mantissa
+            np.testing.assert_allclose(np.asarray(exported, np.float32), trained, rtol=tolerance)

@@ -61,6 +61,20 @@ def _param_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return {'/'.join(map(name, path[1:])): tuple(leaf.shape) for path, leaf in leaves if name(path[0]) == 'params'}
 
 
+def find_checkpoint(path: str, field: str) -> pathlib.Path:
+    """A checkpoint folder (.../checkpoints/600), or the newest one in a folder of them."""
+    folder = pathlib.Path(path)
+    if (folder / 'state').is_dir():
+        return folder
+    steps = sorted(int(p.name) for p in folder.glob('[0-9]*') if p.name.isdigit() and (p / 'state').is_dir())
+    if not steps:
+        raise ConfigError(
+            f'{field}={path!r} holds no checkpoint: give a checkpoint folder such as runs/NAME/checkpoints/600, '
+            'or runs/NAME/checkpoints for its newest.'
+        )
+    return folder / str(steps[-1])
+
+
 def _abstract(target: TrainState) -> TrainState:
     """Shapes, dtypes and shardings of `target`: restored arrays land in the current mesh's layout."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
@@ -172,15 +186,7 @@ class Checkpointer:
 
         `path` is a checkpoint (.../checkpoints/600) or a folder of them (its newest is used).
         """
-        folder = pathlib.Path(path)
-        if not (folder / 'state').is_dir():
-            steps = sorted(int(p.name) for p in folder.glob('[0-9]*') if (p / 'state').is_dir())
-            if not steps:
-                raise ConfigError(
-                    f'config.checkpoint.restore_from={path!r} holds no checkpoint: give a checkpoint folder such '
-                    'as runs/NAME/checkpoints/600, or runs/NAME/checkpoints for its newest.'
-                )
-            folder = folder / str(steps[-1])
+        folder = find_checkpoint(path, 'config.checkpoint.restore_from')
         other = ocp.CheckpointManager(
             folder.parent.absolute(),
             item_handlers={'state': ocp.StandardCheckpointHandler()},

@@ -1,0 +1,75 @@
+"""Writes a params-only copy of a training checkpoint (optionally in bfloat16), for inference and sharing.
+
+Usage:
+  python scripts/export_params.py --checkpoint runs/small_lm/checkpoints --output exported/small_lm [--dtype bfloat16]
+
+--checkpoint is a checkpoint (.../checkpoints/600) or a folder of them (its newest is used). The output
+folder gets `params/` (an orbax checkpoint of the parameter tree alone, about a third of the training
+checkpoint: no optimizer moments) and `config.json` (the run's config, for rebuilding the model).
+Load it with `orbax.checkpoint.StandardCheckpointer().restore(output / 'params')`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+from ml_collections import config_dict  # noqa: E402
+
+from trainer import checkpoints, mesh, optimizer, state, train  # noqa: E402
+from trainer.errors import ConfigError  # noqa: E402
+
+
+def export(checkpoint: str, output: pathlib.Path, dtype: str) -> pathlib.Path:
+    """Exports the parameters of `checkpoint` into `output`; returns the checkpoint folder used."""
+    folder = checkpoints.find_checkpoint(checkpoint, '--checkpoint')
+    handlers = {'state': ocp.StandardCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
+    manager = ocp.CheckpointManager(
+        folder.parent.absolute(),
+        item_handlers=handlers,
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+    )
+    step = int(folder.name)
+    config_json = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']['config']
+    config = config_dict.ConfigDict(json.loads(config_json))
+    # One device and no sharding rules: the export is read whole, whatever mesh trained it.
+    config.mesh.rules = ()
+    model_cfg = train.model_config(config)
+    tx, _ = optimizer.make_optimizer(config.train)
+    one_device = mesh.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+    target = state.create_train_state(model_cfg, tx, one_device, config.seed).state
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))['state']
+    manager.close()
+    params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), restored.params)
+    output.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as saver:
+        saver.save((output / 'params').absolute(), params, force=True)
+    (output / 'config.json').write_text(config_json)
+    return folder
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--checkpoint', required=True, help='a checkpoint folder, or a folder of them')
+    parser.add_argument('--output', required=True, type=pathlib.Path)
+    parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+    args = parser.parse_args()
+    try:
+        folder = export(args.checkpoint, args.output, args.dtype)
+    except ConfigError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    print(f'exported the parameters of {folder} ({args.dtype}) to {args.output}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
