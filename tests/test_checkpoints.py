@@ -255,3 +255,36 @@ def test_export_params_writes_the_parameters_alone_optionally_in_bfloat16(tmp_pa
             assert str(exported.dtype) == dtype
             tolerance = 0 if dtype == 'float32' else 1e-2  # bfloat16 keeps 8 bits of mantissa
             np.testing.assert_allclose(np.asarray(exported, np.float32), trained, rtol=tolerance)
+
+
+def test_steps_taken_while_a_save_is_written_do_not_change_it(tmp_path):
+    """The next steps donate (reuse) the saved state's buffers while orbax writes in the background."""
+    import jax
+    import numpy as np
+
+    from configs import small_lm
+    from trainer import mesh as mesh_lib
+    from trainer import train
+    from trainer.checkpoints import Checkpointer
+    from trainer.data import pipeline, tokenizers
+
+    config = small_lm.get_config()  # a bigger model than the others here, so the write takes a while
+    config.model.update(num_layers=8, d_model=512, num_heads=8, num_kv_heads=8, d_ff=1536, dtype='float32')
+    config.train.global_batch_size = 8
+    mesh = mesh_lib.make_mesh({'data': 1, 'fsdp': -1, 'tensor': 1})
+    with jax.set_mesh(mesh):
+        setup = train.build(config, mesh)
+        data = pipeline.train_batches(config, tokenizers.make_tokenizer('byte'), setup.batch_sharding)
+        current, _ = setup.compiled.train(setup.sharded.state, next(data))
+        before = jax.device_get(current)
+        checkpointer = Checkpointer(tmp_path, config.checkpoint, '{}')
+        checkpointer.save(1, current, data)
+        for _ in range(3):
+            current, metrics = setup.compiled.train(current, next(data))
+        jax.block_until_ready(metrics)
+        checkpointer.wait()
+        restored, step = checkpointer.restore_latest(current, data)
+        assert step == 1
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), before)
+        checkpointer.close()
+        data.close()
