@@ -8,13 +8,16 @@ import textwrap
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 STREAM = textwrap.dedent("""
-    import resource, sys
+    import sys
     sys.path.insert(0, {repo!r})
     from configs import small_lm
     from trainer.data import pipeline, tokenizers
 
     def peak_mb():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # VmHWM is this process's own peak; ru_maxrss can carry the forking parent's (pytest's).
+        with open('/proc/self/status') as status:
+            line = next(line for line in status if line.startswith('VmHWM:'))
+        return int(line.split()[1]) / 1024
 
     config = small_lm.get_config()
     config.data.update(train_files={pattern!r}, sample_by={sample_by!r}, seq_len=128, shuffle_buffer=256)
