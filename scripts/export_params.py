@@ -30,12 +30,7 @@ from trainer.errors import ConfigError  # noqa: E402
 def export(checkpoint: str, output: pathlib.Path, dtype: str) -> pathlib.Path:
     """Exports the parameters of `checkpoint` into `output`; returns the checkpoint folder used."""
     folder = checkpoints.find_checkpoint(checkpoint, '--checkpoint')
-    handlers = {'state': ocp.StandardCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
-    manager = ocp.CheckpointManager(
-        folder.parent.absolute(),
-        item_handlers=handlers,
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-    )
+    manager = checkpoints.open_read_only(folder.parent)
     step = int(folder.name)
     config_json = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']['config']
     config = config_dict.ConfigDict(json.loads(config_json))

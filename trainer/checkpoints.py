@@ -75,6 +75,24 @@ def find_checkpoint(path: str, field: str) -> pathlib.Path:
     return folder / str(steps[-1])
 
 
+def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
+    """Each checkpoint's items, named so that saved shapes and the config can be read back alone."""
+    return {
+        'state': ocp.StandardCheckpointHandler(),
+        'data': ocp.JsonCheckpointHandler(),
+        'config': ocp.JsonCheckpointHandler(),
+    }
+
+
+def open_read_only(directory: pathlib.Path) -> ocp.CheckpointManager:
+    """Another run's checkpoints folder, for reading only."""
+    return ocp.CheckpointManager(
+        directory.absolute(),
+        item_handlers=_item_handlers(),
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+    )
+
+
 def _abstract(target: TrainState) -> TrainState:
     """Shapes, dtypes and shardings of `target`: restored arrays land in the current mesh's layout."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
@@ -113,12 +131,7 @@ class Checkpointer:
             create=True,
         )
         self.directory = directory
-        handlers = {
-            'state': ocp.StandardCheckpointHandler(),
-            'data': ocp.JsonCheckpointHandler(),
-            'config': ocp.JsonCheckpointHandler(),
-        }  # named, so that saved shapes can be read back
-        self._manager = ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
+        self._manager = ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=_item_handlers())
         self._last_save_time = time.monotonic()
 
     def due(self, step: int) -> bool:
@@ -164,7 +177,7 @@ class Checkpointer:
         problem = ''
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
-                self._check_same_model(step, target)
+                _check_same_model(self._manager, self.directory, step, target)
                 return self.restore(step, target, data), step
             except ConfigError:
                 raise
@@ -178,20 +191,13 @@ class Checkpointer:
             )
         return None
 
-    def _check_same_model(self, step: int, target: TrainState) -> None:
-        _check_same_model(self._manager, self.directory, step, target)
-
     def restore_other_run(self, path: str, target: TrainState, params_only: bool) -> tuple[TrainState, str]:
         """A new run's start from another run's checkpoint: its params only, or its whole train state.
 
         `path` is a checkpoint (.../checkpoints/600) or a folder of them (its newest is used).
         """
         folder = find_checkpoint(path, 'config.checkpoint.restore_from')
-        other = ocp.CheckpointManager(
-            folder.parent.absolute(),
-            item_handlers={'state': ocp.StandardCheckpointHandler()},
-            options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        )
+        other = open_read_only(folder.parent)
         step = int(folder.name)
         _check_same_model(other, folder.parent, step, target)
         restored = other.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target))))
