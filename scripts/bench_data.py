@@ -93,19 +93,7 @@ def main() -> int:
         bpe_config.data.tokenizer = bpe
         results['text, BPE tokenizer (4096)'] = pipeline_rate(bpe_config, args.batches)
         prepared = pathlib.Path(tmp) / 'prepared'
-        prepare_data.prepare(
-            args.inputs,
-            str(prepared),
-            dict(
-                tokenizer='byte',
-                eos_token='',
-                format='auto',
-                text_field='text',
-                sample_by='paragraph',
-                max_document_bytes=1 << 20,
-            ),
-            workers=2,
-        )
+        prepare_data.prepare(args.inputs, str(prepared), dict(prepare_data.DEFAULT_OPTIONS), workers=2)
         shards = base.copy_and_resolve_references()
         shards.data.train_files = str(prepared / '*.arrayrecord')
         results['ArrayRecord, pre-tokenized'] = pipeline_rate(shards, args.batches)

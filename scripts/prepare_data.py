@@ -30,6 +30,15 @@ from trainer.data import sources, tokenizers  # noqa: E402
 from trainer.errors import ConfigError  # noqa: E402
 
 MANIFEST = 'manifest.json'
+# How documents are read and tokenized; recorded in the manifest (a change means preparing again).
+DEFAULT_OPTIONS = {
+    'tokenizer': 'byte',
+    'eos_token': '',
+    'format': 'auto',
+    'text_field': 'text',
+    'sample_by': 'paragraph',
+    'max_document_bytes': 1 << 20,
+}
 
 
 def sha256(path: str) -> str:
@@ -107,18 +116,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--inputs', required=True, help='comma-separated paths, globs or fsspec URLs')
     parser.add_argument('--output_dir', required=True)
-    parser.add_argument('--tokenizer', default='byte', help="'byte', a tokenizers .json or a SentencePiece .model")
-    parser.add_argument('--eos_token', default='')
-    parser.add_argument('--format', default='auto', choices=sources.FORMATS[:-1])
-    parser.add_argument('--text_field', default='text')
-    parser.add_argument('--sample_by', default='paragraph', choices=sources.SAMPLE_BY)
-    parser.add_argument('--max_document_bytes', type=int, default=1 << 20)
+    parser.add_argument('--tokenizer', help="'byte', a tokenizers .json or a SentencePiece .model")
+    parser.add_argument('--eos_token')
+    parser.add_argument('--format', choices=sources.FORMATS[:-1])
+    parser.add_argument('--text_field')
+    parser.add_argument('--sample_by', choices=sources.SAMPLE_BY)
+    parser.add_argument('--max_document_bytes', type=int)
+    parser.set_defaults(**DEFAULT_OPTIONS)
     parser.add_argument('--workers', type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
-    options = {
-        key: getattr(args, key)
-        for key in ('tokenizer', 'eos_token', 'format', 'text_field', 'sample_by', 'max_document_bytes')
-    }
+    options = {key: getattr(args, key) for key in DEFAULT_OPTIONS}
     try:
         manifest = prepare(args.inputs, args.output_dir, options, args.workers)
     except ConfigError as error:

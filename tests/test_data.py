@@ -194,14 +194,7 @@ def test_prepared_shards_must_match_the_tokenizer(tmp_path):
     sys.path.insert(0, str(REPO / 'scripts'))
     import prepare_data
 
-    options = dict(
-        tokenizer='byte',
-        eos_token='',
-        format='auto',
-        text_field='text',
-        sample_by='paragraph',
-        max_document_bytes=1 << 20,
-    )
+    options = dict(prepare_data.DEFAULT_OPTIONS)  # byte-tokenized
     prepare_data.prepare(str(tmp_path / 'corpus/*.txt'), str(tmp_path / 'prep'), options, workers=1)
     config = data_config(str(tmp_path / 'prep/*.arrayrecord'))
     config.data.tokenizer = str(train_tokenizer(tmp_path))
