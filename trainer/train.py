@@ -144,58 +144,66 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
         setup = build(config, mesh)
         sharded = setup.sharded
         train_data = pipeline.train_batches(config, tokenizer, setup.batch_sharding)
-        eval_batches = pipeline.eval_batches(config, tokenizer, setup.batch_sharding) if config.data.eval_files else []
-
-        num_params = state_lib.count_params(sharded.state.params, exclude=('position_embedding_PD',))
-        flops_per_token = flops.flops_per_token(setup.model_cfg, num_params, config.data.seq_len)
-        peak, peak_source = flops.peak_flops_per_device(mesh, config.model.dtype, config.train.peak_flops_per_device)
-        checkpointer = checkpoints.Checkpointer(
-            workdir / 'checkpoints', config.checkpoint, config.to_json_best_effort()
-        )
-        state, resumed_from = sharded.state, None
-        restored = checkpointer.restore_latest(state, train_data)  # the same command again: carry on
-        started_from = ''
-        if restored is not None:
-            state, resumed_from = restored
-        elif config.checkpoint.restore_from:  # a new run from another run's checkpoint (fine-tuning)
-            state, started_from = checkpointer.restore_other_run(
-                config.checkpoint.restore_from, state, config.checkpoint.restore_params_only
-            )
-        progress = reporting.Progress(int(state.step), config.train.steps)
-        _announce(progress, mesh, num_params, flops_per_token, peak, peak_source)
-        if started_from:
-            what = 'parameters' if config.checkpoint.restore_params_only else f'whole state, step {int(state.step)}'
-            progress.message(f'started from {started_from} ({what})')
-        if resumed_from is not None:
-            progress.message(f'resumed from step {resumed_from} ({checkpointer.directory / str(resumed_from)})')
-            if resumed_from >= config.train.steps:
-                progress.message(
-                    f'nothing to train: the run is at step {resumed_from} of config.train.steps={config.train.steps}; '
-                    'raise steps to train further, or give another --workdir for a new run.'
-                )
-        ctx = _RunContext(
-            config=config,
-            compiled=setup.compiled,
-            train_data=train_data,
-            eval_batches=eval_batches,
-            writer=reporting.MetricsWriter(workdir) if is_chief else None,
-            progress=progress,
-            tokens_per_step=config.train.global_batch_size * config.data.seq_len,
-            flops_per_token=flops_per_token,
-            peak_flops=peak,
-            num_devices=mesh.devices.size,
-            checkpointer=checkpointer,
-            stop=stop_signals.StopRequest(),
-        )
+        # Closed on every way out, also when a restore fails: a grain iterator left open prints
+        # tracebacks while the interpreter shuts down, after the one-line error.
         try:
-            return _loop(ctx, state)
+            eval_batches = (
+                pipeline.eval_batches(config, tokenizer, setup.batch_sharding) if config.data.eval_files else []
+            )
+
+            num_params = state_lib.count_params(sharded.state.params, exclude=('position_embedding_PD',))
+            flops_per_token = flops.flops_per_token(setup.model_cfg, num_params, config.data.seq_len)
+            peak, peak_source = flops.peak_flops_per_device(
+                mesh, config.model.dtype, config.train.peak_flops_per_device
+            )
+            checkpointer = checkpoints.Checkpointer(
+                workdir / 'checkpoints', config.checkpoint, config.to_json_best_effort()
+            )
+            state, resumed_from = sharded.state, None
+            restored = checkpointer.restore_latest(state, train_data)  # the same command again: carry on
+            started_from = ''
+            if restored is not None:
+                state, resumed_from = restored
+            elif config.checkpoint.restore_from:  # a new run from another run's checkpoint (fine-tuning)
+                state, started_from = checkpointer.restore_other_run(
+                    config.checkpoint.restore_from, state, config.checkpoint.restore_params_only
+                )
+            progress = reporting.Progress(int(state.step), config.train.steps)
+            _announce(progress, mesh, num_params, flops_per_token, peak, peak_source)
+            if started_from:
+                what = 'parameters' if config.checkpoint.restore_params_only else f'whole state, step {int(state.step)}'
+                progress.message(f'started from {started_from} ({what})')
+            if resumed_from is not None:
+                progress.message(f'resumed from step {resumed_from} ({checkpointer.directory / str(resumed_from)})')
+                if resumed_from >= config.train.steps:
+                    progress.message(
+                        f'nothing to train: the run is at step {resumed_from} of config.train.steps='
+                        f'{config.train.steps}; raise steps to train further, or give another --workdir for a new run.'
+                    )
+            ctx = _RunContext(
+                config=config,
+                compiled=setup.compiled,
+                train_data=train_data,
+                eval_batches=eval_batches,
+                writer=reporting.MetricsWriter(workdir) if is_chief else None,
+                progress=progress,
+                tokens_per_step=config.train.global_batch_size * config.data.seq_len,
+                flops_per_token=flops_per_token,
+                peak_flops=peak,
+                num_devices=mesh.devices.size,
+                checkpointer=checkpointer,
+                stop=stop_signals.StopRequest(),
+            )
+            try:
+                return _loop(ctx, state)
+            finally:
+                ctx.stop.restore()
+                checkpointer.close()  # waits for the last save
+                progress.close()
+                if ctx.writer is not None:
+                    ctx.writer.close()
         finally:
-            ctx.stop.restore()
-            checkpointer.close()  # waits for the last save
             train_data.close()
-            progress.close()
-            if ctx.writer is not None:
-                ctx.writer.close()
 
 
 def _loop(ctx: _RunContext, state: state_lib.TrainState) -> TrainResult:
