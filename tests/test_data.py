@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import grain
+import jax
 import numpy as np
 import pytest
 
@@ -274,18 +275,41 @@ def test_mixture_follows_weights_deterministically(tmp_path):
     assert letters.count('A') == 300 and letters.count('B') == 100
 
 
-def test_each_process_reads_its_own_disjoint_share(tmp_path, monkeypatch):
+def test_each_stream_reads_its_own_disjoint_share(tmp_path):
     write_corpus(tmp_path / 'many', files=4, paragraphs=5)
     (tmp_path / 'one').mkdir()
     (tmp_path / 'one' / 'x.txt').write_text('\n\n'.join(f'doc {i}' for i in range(20)))
-    for pattern in ('many/*.txt', 'one/*.txt'):  # whole files per process, or every other document of one file
+    tokenizer = tokenizers.make_tokenizer('byte')
+    for pattern in ('many/*.txt', 'one/*.txt'):  # whole files per stream, or every other document of one file
         config = data_config(str(tmp_path / pattern))
+        (src,) = pipeline.train_sources(config.data)
         shares = []
-        for index in (0, 1):
-            monkeypatch.setattr(pipeline.jax, 'process_index', lambda index=index: index)
-            monkeypatch.setattr(pipeline.jax, 'process_count', lambda: 2)
-            shares.append(set(all_documents(config, count=10)))
+        for stream in (0, 1):
+            docs = iter(pipeline._documents(src, config.data, tokenizer, config.seed, False, stream, 2))
+            shares.append({tokenizer.decode(next(docs)['tokens'][:-1]) for _ in range(10)})
         assert shares[0].isdisjoint(shares[1]) and len(shares[0] | shares[1]) == 20, pattern
+
+
+def test_streams_fill_fixed_rows_whatever_the_process_count(tmp_path):
+    """Two processes running one stream each see the same global batches as one process running both."""
+    write_corpus(tmp_path / 'c', files=3, paragraphs=30)
+    config = data_config(str(tmp_path / 'c/*.txt'), num_streams=2)
+    config.train.global_batch_size = 8
+    tokenizer = tokenizers.make_tokenizer('byte')
+    mesh = jax.make_mesh((8,), ('fsdp',), axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('fsdp'))
+    both = pipeline.train_batches(config, tokenizer, sharding)
+    assert both.num_streams == 2 and sorted(both.get_state()) == [0, 1]
+    global_batches = [np.asarray(next(both)['inputs']) for _ in range(3)]
+    both.close()
+    srcs = pipeline.train_sources(config.data)
+    for stream, rows in ((0, slice(0, 4)), (1, slice(4, 8))):  # what process `stream` of two would read
+        alone = iter(pipeline.make_dataset(srcs, config.data, tokenizer, config.seed, 4, True, stream, 2))
+        for batch in global_batches:
+            np.testing.assert_array_equal(next(alone)['inputs'], batch[rows])
+    config.data.num_streams = 3
+    with pytest.raises(ConfigError, match='cannot be cut into 3 data streams'):
+        pipeline.train_batches(config, tokenizer, sharding)
 
 
 def test_invalid_utf8_is_replaced_counted_and_logged(tmp_path, caplog):

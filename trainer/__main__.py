@@ -1,24 +1,41 @@
-"""python -m trainer --config configs/small_lm.py [--workdir DIR] [--config.section.key=value ...]"""
+"""python -m trainer --config configs/small_lm.py [--workdir DIR] [--config.section.key=value ...]
 
+One of several processes: add --coordinator_address, --num_processes and --process_id (or set
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or start it with srun or mpirun.
+"""
+
+import os
 import pathlib
 import re
 import sys
+import traceback
 from typing import NoReturn
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from trainer import distributed
 from trainer.errors import ConfigError, StoppedBySignal, TrainingDivergedError
 from trainer.train import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/small_lm.py.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for everything the run writes (default runs/<config name>).')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'HOST:PORT of process 0 in a multi-process job (or JAX_COORDINATOR_ADDRESS).'
+)
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job (or JAX_NUM_PROCESSES).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 to num_processes - 1 (or JAX_PROCESS_ID).')
+_JOIN_TIMEOUT = flags.DEFINE_float('join_timeout_s', 300, 'Seconds to wait for every process of the job to join.')
+_PEER_TIMEOUT = flags.DEFINE_float(
+    'peer_timeout_s', 30, 'A process of the job silent this long ends the others with an error.'
+)
 flags.mark_flags_as_required(['config'])
 
 EXIT_BAD_INPUT = 2  # a config or data problem, reported in one line
 EXIT_DIVERGED = 3  # the loss became NaN or Inf
 EXIT_STOPPED = 4  # SIGTERM/SIGINT: the state was saved; the same command resumes
+EXIT_PEER_LOST = distributed.EXIT_PEER_LOST  # 5: another process of the job died; rerun the job to resume
 
 
 def _fail(message: str) -> NoReturn:
@@ -48,10 +65,38 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+    """Joins the job if this process is one of several, trains, and returns the exit code."""
+    if not flags.FLAGS['verbosity'].present:  # jax logs its backend probing and joining at INFO
+        logging.set_verbosity(logging.WARNING)
+    try:
+        job = distributed.find_job(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, os.environ)
+        watch = distributed.join(job, _JOIN_TIMEOUT.value, _PEER_TIMEOUT.value) if job else None
+    except ConfigError as error:
+        _fail(str(error))
+    if job is None:
+        return run(argv)
+    try:
+        code = run(argv)
+    except SystemExit as exit_request:  # a one-line error from _fail
+        code = exit_request.code if isinstance(exit_request.code, int) else 1
+    except Exception:  # a bug: show it, then leave like any other failure
+        traceback.print_exc()
+        code = 1
+    if code in (0, EXIT_STOPPED):  # every process ends here together; JAX's exit waits for all
+        if watch is not None:
+            watch.finish()
+        return code
+    # This process failed on its own: leave now, skipping JAX's exit barrier (which would wait for the
+    # others, themselves waiting for this process); they notice it is gone and stop too.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run(argv: list[str]) -> int:
+    """Trains the config given by the flags; returns the exit code."""
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-    if not flags.FLAGS['verbosity'].present:  # jax logs its backend probing at INFO
-        logging.set_verbosity(logging.WARNING)
     # Random bits that do not depend on how arrays are sharded: the same init on every mesh.
     jax.config.update('jax_threefry_partitionable', True)
     config_name = pathlib.Path(config_flags.get_config_filename(flags.FLAGS['config'])).stem
@@ -74,7 +119,8 @@ def main(argv: list[str]) -> int:
         return EXIT_STOPPED
     loss_text = f', loss {result.last_loss:.4f}' if result.last_loss is not None else ''
     eval_text = f', eval loss {result.eval_loss:.4f}' if result.eval_loss is not None else ''
-    print(f'done: step {result.final_step}{loss_text}{eval_text}; outputs in {workdir}')
+    if jax.process_index() == 0:
+        print(f'done: step {result.final_step}{loss_text}{eval_text}; outputs in {workdir}')
     return 0
 
 

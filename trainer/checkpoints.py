@@ -51,6 +51,14 @@ def _gather_json(value: Any) -> list[str]:
     return [bytes(row[:n]).decode() for row, n in zip(rows, lengths, strict=True)]
 
 
+def _data_position(data: GlobalBatches) -> dict[str, Any]:
+    """Every data stream's position, gathered from the processes that run them."""
+    streams = {}
+    for text in _gather_json({str(stream): state for stream, state in data.get_state().items()}):
+        streams.update({stream: _to_json(state) for stream, state in _from_json(text).items()})
+    return {'num_streams': data.num_streams, 'streams': dict(sorted(streams.items(), key=lambda kv: int(kv[0])))}
+
+
 def _param_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """'blocks/mlp/w_up_DF' -> shape, for the params of a TrainState or of its saved metadata."""
 
@@ -135,9 +143,14 @@ class Checkpointer:
         self._last_save_time = time.monotonic()
 
     def due(self, step: int) -> bool:
-        """Whether `step` is a scheduled save (every_steps, or every_minutes since the last save)."""
-        if self._cfg.every_steps and step % self._cfg.every_steps == 0:
-            return True
+        """Whether `step` is a save scheduled by every_steps."""
+        return bool(self._cfg.every_steps) and step % self._cfg.every_steps == 0
+
+    def time_due(self) -> bool:
+        """Whether every_minutes have passed since the last save, by this process's clock.
+
+        Processes' clocks differ, so the loop asks this only at log steps and saves when any says yes.
+        """
         minutes = self._cfg.every_minutes
         return bool(minutes) and time.monotonic() - self._last_save_time >= 60 * minutes
 
@@ -153,7 +166,7 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave({'process_states': _gather_json(data.get_state())}),
+                data=ocp.args.JsonSave(_data_position(data)),
                 config=ocp.args.JsonSave({'config': self._config_json}),
             ),
             force=True,
@@ -166,7 +179,18 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target)), data=ocp.args.JsonRestore()),
         )
-        data.set_state(_from_json(restored['data']['process_states'][jax.process_index()]))
+        saved = restored['data']
+        if saved.get('num_streams') == data.num_streams:
+            data.set_state({int(stream): _from_json(text) for stream, text in saved['streams'].items()})
+        else:
+            logging.warning(
+                'the data position in %s is for %s data streams but this run has %d: the data order starts '
+                'over; set config.data.num_streams=%s to continue it exactly',
+                self.directory / str(step),
+                saved.get('num_streams', '?'),
+                data.num_streams,
+                saved.get('num_streams', '?'),
+            )
         return restored['state']
 
     def restore_latest(self, target: TrainState, data: GlobalBatches) -> tuple[TrainState, int] | None:

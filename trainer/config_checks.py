@@ -77,6 +77,11 @@ def check_data(config: config_dict.ConfigDict) -> None:
     _one_of(data.sample_by, sources.SAMPLE_BY, 'config.data.sample_by')
     _positive(data, 'config.data', 'seq_len', 'max_document_bytes', 'prefetch_batches')
     _require(data.num_workers >= 0, f'config.data.num_workers={data.num_workers} must be 0 (a thread) or more.')
+    _require(
+        data.num_streams >= 0 and data.num_streams % jax.process_count() == 0,
+        f'config.data.num_streams={data.num_streams} must be 0 (one stream per process) or a multiple of the '
+        f'number of processes ({jax.process_count()}).',
+    )
     _require(data.shuffle_buffer >= 0, f'config.data.shuffle_buffer={data.shuffle_buffer} must not be negative.')
     _require(
         data.seq_len <= config.model.max_seq_len,

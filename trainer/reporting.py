@@ -51,12 +51,16 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """A progress bar on a terminal; one plain line per update when output goes to a file."""
+    """A progress bar on a terminal; one plain line per update when output goes to a file.
 
-    def __init__(self, first_step: int, total_steps: int):
+    Disabled (silent) on every process but the first of a multi-process job.
+    """
+
+    def __init__(self, first_step: int, total_steps: int, enabled: bool = True, hosts: int = 1):
         self._total = total_steps
+        self._enabled, self._hosts = enabled, hosts
         self._bar = None
-        if sys.stderr.isatty():
+        if enabled and sys.stderr.isatty():
             self._bar = tqdm.tqdm(
                 total=total_steps,
                 initial=first_step,
@@ -67,6 +71,8 @@ class Progress:
 
     def update(self, step: int, metrics: dict[str, float | None]) -> None:
         """Shows step, loss, tokens/s (per device) and MFU; ETA from the latest step time."""
+        if not self._enabled:
+            return
         summary = f'loss {metrics["loss"]:.4f}'
         if metrics['tokens_per_s'] is not None:
             summary += (
@@ -75,6 +81,13 @@ class Progress:
             )
         if metrics['mfu'] is not None:
             summary += f' | MFU {100 * metrics["mfu"]:.1f}%'
+        if self._hosts > 1 and metrics['host_step_time_s_max'] is not None:
+            spread = metrics['host_step_time_s_max'] / metrics['host_step_time_s_min'] - 1
+            if spread > 0.01 or metrics['host_data_wait_fraction_max'] > 0.05:  # worth a look: name the host
+                summary += (
+                    f' | slowest host {metrics["slowest_host"]} +{100 * spread:.0f}%'
+                    f' (data wait up to {100 * metrics["host_data_wait_fraction_max"]:.0f}%)'
+                )
         if self._bar is not None:
             self._bar.n = step
             self._bar.set_postfix_str(summary, refresh=True)
@@ -85,6 +98,8 @@ class Progress:
 
     def message(self, text: str) -> None:
         """A line that does not disturb the bar."""
+        if not self._enabled:
+            return
         if self._bar is not None:
             self._bar.write(text)
         else:

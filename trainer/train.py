@@ -11,7 +11,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from models.transformer import ModelConfig
-from trainer import checkpoints, config_checks, flops, optimizer, reporting, steps, stop_signals
+from trainer import checkpoints, config_checks, distributed, flops, optimizer, reporting, steps, stop_signals
 from trainer import mesh as mesh_lib
 from trainer import state as state_lib
 from trainer.data import pipeline, tokenizers
@@ -74,12 +74,17 @@ class _RunContext:
     num_devices: int
     checkpointer: checkpoints.Checkpointer
     stop: stop_signals.StopRequest
+    save_by_time: bool = False  # every_minutes has passed on some process, as agreed at the last report
 
 
 def _summarize(
     ctx: _RunContext, step: int, fetched: list[dict[str, Any]], seconds: float, timed_steps: int
 ) -> dict[str, float | None]:
-    """Host-side averages of an interval's per-step metrics; stops the run on a NaN or Inf loss."""
+    """Host-side averages of an interval's per-step metrics; stops the run on a NaN or Inf loss.
+
+    A collective: every process calls it at the same steps. It gathers each process's step time and
+    data wait (the slowest host holds back all others), and agrees on whether a timed save is due.
+    """
     losses = np.array([m['loss'] for m in fetched])
     if not np.all(np.isfinite(losses)):
         bad = int(np.argmin(np.isfinite(losses)))
@@ -98,12 +103,24 @@ def _summarize(
         'mfu': None,
         'data_wait_s': None,
         'data_wait_fraction': None,
+        'host_step_time_s_min': None,
+        'host_step_time_s_max': None,
+        'slowest_host': None,
+        'host_data_wait_fraction_max': None,
     }
+    # Time the loop spent blocked on the input pipeline instead of dispatching steps.
+    wait = ctx.train_data.take_wait()
+    step_time = seconds / timed_steps if timed_steps else float('nan')
+    hosts = distributed.every_process([step_time, wait / seconds, ctx.checkpointer.time_due()])
+    ctx.save_by_time = bool(hosts[:, 2].any())
     if timed_steps:  # an interval holding only the compiling first step has no speed to report
-        # Time the loop spent blocked on the input pipeline instead of dispatching steps.
-        wait = ctx.train_data.take_wait()
         summary.update(data_wait_s=wait, data_wait_fraction=wait / seconds)
-        step_time = seconds / timed_steps
+        summary.update(
+            host_step_time_s_min=float(hosts[:, 0].min()),
+            host_step_time_s_max=float(hosts[:, 0].max()),
+            slowest_host=int(hosts[:, 0].argmax()),
+            host_data_wait_fraction_max=float(hosts[:, 1].max()),
+        )
         tokens_per_s = ctx.tokens_per_step / step_time
         summary.update(
             step_time_s=step_time, tokens_per_s=tokens_per_s, tokens_per_s_per_device=tokens_per_s / ctx.num_devices
@@ -123,7 +140,10 @@ def _announce(
     progress: reporting.Progress, mesh, num_params: int, flops_per_token: float, peak: float | None, peak_source: str
 ) -> None:
     devices = jax.devices()
-    progress.message(f'devices: {len(devices)} x {devices[0].device_kind} ({jax.process_count()} process(es))')
+    progress.message(
+        f'devices: {len(devices)} x {devices[0].device_kind} ({jax.process_count()} process(es), '
+        f'{jax.local_device_count()} device(s) each)'
+    )
     progress.message(f'mesh: {mesh_lib.describe(mesh)}')
     progress.message(f'parameters: {num_params:,} | FLOPs per token: {reporting.format_count(flops_per_token)}')
     if peak:
@@ -168,7 +188,9 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
                 state, started_from = checkpointer.restore_other_run(
                     config.checkpoint.restore_from, state, config.checkpoint.restore_params_only
                 )
-            progress = reporting.Progress(int(state.step), config.train.steps)
+            progress = reporting.Progress(
+                int(state.step), config.train.steps, enabled=is_chief, hosts=jax.process_count()
+            )
             _announce(progress, mesh, num_params, flops_per_token, peak, peak_source)
             if started_from:
                 what = 'parameters' if config.checkpoint.restore_params_only else f'whole state, step {int(state.step)}'
@@ -243,14 +265,13 @@ def _loop(ctx: _RunContext, state: state_lib.TrainState) -> TrainResult:
             ctx.progress.message(f'step {done} compiled and ran in {timer.lap():.1f}s')
             ctx.train_data.take_wait()  # the first batch's wait belongs to start-up
             timed_from = done
+        stopping = ctx.stop.reached(done)  # the same step on every process
         eval_due = bool(ctx.eval_batches) and (
             done == total or (train_cfg.eval_every > 0 and done % train_cfg.eval_every == 0)
         )
-        if done % train_cfg.log_every == 0 or done == total or eval_due:
+        if done % train_cfg.log_every == 0 or done == total or eval_due or stopping:
             ready, pending = (done, pending), []
-        if ctx.stop.requested and pending:
-            ready, pending = (done, pending), []
-        if eval_due and not ctx.stop.requested:
+        if eval_due and not stopping:
             report(*ready)
             ready = None
             eval_loss = _evaluate(ctx, state.params)
@@ -258,10 +279,11 @@ def _loop(ctx: _RunContext, state: state_lib.TrainState) -> TrainResult:
             if ctx.writer is not None:
                 ctx.writer.write(done, {'eval_loss': eval_loss})
             timer.lap()  # eval time is not training time
-        if ctx.stop.requested or ctx.checkpointer.due(done) or done == total:
+        if stopping or ctx.save_by_time or ctx.checkpointer.due(done) or done == total:
             # Before the next step is dispatched: that step is given (donates) this state.
             ctx.checkpointer.save(done, state, ctx.train_data)
-        if ctx.stop.requested:
+            ctx.save_by_time = False
+        if stopping:
             if ready is not None:
                 report(*ready)
             ctx.checkpointer.wait()

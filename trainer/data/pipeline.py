@@ -3,8 +3,12 @@
 Train: per epoch the file list is reshuffled (from config.seed and the epoch), files are read
 lazily and interleaved, documents are tokenized with an EOS after each, packed into rows of
 seq_len + 1 tokens (grain's concat-then-split: long documents continue in the next row), and a
-window shuffle mixes rows. Pre-tokenized ArrayRecord shards are shuffled globally instead. The
-iterator's state is a small JSON-able dict: restoring it replays exactly the batches that follow.
+window shuffle mixes rows. Pre-tokenized ArrayRecord shards are shuffled globally instead.
+
+The global batch is cut into config.data.num_streams streams, each such a pipeline over its own
+share of the files (or documents) and each always filling the same rows; a process runs the streams
+of the rows it holds. Each stream's state is a small JSON-able dict: restoring it replays exactly the
+batches that follow, with any number of processes that divides the stream count.
 """
 
 from __future__ import annotations
@@ -91,10 +95,16 @@ def check_sources(srcs: list[Source], data_cfg: config_dict.ConfigDict, vocab_si
 
 
 def _documents(
-    src: Source, data_cfg: config_dict.ConfigDict, tokenizer: Tokenizer, seed: int, shuffle: bool
+    src: Source,
+    data_cfg: config_dict.ConfigDict,
+    tokenizer: Tokenizer,
+    seed: int,
+    shuffle: bool,
+    stream: int = 0,
+    num_streams: int = 1,
 ) -> grain.IterDataset:
-    """One source's documents as token arrays ending in EOS, this process's share of them only."""
-    index, count = jax.process_index(), jax.process_count()
+    """One source's documents as token arrays ending in EOS: the share of data stream `stream` only."""
+    index, count = stream, num_streams
     eos = np.array([tokenizer.eos_id], np.int32)
     if src.format == 'arrayrecord':
         manifest = sources.read_manifest(list(src.files))
@@ -102,7 +112,7 @@ def _documents(
         records = records.shuffle(seed) if shuffle else records
         return records.repeat(None).map(lambda ids: {'tokens': np.concatenate([ids, eos])}).to_iter_dataset()
     files = grain.MapDataset.source(list(src.files))
-    # Whole files per process when there are enough of them; otherwise every process reads all
+    # Whole files per stream when there are enough of them; otherwise every stream reads all
     # files and keeps every count-th document.
     if len(src.files) >= count:
         files, shard = files[index::count], (0, 1)
@@ -136,14 +146,21 @@ def make_dataset(
     seed: int,
     local_batch: int,
     shuffle: bool,
+    stream: int = 0,
+    num_streams: int = 1,
 ) -> grain.IterDataset:
-    """The whole pipeline up to batches of `local_batch` rows, before prefetching."""
-    streams = [_documents(src, data_cfg, tokenizer, seed + i, shuffle) for i, src in enumerate(srcs)]
-    documents = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, [s.weight for s in srcs])
+    """One data stream's pipeline up to batches of `local_batch` rows, before prefetching."""
+    per_source = [
+        _documents(src, data_cfg, tokenizer, seed + i, shuffle, stream, num_streams) for i, src in enumerate(srcs)
+    ]
+    documents = per_source[0] if len(per_source) == 1 else grain.IterDataset.mix(per_source, [s.weight for s in srcs])
     rows = grain.experimental.ConcatThenSplitIterDataset(documents, length_struct={'tokens': data_cfg.seq_len + 1})
     rows = rows.map(_features)
     if shuffle and data_cfg.shuffle_buffer > 1:
-        rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=data_cfg.shuffle_buffer, seed=seed)
+        # Each stream mixes its rows differently (any fixed offset would do; stream 0 keeps `seed`).
+        rows = grain.experimental.WindowShuffleIterDataset(
+            rows, window_size=data_cfg.shuffle_buffer, seed=seed + 1009 * stream
+        )
     return rows.batch(local_batch, drop_remainder=True)
 
 
@@ -161,11 +178,41 @@ def prefetch(dataset: grain.IterDataset, data_cfg: config_dict.ConfigDict) -> gr
     return grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=data_cfg.prefetch_batches)
 
 
-class GlobalBatches:
-    """Iterates global batches on the mesh; each process supplies its own rows. Tracks data waits."""
+def data_streams(num_streams: int, sharding: NamedSharding, global_shape: tuple[int, int]) -> tuple[int, range]:
+    """How many streams the global batch is cut into (config.data.num_streams), and which fill this process's rows.
 
-    def __init__(self, dataset: grain.IterDataset, sharding: NamedSharding, global_shape: tuple[int, int]):
-        self._iterator = iter(dataset)
+    Stream j always fills the same rows of every global batch, so the batches do not depend on how
+    many processes share the work as long as that number divides the stream count.
+    """
+    streams = num_streams or jax.process_count()
+    batch = global_shape[0]
+    if batch % streams:
+        raise ConfigError(
+            f'config.train.global_batch_size={batch} cannot be cut into {streams} data streams '
+            f'(config.data.num_streams={num_streams}, 0 = one per process): make the batch a multiple of it.'
+        )
+    rows, per_stream = process_rows(sharding, global_shape), batch // streams
+    if rows.start % per_stream or rows.stop % per_stream:
+        raise ConfigError(
+            f'this process holds batch rows {rows.start}-{rows.stop - 1}, which do not fall on the boundaries of '
+            f'{streams} data streams of {per_stream} rows: make config.data.num_streams a multiple of the '
+            f'number of processes ({jax.process_count()}).'
+        )
+    return streams, range(rows.start // per_stream, rows.stop // per_stream)
+
+
+class GlobalBatches:
+    """Iterates global batches on the mesh; each process supplies the rows of its streams. Tracks data waits."""
+
+    def __init__(
+        self,
+        datasets: dict[int, grain.IterDataset],
+        num_streams: int,
+        sharding: NamedSharding,
+        global_shape: tuple[int, int],
+    ):
+        self._iterators = {stream: iter(dataset) for stream, dataset in datasets.items()}
+        self.num_streams = num_streams
         self._sharding, self._shape = sharding, global_shape
         self.wait_s = 0.0  # seconds spent waiting for the pipeline since the last `take_wait`
 
@@ -174,11 +221,13 @@ class GlobalBatches:
 
     def __next__(self) -> dict[str, jax.Array]:
         start = time.perf_counter()
-        local = next(self._iterator)
+        parts = [next(iterator) for iterator in self._iterators.values()]  # in stream order: row order
         self.wait_s += time.perf_counter() - start
         return {
-            name: jax.make_array_from_process_local_data(self._sharding, rows, self._shape)
-            for name, rows in local.items()
+            name: jax.make_array_from_process_local_data(
+                self._sharding, np.concatenate([part[name] for part in parts]), self._shape
+            )
+            for name in parts[0]
         }
 
     def take_wait(self) -> float:
@@ -186,33 +235,43 @@ class GlobalBatches:
         wait, self.wait_s = self.wait_s, 0.0
         return wait
 
-    def get_state(self) -> dict[str, Any]:
-        return self._iterator.get_state()
+    def get_state(self) -> dict[int, dict[str, Any]]:
+        """Each of this process's streams' position, by stream index."""
+        return {stream: iterator.get_state() for stream, iterator in self._iterators.items()}
 
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._iterator.set_state(state)
+    def set_state(self, states: dict[int, dict[str, Any]]) -> None:
+        """Rewinds this process's streams; `states` may hold other processes' streams too."""
+        for stream, iterator in self._iterators.items():
+            iterator.set_state(states[stream])
 
     def close(self) -> None:
         """Stops background threads and worker processes."""
-        self._iterator.close()
+        for iterator in self._iterators.values():
+            iterator.close()
+
+
+def _stream_batches(
+    config: config_dict.ConfigDict, srcs: list[Source], tokenizer: Tokenizer, sharding: NamedSharding, shuffle: bool
+) -> tuple[dict[int, grain.IterDataset], int, tuple[int, int]]:
+    shape = (config.train.global_batch_size, config.data.seq_len)
+    num_streams, mine = data_streams(config.data.num_streams, sharding, shape)
+    rows = shape[0] // num_streams
+    datasets = {
+        stream: make_dataset(srcs, config.data, tokenizer, config.seed, rows, shuffle, stream, num_streams)
+        for stream in mine
+    }
+    return datasets, num_streams, shape
 
 
 def train_batches(config: config_dict.ConfigDict, tokenizer: Tokenizer, sharding: NamedSharding) -> GlobalBatches:
     """The training stream: shuffled, repeated forever, prefetched."""
-    shape = (config.train.global_batch_size, config.data.seq_len)
-    rows = process_rows(sharding, shape)
-    dataset = make_dataset(
-        train_sources(config.data), config.data, tokenizer, config.seed, rows.stop - rows.start, shuffle=True
-    )
-    return GlobalBatches(prefetch(dataset, config.data), sharding, shape)
+    datasets, num_streams, shape = _stream_batches(config, train_sources(config.data), tokenizer, sharding, True)
+    prefetched = {stream: prefetch(dataset, config.data) for stream, dataset in datasets.items()}
+    return GlobalBatches(prefetched, num_streams, sharding, shape)
 
 
 def eval_batches(config: config_dict.ConfigDict, tokenizer: Tokenizer, sharding: NamedSharding) -> list[Batch]:
     """The same `eval_steps` batches every time: the eval files in order, unshuffled."""
-    shape = (config.train.global_batch_size, config.data.seq_len)
-    rows = process_rows(sharding, shape)
-    dataset = make_dataset(
-        [eval_source(config.data)], config.data, tokenizer, config.seed, rows.stop - rows.start, shuffle=False
-    )
-    batches = GlobalBatches(dataset, sharding, shape)
+    datasets, num_streams, shape = _stream_batches(config, [eval_source(config.data)], tokenizer, sharding, False)
+    batches = GlobalBatches(datasets, num_streams, sharding, shape)
     return [next(batches) for _ in range(config.train.eval_steps)]

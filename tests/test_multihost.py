@@ -1,0 +1,233 @@
+"""Multi-process jobs: 2 processes x 4 CPU devices (gloo on 127.0.0.1) against 1 process x 8 devices."""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from trainer import distributed
+from trainer.errors import ConfigError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / 'scripts'))
+import launch_local  # noqa: E402
+
+STEPS = 40
+ARGS = [
+    '--config',
+    'configs/small_lm.py',
+    '--config.model.num_layers=2',
+    '--config.model.d_model=64',
+    '--config.model.d_ff=128',
+    '--config.model.dtype=float32',
+    '--config.data.seq_len=64',
+    '--config.data.num_streams=2',  # the same batches for 1 or 2 processes
+    '--config.train.global_batch_size=16',
+    f'--config.train.steps={STEPS}',
+    '--config.train.warmup_steps=5',
+    '--config.train.log_every=1',
+    '--config.train.eval_every=0',
+    '--config.data.eval_files=',
+    '--config.checkpoint.every_steps=10',
+]
+
+
+def trainer(workdir: pathlib.Path, *extra: str) -> list[str]:
+    return [sys.executable, '-m', 'trainer', '--workdir', str(workdir), *ARGS, *extra]
+
+
+def run_one_process(workdir: pathlib.Path) -> subprocess.CompletedProcess:
+    """One process with the test session's 8 CPU devices."""
+    result = subprocess.run(trainer(workdir), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def run_two_processes(workdir: pathlib.Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, 'scripts/launch_local.py', '--num_processes', '2', '--', *trainer(workdir)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    return result
+
+
+def spawn_two_processes(workdir: pathlib.Path, *extra: str) -> list[subprocess.Popen]:
+    """Two processes started directly (no launcher), so that a test can signal or kill one of them."""
+    port = launch_local.free_port()
+    return [
+        subprocess.Popen(
+            trainer(workdir, *extra),
+            cwd=REPO,
+            env=launch_local.process_env(index, 2, port, [], 8),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in range(2)
+    ]
+
+
+def losses_by_step(workdir: pathlib.Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+    return {line['step']: line['loss'] for line in lines if 'loss' in line}
+
+
+def logged_steps(workdir: pathlib.Path) -> int:
+    try:
+        return max(losses_by_step(workdir), default=0)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def wait_for_step(workdir: pathlib.Path, step: int, processes: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + 300
+    while logged_steps(workdir) < step:
+        for process in processes:
+            assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f'the run did not reach step {step}'
+        time.sleep(0.05)
+
+
+def assert_close(losses: dict[int, float], reference: dict[int, float], steps: range) -> None:
+    for step in steps:
+        assert losses[step] == pytest.approx(reference[step], rel=2e-5), step
+
+
+def keep_only_checkpoint(source: pathlib.Path, destination: pathlib.Path, step: int) -> None:
+    """A workdir holding just checkpoint `step` of another run, as if that run had stopped there."""
+    (destination / 'checkpoints').mkdir(parents=True)
+    shutil.copytree(source / 'checkpoints' / str(step), destination / 'checkpoints' / str(step))
+
+
+@pytest.fixture(scope='module')
+def one_process(tmp_path_factory) -> pathlib.Path:
+    workdir = tmp_path_factory.mktemp('one_process')
+    run_one_process(workdir)
+    return workdir
+
+
+@pytest.fixture(scope='module')
+def two_processes(tmp_path_factory) -> tuple[pathlib.Path, subprocess.CompletedProcess]:
+    workdir = tmp_path_factory.mktemp('two_processes')
+    return workdir, run_two_processes(workdir)
+
+
+def test_two_processes_train_like_one(one_process, two_processes):
+    workdir, result = two_processes
+    reference = losses_by_step(one_process)
+    assert sorted(reference) == list(range(1, STEPS + 1))
+    assert_close(losses_by_step(workdir), reference, range(1, STEPS + 1))
+    assert 'devices: 8 x cpu (2 process(es), 4 device(s) each)' in result.stdout
+    assert result.stdout.count('done: step 40') == 1  # process 0 alone reports
+    last = json.loads((workdir / 'metrics.jsonl').read_text().splitlines()[-1])
+    assert last['host_step_time_s_min'] * 0.999 <= last['step_time_s'] <= last['host_step_time_s_max'] * 1.001
+    assert last['slowest_host'] in (0, 1) and last['host_data_wait_fraction_max'] >= last['data_wait_fraction']
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path, one_process, two_processes):
+    keep_only_checkpoint(two_processes[0], tmp_path, 20)
+    result = run_one_process(tmp_path)
+    assert 'resumed from step 20 ' in result.stdout
+    assert_close(losses_by_step(tmp_path), losses_by_step(one_process), range(21, STEPS + 1))
+
+
+def test_a_one_process_checkpoint_resumes_in_two_processes(tmp_path, one_process):
+    keep_only_checkpoint(one_process, tmp_path, 20)
+    result = run_two_processes(tmp_path)
+    assert 'resumed from step 20 ' in result.stdout
+    assert_close(losses_by_step(tmp_path), losses_by_step(one_process), range(21, STEPS + 1))
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, one_process):
+    processes = spawn_two_processes(tmp_path)
+    wait_for_step(tmp_path, 12, processes)
+    processes[1].send_signal(signal.SIGTERM)  # a preemption notice that reaches one host only
+    stderrs = [process.communicate(timeout=120)[1] for process in processes]
+    assert [process.returncode for process in processes] == [4, 4], [e[-2000:] for e in stderrs]
+    saved = {int(e.split('saved step ')[1].split()[0]) for e in stderrs}
+    assert len(saved) == 1, saved  # the processes agreed on the step
+    (step,) = saved
+    assert 12 < step < STEPS and (tmp_path / 'checkpoints' / str(step)).is_dir()
+    result = run_two_processes(tmp_path)
+    assert f'resumed from step {step} ' in result.stdout
+    assert_close(losses_by_step(tmp_path), losses_by_step(one_process), range(1, STEPS + 1))
+
+
+def test_a_killed_process_ends_the_other_with_a_clear_error(tmp_path):
+    processes = spawn_two_processes(tmp_path, '--peer_timeout_s=5', f'--config.train.steps={100 * STEPS}')
+    wait_for_step(tmp_path, 3, processes)
+    processes[1].kill()
+    start = time.monotonic()
+    _, stderr = processes[0].communicate(timeout=90)
+    assert time.monotonic() - start < 60
+    assert processes[0].returncode == distributed.EXIT_PEER_LOST, stderr[-2000:]
+    assert 'error: process 1 of 2 stopped answering for 5 s' in stderr
+    assert 'resumes from the latest checkpoint' in stderr
+
+
+def test_a_process_whose_peers_never_come_fails_in_bounded_time(tmp_path):
+    env = launch_local.process_env(1, 2, launch_local.free_port(), [], 8)
+    start = time.monotonic()
+    result = subprocess.run(
+        trainer(tmp_path, '--join_timeout_s=3'), cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert time.monotonic() - start < 45
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith('error: nothing answered at the coordinator address')
+    env = launch_local.process_env(0, 2, launch_local.free_port(), [], 8)  # the coordinator, waiting for process 1
+    result = subprocess.run(
+        trainer(tmp_path, '--join_timeout_s=3'), cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert time.monotonic() - start < 90
+    assert result.returncode == distributed.EXIT_PEER_LOST
+    assert 'error: not all 2 processes joined within 3 s' in result.stderr
+
+
+def test_find_job_from_flags_environment_and_schedulers():
+    assert distributed.find_job(None, None, None, {}) is None
+    assert distributed.find_job(None, 1, 0, {}) is None
+    job = distributed.find_job('10.0.0.1:1234', 4, 3, {})
+    assert job == distributed.Job(4, 3, '10.0.0.1:1234', 'flags')
+    env = {'JAX_COORDINATOR_ADDRESS': 'h:1', 'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': '1'}
+    assert distributed.find_job(None, None, None, env).detected == 'environment'
+    assert distributed.find_job(None, None, 0, env).process_id == 0  # a flag beats the environment
+    slurm = dict(SLURM_JOB_ID='7', SLURM_STEP_NODELIST='n[1-2]', SLURM_NTASKS='2', SLURM_PROCID='1', SLURM_LOCALID='0')
+    assert distributed.find_job(None, None, None, slurm).detected == 'slurm'
+    assert distributed.find_job(None, None, None, {**slurm, 'SLURM_NTASKS': '1'}) is None
+    ompi = {'OMPI_COMM_WORLD_SIZE': '8', 'OMPI_COMM_WORLD_RANK': '5'}
+    assert distributed.find_job(None, None, None, ompi).process_id == 5
+    with pytest.raises(ConfigError, match='missing: coordinator_address'):
+        distributed.find_job(None, 2, 0, {})
+    with pytest.raises(ConfigError, match='process_id=2 must be in 0..1'):
+        distributed.find_job('h:1', 2, 2, {})
+    with pytest.raises(ConfigError, match='must be HOST:PORT'):
+        distributed.find_job('h', 2, 0, {})
+    with pytest.raises(ConfigError, match='JAX_NUM_PROCESSES=.x. must be a whole number'):
+        distributed.find_job(None, None, None, {'JAX_NUM_PROCESSES': 'x'})
+
+
+def test_launcher_splits_devices_and_reports_the_first_failure(monkeypatch):
+    cpu = launch_local.process_env(1, 2, 999, [], 8)
+    assert (cpu['JAX_PROCESS_ID'], cpu['JAX_NUM_CPU_DEVICES'], cpu['JAX_PLATFORMS']) == ('1', '4', 'cpu')
+    assert 'xla_force_host_platform_device_count' not in cpu['XLA_FLAGS']  # set by conftest, not passed on
+    gpu = launch_local.process_env(1, 2, 999, ['0', '1', '2', '3'], 8)
+    assert gpu['CUDA_VISIBLE_DEVICES'] == '2,3' and gpu['JAX_COORDINATOR_ADDRESS'] == '127.0.0.1:999'
+    command = [
+        sys.executable,
+        'scripts/launch_local.py',
+        '--num_processes',
+        '3',
+        '--cpu_devices',
+        '3',
+        '--',
+        sys.executable,
+        '-c',
+        'import os, sys, time; i = int(os.environ["JAX_PROCESS_ID"]); time.sleep(i); sys.exit([0, 4, 3][i])',
+    ]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60, env=dict(os.environ))
+    assert result.returncode == 3 and 'process 2 exited with code 3 first' in result.stderr
