@@ -183,7 +183,7 @@ def test_restores_onto_another_mesh_and_device_count(tmp_path):
         data.close()
 
 
-@pytest.mark.parametrize('params_only', [True, False])
+@pytest.mark.parametrize('params_only', [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_a_new_run_starts_from_another_runs_checkpoint(tmp_path, params_only):
     source = tmp_path / 'source'
     first = subprocess.run(

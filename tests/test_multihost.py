@@ -136,6 +136,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path, one_process, 
     assert_close(losses_by_step(tmp_path), losses_by_step(one_process), range(21, STEPS + 1))
 
 
+@pytest.mark.slow  # the restart in the SIGTERM test resumes in two processes too
 def test_a_one_process_checkpoint_resumes_in_two_processes(tmp_path, one_process):
     keep_only_checkpoint(one_process, tmp_path, 20)
     result = run_two_processes(tmp_path)
@@ -165,7 +166,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, one_proces
     'victim, message',
     [
         (1, 'error: process 1 of 2 stopped answering for 5 s'),  # our peer watch, with the fix
-        (0, 'the leader task was preempted/died'),  # the coordinator's host: JAX itself aborts the others at once
+        # The coordinator's host: JAX itself aborts the others at once.
+        pytest.param(0, 'the leader task was preempted/died', marks=pytest.mark.slow),
     ],
 )
 def test_a_killed_process_ends_the_other_with_a_clear_error(tmp_path, victim, message):

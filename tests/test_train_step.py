@@ -16,7 +16,7 @@ def one_step(config, batch_seed: int = 0):
         return jax.device_get(metrics), jax.device_get(state.params)
 
 
-@pytest.mark.parametrize('sizes', [dict(fsdp=4, tensor=2), dict(data=2, fsdp=1)])
+@pytest.mark.parametrize('sizes', [dict(fsdp=4, tensor=2), pytest.param(dict(data=2, fsdp=1), marks=pytest.mark.slow)])
 def test_k_accumulation_steps_of_b_equal_one_step_of_k_times_b(sizes):
     whole = tiny_config('llama', **sizes)
     accumulated = tiny_config('llama', **sizes)
