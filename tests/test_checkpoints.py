@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,13 +47,30 @@ def logged_steps(workdir: pathlib.Path) -> int:
 
 
 @pytest.fixture(scope='module')
-def uninterrupted(tmp_path_factory) -> dict[int, float]:
+def uninterrupted_run(tmp_path_factory) -> pathlib.Path:
+    """A finished 40-step run with checkpoints 20, 30 and 40; copy it before changing it."""
     workdir = tmp_path_factory.mktemp('uninterrupted')
     result = subprocess.run(command(workdir), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    losses = losses_by_step(workdir)
+    return workdir
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(uninterrupted_run) -> dict[int, float]:
+    losses = losses_by_step(uninterrupted_run)
     assert sorted(losses) == list(range(1, STEPS + 1))
     return losses
+
+
+@pytest.fixture(scope='module')
+def ten_steps(tmp_path_factory) -> pathlib.Path:
+    """A finished 10-step run with its checkpoint 10; copy it before changing it."""
+    workdir = tmp_path_factory.mktemp('ten_steps')
+    result = subprocess.run(
+        command(workdir) + ['--config.train.steps=10'], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
 
 
 def interrupt(workdir: pathlib.Path, sig: int) -> subprocess.Popen:
@@ -95,24 +113,20 @@ def test_sigterm_saves_at_the_current_step_and_resumes_bit_exactly(tmp_path, uni
     assert [losses[s] for s in range(1, STEPS + 1)] == [uninterrupted[s] for s in range(1, STEPS + 1)]
 
 
-def test_an_unreadable_checkpoint_is_named_and_the_one_before_is_used(tmp_path):
-    args = [a for a in command(tmp_path) if not a.startswith('--config.train.steps=')]
-    first = subprocess.run([*args, '--config.train.steps=20'], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    for path in (tmp_path / 'checkpoints' / '20' / 'state').rglob('*'):  # garble the newest
+def test_an_unreadable_checkpoint_is_named_and_the_one_before_is_used(tmp_path, uninterrupted_run):
+    shutil.copytree(uninterrupted_run, tmp_path, dirs_exist_ok=True)
+    for path in (tmp_path / 'checkpoints' / str(STEPS) / 'state').rglob('*'):  # garble the newest
         if path.is_file():
             path.write_bytes(b'garbage')
-    again = subprocess.run([*args, '--config.train.steps=30'], cwd=REPO, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(command(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f'checkpoint {tmp_path / "checkpoints" / "20"}' in again.stderr and 'is unreadable' in again.stderr
-    assert 'resumed from step 10 ' in again.stdout
+    assert f'checkpoint {tmp_path / "checkpoints" / str(STEPS)}' in again.stderr and 'is unreadable' in again.stderr
+    assert f'resumed from step {STEPS - 10} ' in again.stdout
+    assert max(losses_by_step(tmp_path)) == STEPS  # the lost steps were trained again
 
 
-def test_a_workdir_whose_checkpoints_are_all_unreadable_is_an_error_not_a_fresh_start(tmp_path):
-    first = subprocess.run(
-        command(tmp_path) + ['--config.train.steps=10'], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_a_workdir_whose_checkpoints_are_all_unreadable_is_an_error_not_a_fresh_start(tmp_path, ten_steps):
+    shutil.copytree(ten_steps, tmp_path, dirs_exist_ok=True)
     for path in (tmp_path / 'checkpoints').rglob('*'):
         if path.is_file() and 'state' in path.parts:
             path.unlink()
@@ -125,11 +139,8 @@ def test_a_workdir_whose_checkpoints_are_all_unreadable_is_an_error_not_a_fresh_
     )
 
 
-def test_another_model_shape_in_the_same_workdir_names_the_first_mismatched_parameter(tmp_path):
-    first = subprocess.run(
-        command(tmp_path) + ['--config.train.steps=10'], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_another_model_shape_in_the_same_workdir_names_the_first_mismatched_parameter(tmp_path, ten_steps):
+    shutil.copytree(ten_steps, tmp_path, dirs_exist_ok=True)
     wider = subprocess.run(
         command(tmp_path) + ['--config.model.d_ff=256'], cwd=REPO, capture_output=True, text=True, timeout=600
     )
@@ -184,12 +195,8 @@ def test_restores_onto_another_mesh_and_device_count(tmp_path):
 
 
 @pytest.mark.parametrize('params_only', [True, pytest.param(False, marks=pytest.mark.slow)])
-def test_a_new_run_starts_from_another_runs_checkpoint(tmp_path, params_only):
-    source = tmp_path / 'source'
-    first = subprocess.run(
-        command(source) + ['--config.train.steps=10'], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_a_new_run_starts_from_another_runs_checkpoint(tmp_path, ten_steps, params_only):
+    source = ten_steps  # read only
     tuned = tmp_path / 'tuned'
     args = [
         f'--config.checkpoint.restore_from={source / "checkpoints"}',
@@ -218,15 +225,11 @@ def test_restore_from_a_folder_without_checkpoints_is_a_one_line_error(tmp_path)
     assert f"config.checkpoint.restore_from='{tmp_path}' holds no checkpoint" in result.stderr.strip().splitlines()[-1]
 
 
-def test_export_params_writes_the_parameters_alone_optionally_in_bfloat16(tmp_path):
+def test_export_params_writes_the_parameters_alone_optionally_in_bfloat16(tmp_path, ten_steps):
     import jax
     import numpy as np
     import orbax.checkpoint as ocp
 
-    run = subprocess.run(
-        command(tmp_path / 'run') + ['--config.train.steps=10'], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
     for dtype in ('float32', 'bfloat16'):
         out = tmp_path / f'export_{dtype}'
         export = subprocess.run(
@@ -234,7 +237,7 @@ def test_export_params_writes_the_parameters_alone_optionally_in_bfloat16(tmp_pa
                 sys.executable,
                 str(REPO / 'scripts' / 'export_params.py'),
                 '--checkpoint',
-                str(tmp_path / 'run' / 'checkpoints'),
+                str(ten_steps / 'checkpoints'),
                 '--output',
                 str(out),
                 '--dtype',
@@ -246,10 +249,10 @@ def test_export_params_writes_the_parameters_alone_optionally_in_bfloat16(tmp_pa
             timeout=600,
         )
         assert export.returncode == 0, export.stderr[-3000:]
-        assert f'exported the parameters of {tmp_path / "run" / "checkpoints" / "10"}' in export.stdout
+        assert f'exported the parameters of {ten_steps / "checkpoints" / "10"}' in export.stdout
         with ocp.StandardCheckpointer() as reader:
             params = reader.restore((out / 'params').absolute())
-            full = reader.restore((tmp_path / 'run' / 'checkpoints' / '10' / 'state').absolute())['params']
+            full = reader.restore((ten_steps / 'checkpoints' / '10' / 'state').absolute())['params']
         assert set(params) == set(full) and json.loads((out / 'config.json').read_text())['train']['steps'] == 10
         for exported, trained in zip(jax.tree.leaves(params), jax.tree.leaves(full), strict=True):
             assert str(exported.dtype) == dtype

@@ -245,3 +245,19 @@ def test_launcher_splits_devices_and_reports_the_first_failure(monkeypatch):
     ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60, env=dict(os.environ))
     assert result.returncode == 3 and 'process 2 exited with code 3 first' in result.stderr
+
+
+def test_launcher_passes_a_signal_on_once_as_sigterm():
+    child = (
+        'import os, signal, sys, time\n'
+        'signal.signal(signal.SIGTERM, lambda *_: sys.exit(4))\n'  # like the trainer: save, then exit 4
+        'print("ready", flush=True)\n'
+        'time.sleep(60)\n'
+        'sys.exit(1)\n'
+    )
+    command = [sys.executable, 'scripts/launch_local.py', '--num_processes', '2', '--', sys.executable, '-c', child]
+    launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    lines = {launcher.stdout.readline().strip() for _ in range(2)}
+    assert lines == {'ready', '[process 1] ready'}  # process 1's lines are prefixed
+    launcher.send_signal(signal.SIGINT)  # Ctrl-C
+    assert launcher.wait(timeout=30) == 4
