@@ -84,7 +84,7 @@ def get_config() -> config_dict.ConfigDict:
 
     config.checkpoint = checkpoint = config_dict.ConfigDict()
     checkpoint.every_steps = 200  # save every this many steps (0 = only by time and at the end)
-    checkpoint.every_minutes = 0.0  # also save when this many minutes passed since the last save (0 = off)
+    checkpoint.every_minutes = 0.0  # also save when this many minutes passed (checked at log steps); 0 = off
     checkpoint.keep = 3  # newest checkpoints kept in <workdir>/checkpoints
     checkpoint.keep_every_steps = 0  # also keep every checkpoint whose step is a multiple of this, for good (0 = off)
     checkpoint.restore_from = ''  # a new run starts from this checkpoint (or newest in this folder); '' = from scratch
