@@ -39,8 +39,7 @@ def export(checkpoint: str, output: pathlib.Path, dtype: str) -> pathlib.Path:
     model_cfg = train.model_config(config)
     tx, _ = optimizer.make_optimizer(config.train)
     one_device = mesh.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
-    target = state.create_train_state(model_cfg, tx, one_device, config.seed).state
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+    abstract = state.create_train_state(model_cfg, tx, one_device, config.seed).abstract  # nothing initialized
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))['state']
     manager.close()
     params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), restored.params)

@@ -182,7 +182,9 @@ def test_restores_onto_another_mesh_and_device_count(tmp_path):
     with jax.set_mesh(mesh):
         setup = train.build(config, mesh)
         data = pipeline.train_batches(config, tokenizer, setup.batch_sharding)
-        restored, step = Checkpointer(tmp_path, config.checkpoint, '{}').restore_latest(setup.sharded.state, data)
+        # Into the abstract state: a resume never initializes a state only to overwrite it.
+        restored, step = Checkpointer(tmp_path, config.checkpoint, '{}').restore_latest(setup.sharded.abstract, data)
+        assert 'state' not in vars(setup.sharded), 'a fresh state was initialized'
         assert step == 1 and int(restored.step) == 1
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), saved_params)
         w_up = restored.params['blocks']['mlp']['w_up_DF']

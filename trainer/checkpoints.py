@@ -16,7 +16,7 @@ from ml_collections import config_dict
 
 from trainer.data.pipeline import GlobalBatches
 from trainer.errors import ConfigError
-from trainer.state import TrainState
+from trainer.state import ShardedState, TrainState
 
 
 def _to_json(value: Any) -> str:
@@ -102,7 +102,7 @@ def open_read_only(directory: pathlib.Path) -> ocp.CheckpointManager:
 
 
 def _abstract(target: TrainState) -> TrainState:
-    """Shapes, dtypes and shardings of `target`: restored arrays land in the current mesh's layout."""
+    """Shapes, dtypes and shardings of `target` (arrays or abstract): restored arrays land in this mesh's layout."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
 
 
@@ -215,7 +215,7 @@ class Checkpointer:
             )
         return None
 
-    def restore_other_run(self, path: str, target: TrainState, params_only: bool) -> tuple[TrainState, str]:
+    def restore_other_run(self, path: str, target: ShardedState, params_only: bool) -> tuple[TrainState, str]:
         """A new run's start from another run's checkpoint: its params only, or its whole train state.
 
         `path` is a checkpoint (.../checkpoints/600) or a folder of them (its newest is used).
@@ -223,11 +223,13 @@ class Checkpointer:
         folder = find_checkpoint(path, 'config.checkpoint.restore_from')
         other = open_read_only(folder.parent)
         step = int(folder.name)
-        _check_same_model(other, folder.parent, step, target)
-        restored = other.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target))))
+        _check_same_model(other, folder.parent, step, target.abstract)
+        restored = other.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target.abstract)))
+        )
         other.close()
         state = restored['state']
-        return (target.replace(params=state.params), str(folder)) if params_only else (state, str(folder))
+        return (target.state.replace(params=state.params), str(folder)) if params_only else (state, str(folder))
 
     def wait(self) -> None:
         """Blocks until the save in flight, if any, is on disk."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,14 +29,23 @@ class TrainState:
     rng: jax.Array  # raw uint32 key data: folded with the step inside the step for dropout
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class ShardedState:
-    """A freshly created state with the shardings it was created with and the model's structure."""
+    """A train state's shapes and shardings, the model's structure, and a fresh state made on first use.
 
-    state: TrainState
+    A resumed run restores into `abstract` and never pays for (or holds the memory of) a fresh init.
+    """
+
+    abstract: TrainState  # jax.ShapeDtypeStruct leaves carrying their shardings
     shardings: TrainState  # same tree, NamedSharding leaves
     graphdef: nnx.GraphDef  # merged with params to rebuild the model inside a step
     logical_axes: dict[str, Any]  # params tree of logical axis-name tuples
+    _init: Callable[[], TrainState]
+
+    @functools.cached_property
+    def state(self) -> TrainState:
+        """A freshly initialized state, computed straight into its shardings."""
+        return self._init()
 
 
 def abstract_model(model_cfg: ModelConfig) -> tuple[nnx.GraphDef, dict[str, Any], dict[str, Any]]:
@@ -71,7 +82,7 @@ def param_shardings(shapes: Any, logical: Any, mesh: Mesh, rules) -> Any:
 
 
 def create_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int) -> ShardedState:
-    """Initializes params and optimizer state inside jit, straight into their shardings."""
+    """The state's layout; `.state` initializes params and optimizer state inside jit, into their shardings."""
     graphdef, shapes, logical = abstract_model(model_cfg)
     params_sharding = param_shardings(shapes, logical, mesh, model_cfg.sharding_rules)
 
@@ -87,8 +98,18 @@ def create_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation,
         tx, lambda _, s: s, abstract_state.opt_state, params_sharding, transform_non_params=lambda _: replicated(mesh)
     )
     shardings = TrainState(step=replicated(mesh), params=params_sharding, opt_state=opt_sharding, rng=replicated(mesh))
-    state = jax.jit(init, out_shardings=shardings)()
-    return ShardedState(state=state, shardings=shardings, graphdef=graphdef, logical_axes=logical)
+    abstract = jax.tree.map(
+        lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+        abstract_state,
+        shardings,
+    )
+    return ShardedState(
+        abstract=abstract,
+        shardings=shardings,
+        graphdef=graphdef,
+        logical_axes=logical,
+        _init=jax.jit(init, out_shardings=shardings),
+    )
 
 
 def count_params(params: Any, exclude: tuple[str, ...] = ()) -> int:

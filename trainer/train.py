@@ -171,7 +171,7 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
                 pipeline.eval_batches(config, tokenizer, setup.batch_sharding) if config.data.eval_files else []
             )
 
-            num_params = state_lib.count_params(sharded.state.params, exclude=('position_embedding_PD',))
+            num_params = state_lib.count_params(sharded.abstract.params, exclude=('position_embedding_PD',))
             flops_per_token = flops.flops_per_token(setup.model_cfg, num_params, config.data.seq_len)
             peak, peak_source = flops.peak_flops_per_device(
                 mesh, config.model.dtype, config.train.peak_flops_per_device
@@ -179,15 +179,16 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
             checkpointer = checkpoints.Checkpointer(
                 workdir / 'checkpoints', config.checkpoint, config.to_json_best_effort()
             )
-            state, resumed_from = sharded.state, None
-            restored = checkpointer.restore_latest(state, train_data)  # the same command again: carry on
-            started_from = ''
+            resumed_from, started_from = None, ''
+            restored = checkpointer.restore_latest(sharded.abstract, train_data)  # the same command again: carry on
             if restored is not None:
                 state, resumed_from = restored
             elif config.checkpoint.restore_from:  # a new run from another run's checkpoint (fine-tuning)
                 state, started_from = checkpointer.restore_other_run(
-                    config.checkpoint.restore_from, state, config.checkpoint.restore_params_only
+                    config.checkpoint.restore_from, sharded, config.checkpoint.restore_params_only
                 )
+            else:
+                state = sharded.state
             progress = reporting.Progress(
                 int(state.step), config.train.steps, enabled=is_chief, hosts=jax.process_count()
             )
