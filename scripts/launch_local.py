@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
+import pathlib
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from trainer.distributed import visible_gpus  # noqa: E402
 
 EXIT_STOPPED = 4  # the trainer's code for "stopped by a signal after saving"
 
@@ -33,16 +37,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
         return sock.getsockname()[1]
-
-
-def visible_gpus() -> list[str]:
-    """GPU ids on this machine (respecting CUDA_VISIBLE_DEVICES); none when JAX_PLATFORMS asks for CPU."""
-    if os.environ.get('JAX_PLATFORMS', '').lower() == 'cpu' or not shutil.which('nvidia-smi'):
-        return []
-    if os.environ.get('CUDA_VISIBLE_DEVICES'):
-        return [g for g in os.environ['CUDA_VISIBLE_DEVICES'].split(',') if g]
-    listing = subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True, check=False).stdout
-    return [str(i) for i, line in enumerate(listing.splitlines()) if line.startswith('GPU ')]
 
 
 def process_env(index: int, count: int, port: int, gpus: list[str], cpu_devices: int) -> dict[str, str]:

@@ -212,6 +212,19 @@ def test_find_job_from_flags_environment_and_schedulers():
     assert distributed.find_job(None, None, 0, env).process_id == 0  # a flag beats the environment
     slurm = dict(SLURM_JOB_ID='7', SLURM_STEP_NODELIST='n[1-2]', SLURM_NTASKS='2', SLURM_PROCID='1', SLURM_LOCALID='0')
     assert distributed.find_job(None, None, None, slurm).detected == 'slurm'
+    # One task on its node drives all the GPUs it sees, and so does a task SLURM bound to its own GPUs;
+    # tasks that each see all the node's GPUs are left to JAX, which gives task i GPU i.
+    eight = [str(i) for i in range(8)]
+    one_per_node = distributed.find_job(None, None, None, {**slurm, 'SLURM_STEP_TASKS_PER_NODE': '1(x2)'})
+    assert distributed.local_gpu_ids(one_per_node, eight) == list(range(8))
+    many = {**slurm, 'SLURM_STEP_TASKS_PER_NODE': '8(x2),1', 'SLURM_NODEID': '1'}
+    assert distributed.find_job(None, None, None, many).tasks_on_node == 8
+    assert distributed.local_gpu_ids(distributed.find_job(None, None, None, many), eight) is None
+    assert distributed.local_gpu_ids(distributed.find_job(None, None, None, many), ['3']) == [0]
+    assert distributed.find_job(None, None, None, {**many, 'SLURM_NODEID': '2'}).tasks_on_node == 1
+    assert distributed.local_gpu_ids(distributed.find_job('h:1', 2, 0, {}), eight) is None
+    assert distributed.visible_gpus({'CUDA_VISIBLE_DEVICES': '4,5'}) == ['4', '5']
+    assert distributed.visible_gpus({'JAX_PLATFORMS': 'cpu', 'CUDA_VISIBLE_DEVICES': '4,5'}) == []
     assert distributed.find_job(None, None, None, {**slurm, 'SLURM_NTASKS': '1'}) is None
     ompi = {'OMPI_COMM_WORLD_SIZE': '8', 'OMPI_COMM_WORLD_RANK': '5'}
     assert distributed.find_job(None, None, None, ompi).process_id == 5

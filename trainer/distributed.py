@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -32,6 +35,7 @@ class Job:
     process_id: int | None
     coordinator_address: str | None
     detected: str  # 'flags', 'environment', 'slurm', 'openmpi' or 'tpu'
+    tasks_on_node: int | None = None  # SLURM: this step's tasks on this node
 
     def describe(self) -> str:
         who = f'process {self.process_id} of {self.num_processes}' if self.num_processes else 'a process'
@@ -74,11 +78,49 @@ def find_job(
         return None if count == 1 else Job(count, index, address, source)
     slurm = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID', 'SLURM_LOCALID')
     if all(name in environ for name in slurm) and int(environ['SLURM_NTASKS']) > 1:
-        return Job(int(environ['SLURM_NTASKS']), int(environ['SLURM_PROCID']), None, 'slurm')
+        tasks_here = _slurm_tasks_on_this_node(environ)
+        return Job(int(environ['SLURM_NTASKS']), int(environ['SLURM_PROCID']), None, 'slurm', tasks_here)
     if int(environ.get('OMPI_COMM_WORLD_SIZE', '1')) > 1:
         return Job(int(environ['OMPI_COMM_WORLD_SIZE']), int(environ['OMPI_COMM_WORLD_RANK']), None, 'openmpi')
     if ',' in environ.get('TPU_WORKER_HOSTNAMES', ''):
         return Job(None, None, None, 'tpu')
+    return None
+
+
+def _slurm_tasks_on_this_node(environ: Mapping[str, str]) -> int | None:
+    """Tasks of this step on this node, from SLURM's '2(x3),1'-style list and SLURM_NODEID."""
+    counts: list[int] = []
+    spec = environ.get('SLURM_STEP_TASKS_PER_NODE') or environ.get('SLURM_TASKS_PER_NODE', '')
+    for part in spec.split(','):
+        if match := re.fullmatch(r'(\d+)(?:\(x(\d+)\))?', part.strip()):
+            counts += [int(match[1])] * int(match[2] or 1)
+    node = int(environ.get('SLURM_NODEID', '0'))
+    return counts[node] if node < len(counts) else None
+
+
+def visible_gpus(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """This machine's NVIDIA GPUs as CUDA sees them (CUDA_VISIBLE_DEVICES first); none if JAX_PLATFORMS is cpu."""
+    if environ.get('JAX_PLATFORMS', '').lower() == 'cpu':
+        return []
+    if environ.get('CUDA_VISIBLE_DEVICES') is not None:
+        return [gpu for gpu in environ['CUDA_VISIBLE_DEVICES'].split(',') if gpu]
+    if not shutil.which('nvidia-smi'):
+        return []
+    listing = subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True, check=False).stdout
+    return [str(i) for i, line in enumerate(listing.splitlines()) if line.startswith('GPU ')]
+
+
+def local_gpu_ids(job: Job, gpus: list[str]) -> list[int] | None:
+    """Which of the GPUs this process sees it drives; None leaves it to JAX.
+
+    Under SLURM, JAX gives task i of a node GPU i alone. Right when each task sees all the node's
+    GPUs and there is one task per GPU; wrong for one task per node (it would use 1 GPU of 8) and
+    when SLURM binds GPUs to tasks (task 3 sees one GPU, numbered 0): then the process takes all it sees.
+    """
+    if job.detected != 'slurm' or not gpus or job.tasks_on_node is None:
+        return None
+    if job.tasks_on_node == 1 or len(gpus) < job.tasks_on_node:
+        return list(range(len(gpus)))
     return None
 
 
@@ -185,6 +227,7 @@ def join(job: Job, join_timeout_s: float, peer_timeout_s: float) -> PeerWatch | 
             coordinator_address=job.coordinator_address,
             num_processes=job.num_processes,
             process_id=job.process_id,
+            local_device_ids=local_gpu_ids(job, visible_gpus()),
             initialization_timeout=int(join_timeout_s) + 30,
             # JAX's own watch, a backstop behind PeerWatch.
             heartbeat_timeout_seconds=int(2 * peer_timeout_s) + 10,
