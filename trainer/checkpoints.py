@@ -221,13 +221,15 @@ class Checkpointer:
         `path` is a checkpoint (.../checkpoints/600) or a folder of them (its newest is used).
         """
         folder = find_checkpoint(path, 'config.checkpoint.restore_from')
-        other = open_read_only(folder.parent)
         step = int(folder.name)
-        _check_same_model(other, folder.parent, step, target.abstract)
-        restored = other.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target.abstract)))
-        )
-        other.close()
+        other = open_read_only(folder.parent)
+        try:
+            _check_same_model(other, folder.parent, step, target.abstract)
+            restored = other.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target.abstract)))
+            )
+        finally:
+            other.close()
         state = restored['state']
         return (target.state.replace(params=state.params), str(folder)) if params_only else (state, str(folder))
 

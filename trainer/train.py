@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
 from typing import Any
@@ -160,73 +161,73 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
 
     mesh = mesh_lib.make_mesh({axis: config.mesh[axis] for axis in mesh_lib.MESH_AXES})
     tokenizer = tokenizers.make_tokenizer(config.data.tokenizer, config.data.eos_token)
-    with jax.set_mesh(mesh):
+    # Everything opened is closed on every way out, also when a restore fails: a grain iterator or an
+    # orbax manager left open prints tracebacks while the interpreter shuts down, after the one-line error.
+    with jax.set_mesh(mesh), contextlib.ExitStack() as cleanup:
         setup = build(config, mesh)
-        sharded = setup.sharded
         train_data = pipeline.train_batches(config, tokenizer, setup.batch_sharding)
-        # Closed on every way out, also when a restore fails: a grain iterator left open prints
-        # tracebacks while the interpreter shuts down, after the one-line error.
-        try:
-            eval_batches = (
-                pipeline.eval_batches(config, tokenizer, setup.batch_sharding) if config.data.eval_files else []
-            )
+        cleanup.callback(train_data.close)
+        eval_batches = pipeline.eval_batches(config, tokenizer, setup.batch_sharding) if config.data.eval_files else []
 
-            num_params = state_lib.count_params(sharded.abstract.params, exclude=('position_embedding_PD',))
-            flops_per_token = flops.flops_per_token(setup.model_cfg, num_params, config.data.seq_len)
-            peak, peak_source = flops.peak_flops_per_device(
-                mesh, config.model.dtype, config.train.peak_flops_per_device
+        num_params = state_lib.count_params(setup.sharded.abstract.params, exclude=('position_embedding_PD',))
+        flops_per_token = flops.flops_per_token(setup.model_cfg, num_params, config.data.seq_len)
+        peak, peak_source = flops.peak_flops_per_device(mesh, config.model.dtype, config.train.peak_flops_per_device)
+        checkpointer = checkpoints.Checkpointer(
+            workdir / 'checkpoints', config.checkpoint, config.to_json_best_effort()
+        )
+        cleanup.callback(checkpointer.close)  # waits for the last save
+        state, how = _starting_state(config, setup.sharded, checkpointer, train_data)
+
+        progress = reporting.Progress(int(state.step), config.train.steps, enabled=is_chief, hosts=jax.process_count())
+        cleanup.callback(progress.close)
+        _announce(progress, mesh, num_params, flops_per_token, peak, peak_source)
+        if how:
+            progress.message(how)
+        writer = reporting.MetricsWriter(workdir) if is_chief else None
+        if writer is not None:
+            cleanup.callback(writer.close)
+        stop = stop_signals.StopRequest()
+        cleanup.callback(stop.restore)
+        ctx = _RunContext(
+            config=config,
+            compiled=setup.compiled,
+            train_data=train_data,
+            eval_batches=eval_batches,
+            writer=writer,
+            progress=progress,
+            tokens_per_step=config.train.global_batch_size * config.data.seq_len,
+            flops_per_token=flops_per_token,
+            peak_flops=peak,
+            num_devices=mesh.devices.size,
+            checkpointer=checkpointer,
+            stop=stop,
+        )
+        return _loop(ctx, state)
+
+
+def _starting_state(
+    config: config_dict.ConfigDict,
+    sharded: state_lib.ShardedState,
+    checkpointer: checkpoints.Checkpointer,
+    train_data: pipeline.GlobalBatches,
+) -> tuple[state_lib.TrainState, str]:
+    """The workdir's newest checkpoint, else config.checkpoint.restore_from, else a fresh state; and what it was."""
+    restored = checkpointer.restore_latest(sharded.abstract, train_data)  # the same command again: carry on
+    if restored is not None:
+        state, step = restored
+        how = f'resumed from step {step} ({checkpointer.directory / str(step)})'
+        if step >= config.train.steps:
+            how += (
+                f'\nnothing to train: the run is at step {step} of config.train.steps={config.train.steps}; '
+                'raise steps to train further, or give another --workdir for a new run.'
             )
-            checkpointer = checkpoints.Checkpointer(
-                workdir / 'checkpoints', config.checkpoint, config.to_json_best_effort()
-            )
-            resumed_from, started_from = None, ''
-            restored = checkpointer.restore_latest(sharded.abstract, train_data)  # the same command again: carry on
-            if restored is not None:
-                state, resumed_from = restored
-            elif config.checkpoint.restore_from:  # a new run from another run's checkpoint (fine-tuning)
-                state, started_from = checkpointer.restore_other_run(
-                    config.checkpoint.restore_from, sharded, config.checkpoint.restore_params_only
-                )
-            else:
-                state = sharded.state
-            progress = reporting.Progress(
-                int(state.step), config.train.steps, enabled=is_chief, hosts=jax.process_count()
-            )
-            _announce(progress, mesh, num_params, flops_per_token, peak, peak_source)
-            if started_from:
-                what = 'parameters' if config.checkpoint.restore_params_only else f'whole state, step {int(state.step)}'
-                progress.message(f'started from {started_from} ({what})')
-            if resumed_from is not None:
-                progress.message(f'resumed from step {resumed_from} ({checkpointer.directory / str(resumed_from)})')
-                if resumed_from >= config.train.steps:
-                    progress.message(
-                        f'nothing to train: the run is at step {resumed_from} of config.train.steps='
-                        f'{config.train.steps}; raise steps to train further, or give another --workdir for a new run.'
-                    )
-            ctx = _RunContext(
-                config=config,
-                compiled=setup.compiled,
-                train_data=train_data,
-                eval_batches=eval_batches,
-                writer=reporting.MetricsWriter(workdir) if is_chief else None,
-                progress=progress,
-                tokens_per_step=config.train.global_batch_size * config.data.seq_len,
-                flops_per_token=flops_per_token,
-                peak_flops=peak,
-                num_devices=mesh.devices.size,
-                checkpointer=checkpointer,
-                stop=stop_signals.StopRequest(),
-            )
-            try:
-                return _loop(ctx, state)
-            finally:
-                ctx.stop.restore()
-                checkpointer.close()  # waits for the last save
-                progress.close()
-                if ctx.writer is not None:
-                    ctx.writer.close()
-        finally:
-            train_data.close()
+        return state, how
+    if config.checkpoint.restore_from:  # a new run from another run's checkpoint (fine-tuning)
+        params_only = config.checkpoint.restore_params_only
+        state, folder = checkpointer.restore_other_run(config.checkpoint.restore_from, sharded, params_only)
+        what = 'parameters' if params_only else f'whole state, step {int(state.step)}'
+        return state, f'started from {folder} ({what})'
+    return sharded.state, ''
 
 
 def _loop(ctx: _RunContext, state: state_lib.TrainState) -> TrainResult:
