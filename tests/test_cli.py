@@ -107,6 +107,15 @@ def test_missing_data_file_is_one_line(tmp_path):
     assert 'Traceback' not in result.stderr
 
 
+def test_a_workdir_that_cannot_be_created_is_one_line(tmp_path):
+    (tmp_path / 'a_file').write_text('')
+    result = run_trainer('--config', 'configs/small_lm.py', '--workdir', str(tmp_path / 'a_file' / 'run'))
+    assert result.returncode == 2
+    workdir = tmp_path / 'a_file' / 'run'
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f'error: cannot create --workdir {workdir}: Not a directory; give a folder you can write to.'
+
+
 def test_unknown_config_key_is_rejected(tmp_path):
     result = run_trainer('--config', 'configs/small_lm.py', '--workdir', str(tmp_path), '--config.train.stpes=5')
     assert result.returncode != 0

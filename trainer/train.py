@@ -16,7 +16,7 @@ from trainer import checkpoints, config_checks, distributed, flops, optimizer, r
 from trainer import mesh as mesh_lib
 from trainer import state as state_lib
 from trainer.data import pipeline, tokenizers
-from trainer.errors import StoppedBySignal, TrainingDivergedError
+from trainer.errors import ConfigError, StoppedBySignal, TrainingDivergedError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +154,11 @@ def _announce(
 def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
     """Trains `config` for config.train.steps steps, writing everything into `workdir`."""
     config_checks.validate(config, jax.device_count())
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        message = f'cannot create --workdir {workdir}: {error.strerror}; give a folder you can write to.'
+        raise ConfigError(message) from None
     is_chief = jax.process_index() == 0
     if is_chief:
         (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
