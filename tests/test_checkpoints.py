@@ -1,6 +1,7 @@
 """Killed or stopped runs resume from their last complete checkpoint with bit-identical losses."""
 
 import json
+import logging
 import pathlib
 import shutil
 import signal
@@ -150,7 +151,7 @@ def test_another_model_shape_in_the_same_workdir_names_the_first_mismatched_para
     assert 'Traceback' not in wider.stderr
 
 
-def test_restores_onto_another_mesh_and_device_count(tmp_path):
+def test_restores_onto_another_mesh_and_device_count(tmp_path, caplog):
     import jax
     import numpy as np
     from conftest import mesh_for, tiny_config
@@ -193,6 +194,14 @@ def test_restores_onto_another_mesh_and_device_count(tmp_path):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(next(data)), following_batch)
         _, metrics = setup.compiled.train(restored, next(data))  # and it trains on
         assert np.isfinite(float(metrics['loss']))
+        data.close()
+
+        # A data position saved for 1 stream cannot continue 2 streams: the data order starts over, said loudly.
+        config.data.num_streams = 2
+        data = pipeline.train_batches(config, tokenizer, setup.batch_sharding)
+        with caplog.at_level(logging.WARNING):
+            Checkpointer(tmp_path, config.checkpoint, '{}').restore_latest(setup.sharded.abstract, data)
+        assert 'is for 1 data streams but this run has 2: the data order starts over' in caplog.text
         data.close()
 
 
