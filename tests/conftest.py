@@ -1,6 +1,8 @@
 """Test setup: 8 simulated CPU devices (set before jax is imported) and a tiny model config."""
 
+import json
 import os
+import pathlib
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -58,6 +60,24 @@ def mesh_for(config: config_dict.ConfigDict) -> jax.sharding.Mesh:
     """The config's mesh over as many of the 8 devices as its axis sizes multiply to."""
     sizes = {axis: config.mesh[axis] for axis in mesh_lib.MESH_AXES}
     return mesh_lib.make_mesh(sizes, jax.devices()[: int(np.prod(list(sizes.values())))])
+
+
+def read_metrics(workdir: pathlib.Path) -> list[dict]:
+    """The lines of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def losses_by_step(workdir: pathlib.Path) -> dict[int, float]:
+    """Each step's loss; for a step logged twice (before a kill and after the restart), the later one."""
+    return {line['step']: line['loss'] for line in read_metrics(workdir) if 'loss' in line}
+
+
+def logged_steps(workdir: pathlib.Path) -> int:
+    """The last step with a logged loss; 0 before the first (or while the file is half written)."""
+    try:
+        return max(losses_by_step(workdir), default=0)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
 
 
 @pytest.fixture(autouse=True)

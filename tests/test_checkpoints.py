@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from conftest import logged_steps, losses_by_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 40
@@ -32,19 +33,6 @@ ARGS = [
 
 def command(workdir: pathlib.Path) -> list[str]:
     return [sys.executable, '-m', 'trainer', '--workdir', str(workdir), *ARGS]
-
-
-def losses_by_step(workdir: pathlib.Path) -> dict[int, float]:
-    """Each step's loss; for a step logged twice (before a kill and after the restart), the later one."""
-    lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
-    return {line['step']: line['loss'] for line in lines if 'loss' in line}
-
-
-def logged_steps(workdir: pathlib.Path) -> int:
-    try:
-        return max(losses_by_step(workdir), default=0)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
 
 
 @pytest.fixture(scope='module')

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import read_metrics
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def test_run_writes_config_metrics_and_tensorboard(short_run):
     workdir, _ = short_run
     config = json.loads((workdir / 'config.json').read_text())
     assert config['train']['steps'] == 60 and config['model']['d_model'] == 64
-    lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+    lines = read_metrics(workdir)
     train_lines = [line for line in lines if 'loss' in line]
     assert [line['step'] for line in train_lines] == [10, 20, 30, 40, 50, 60]
     for line in train_lines:
@@ -76,7 +77,7 @@ def test_run_writes_config_metrics_and_tensorboard(short_run):
 
 def test_run_loss_falls(short_run):
     workdir, result = short_run
-    lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+    lines = read_metrics(workdir)
     losses = [line['loss'] for line in lines if 'loss' in line]
     evals = [line['eval_loss'] for line in lines if 'eval_loss' in line]
     assert losses[-1] < losses[0] - 1.0, losses

@@ -1,12 +1,12 @@
 """The README's promise: the default config gets well under 2.0 nats per byte on a CPU."""
 
-import json
 import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
+from conftest import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -24,6 +24,6 @@ def test_default_config_reaches_eval_loss_well_under_two(tmp_path):
         timeout=1200,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    lines = read_metrics(tmp_path)
     final_eval = [line['eval_loss'] for line in lines if 'eval_loss' in line][-1]
     assert final_eval < 1.85, final_eval

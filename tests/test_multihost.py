@@ -1,6 +1,5 @@
 """Multi-process jobs: 2 processes x 4 CPU devices (gloo on 127.0.0.1) against 1 process x 8 devices."""
 
-import json
 import os
 import pathlib
 import shutil
@@ -10,6 +9,7 @@ import sys
 import time
 
 import pytest
+from conftest import logged_steps, losses_by_step, read_metrics
 
 from trainer import distributed
 from trainer.errors import ConfigError
@@ -72,18 +72,6 @@ def spawn_two_processes(workdir: pathlib.Path, *extra: str) -> list[subprocess.P
     ]
 
 
-def losses_by_step(workdir: pathlib.Path) -> dict[int, float]:
-    lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
-    return {line['step']: line['loss'] for line in lines if 'loss' in line}
-
-
-def logged_steps(workdir: pathlib.Path) -> int:
-    try:
-        return max(losses_by_step(workdir), default=0)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
-
-
 def wait_for_step(workdir: pathlib.Path, step: int, processes: list[subprocess.Popen]) -> None:
     deadline = time.monotonic() + 300
     while logged_steps(workdir) < step:
@@ -124,7 +112,7 @@ def test_two_processes_train_like_one(one_process, two_processes):
     assert_close(losses_by_step(workdir), reference, range(1, STEPS + 1))
     assert 'devices: 8 x cpu (2 process(es), 4 device(s) each)' in result.stdout
     assert result.stdout.count('done: step 40') == 1  # process 0 alone reports
-    last = json.loads((workdir / 'metrics.jsonl').read_text().splitlines()[-1])
+    last = read_metrics(workdir)[-1]
     assert last['host_step_time_s_min'] * 0.999 <= last['step_time_s'] <= last['host_step_time_s_max'] * 1.001
     assert last['slowest_host'] in (0, 1) and last['host_data_wait_fraction_max'] >= last['data_wait_fraction']
 

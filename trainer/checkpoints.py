@@ -225,9 +225,7 @@ class Checkpointer:
         other = open_read_only(folder.parent)
         try:
             _check_same_model(other, folder.parent, step, target.abstract)
-            restored = other.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target.abstract)))
-            )
+            restored = other.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target.abstract)))
         finally:
             other.close()
         state = restored['state']

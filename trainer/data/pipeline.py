@@ -104,20 +104,19 @@ def _documents(
     num_streams: int = 1,
 ) -> grain.IterDataset:
     """One source's documents as token arrays ending in EOS: the share of data stream `stream` only."""
-    index, count = stream, num_streams
     eos = np.array([tokenizer.eos_id], np.int32)
     if src.format == 'arrayrecord':
         manifest = sources.read_manifest(list(src.files))
-        records = sources.token_records(list(src.files), manifest['dtype'])[index::count]
+        records = sources.token_records(list(src.files), manifest['dtype'])[stream::num_streams]
         records = records.shuffle(seed) if shuffle else records
         return records.repeat(None).map(lambda ids: {'tokens': np.concatenate([ids, eos])}).to_iter_dataset()
     files = grain.MapDataset.source(list(src.files))
     # Whole files per stream when there are enough of them; otherwise every stream reads all
-    # files and keeps every count-th document.
-    if len(src.files) >= count:
-        files, shard = files[index::count], (0, 1)
+    # files and keeps every num_streams-th document.
+    if len(src.files) >= num_streams:
+        files, shard = files[stream::num_streams], (0, 1)
     else:
-        shard = (index, count)
+        shard = (stream, num_streams)
     files = files.shuffle(seed) if shuffle else files
     per_file = files.repeat(None).map(lambda path: sources.FileDocuments(path, data_cfg, shard))
     # At most one epoch's files open at once: a wider cycle would read the next epoch's copies early.
