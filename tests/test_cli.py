@@ -115,6 +115,7 @@ def test_a_workdir_that_cannot_be_created_is_one_line(tmp_path):
     workdir = tmp_path / 'a_file' / 'run'
     last = result.stderr.strip().splitlines()[-1]
     assert last == f'error: cannot create --workdir {workdir}: Not a directory; give a folder you can write to.'
+    assert 'Traceback' not in result.stderr
 
 
 def test_unknown_config_key_is_rejected(tmp_path):

@@ -237,4 +237,10 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.wait_until_finished()
+        # orbax (0.12.8) starts removing a killed run's half-written folders in a thread when the manager
+        # opens, and neither wait_until_finished() nor close() waits for it: a run that ends at once (a
+        # one-line error) would have that thread fail during interpreter shutdown and print a traceback.
+        await_cleanup = getattr(self._manager, '_maybe_await_cleanup_tmp_directory', None)
+        if await_cleanup is not None:
+            await_cleanup()
         self._manager.close()
