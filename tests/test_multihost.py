@@ -168,8 +168,46 @@ def test_a_killed_process_ends_the_other_with_a_clear_error(tmp_path, victim, me
     assert time.monotonic() - start < 60
     assert survivor.returncode != 0 and message in stderr, stderr[-3000:]
     if victim == 1:
-        assert survivor.returncode == distributed.EXIT_PEER_LOST
+        assert survivor.returncode == distributed.EXIT_PEER_LOST and 'Traceback' not in stderr
         assert 'Rerun the job: it resumes from the latest checkpoint.' in stderr
+
+
+# A fake coordinator key-value store where process 1 keeps beating or has gone silent; then, as after a
+# collective that failed, process 0 asks its watch whether a peer is lost.
+WATCH_AFTER_A_FAILED_COLLECTIVE = """
+import sys, time
+from trainer import distributed
+
+class Store:
+    def __init__(self, peer_beats):
+        self.values, self.peer_beats, self.reads = {}, peer_beats, 0
+    def key_value_set(self, key, value, allow_overwrite):
+        self.values[key] = value
+    def key_value_dir_get(self, prefix):
+        self.reads += 1
+        return [*self.values.items(), (prefix + '1', str(self.reads) if self.peer_beats else '1')]
+
+watch = distributed.PeerWatch(Store(sys.argv[1] == 'beating'), 0, 2, timeout_s=1.0)
+start = time.monotonic()
+watch.wait_for_lost_peer()
+print(f'no peer lost; waited {time.monotonic() - start:.1f} s')
+"""
+
+
+@pytest.mark.parametrize('peer', ['beating', 'silent'])
+def test_after_a_failed_collective_the_watch_names_a_dead_peer(peer):
+    result = subprocess.run(
+        [sys.executable, '-c', WATCH_AFTER_A_FAILED_COLLECTIVE, peer],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if peer == 'silent':  # one line and exit 5, not the collective's traceback
+        assert result.returncode == distributed.EXIT_PEER_LOST, result.stderr[-2000:]
+        assert result.stderr.strip().startswith('error: process 1 of 2 stopped answering for 1 s')
+    else:  # the failure was something else: the caller shows it
+        assert result.returncode == 0 and 'no peer lost' in result.stdout, result.stderr[-2000:]
 
 
 def test_a_process_whose_peers_never_come_fails_in_bounded_time(tmp_path):

@@ -79,7 +79,9 @@ def main(argv: list[str]) -> int:
         code = run(argv)
     except SystemExit as exit_request:  # a one-line error from _fail
         code = exit_request.code if isinstance(exit_request.code, int) else 1
-    except Exception:  # a bug: show it, then leave like any other failure
+    except Exception as error:  # a bug, or a collective broken by a dead peer: show it, then leave
+        if isinstance(error, jax.errors.JaxRuntimeError) and watch is not None:
+            watch.wait_for_lost_peer()  # exits with the watch's one-line error if a peer is gone
         traceback.print_exc()
         code = 1
     if code in (0, EXIT_STOPPED):  # every process ends here together; JAX's exit waits for all
