@@ -21,6 +21,16 @@ jax.config.update('jax_threefry_partitionable', True)
 SEQ_LEN = 12
 BATCH = 8
 
+# small_lm shrunk for the end-to-end tests that run `python -m trainer`: a few seconds per run on CPU.
+TINY_RUN_OVERRIDES = [
+    '--config.model.num_layers=2',
+    '--config.model.d_model=64',
+    '--config.model.d_ff=128',
+    '--config.data.seq_len=64',
+    '--config.train.global_batch_size=16',
+    '--config.train.warmup_steps=5',
+]
+
 
 def tiny_config(family: str = 'llama', **mesh_sizes: int) -> config_dict.ConfigDict:
     """small_lm shrunk to odd little sizes (so shape bugs show) that still split over 8 devices."""

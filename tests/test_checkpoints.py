@@ -10,20 +10,15 @@ import sys
 import time
 
 import pytest
-from conftest import logged_steps, losses_by_step
+from conftest import TINY_RUN_OVERRIDES, logged_steps, losses_by_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 40
 ARGS = [
     '--config',
     'configs/small_lm.py',
-    '--config.model.num_layers=2',
-    '--config.model.d_model=64',
-    '--config.model.d_ff=128',
-    '--config.data.seq_len=64',
-    '--config.train.global_batch_size=16',
+    *TINY_RUN_OVERRIDES,
     f'--config.train.steps={STEPS}',
-    '--config.train.warmup_steps=5',
     '--config.train.log_every=1',
     '--config.train.eval_every=0',
     '--config.data.eval_files=',

@@ -7,17 +7,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import read_metrics
+from conftest import TINY_RUN_OVERRIDES, read_metrics
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = [
-    '--config.model.num_layers=2',
-    '--config.model.d_model=64',
-    '--config.model.d_ff=128',
-    '--config.data.seq_len=64',
-    '--config.train.global_batch_size=16',
-    '--config.train.warmup_steps=5',
+    *TINY_RUN_OVERRIDES,
     '--config.train.learning_rate=3e-3',
     '--config.train.eval_steps=2',
 ]

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import logged_steps, losses_by_step, read_metrics
+from conftest import TINY_RUN_OVERRIDES, logged_steps, losses_by_step, read_metrics
 
 from trainer import distributed
 from trainer.errors import ConfigError
@@ -22,15 +22,10 @@ STEPS = 40
 ARGS = [
     '--config',
     'configs/small_lm.py',
-    '--config.model.num_layers=2',
-    '--config.model.d_model=64',
-    '--config.model.d_ff=128',
+    *TINY_RUN_OVERRIDES,
     '--config.model.dtype=float32',
-    '--config.data.seq_len=64',
     '--config.data.num_streams=2',  # the same batches for 1 or 2 processes
-    '--config.train.global_batch_size=16',
     f'--config.train.steps={STEPS}',
-    '--config.train.warmup_steps=5',
     '--config.train.log_every=1',
     '--config.train.eval_every=0',
     '--config.data.eval_files=',
