@@ -158,6 +158,7 @@ class PeerWatch:
 
     def __init__(self, client, process_id: int, num_processes: int, timeout_s: float):
         self._client, self._id, self._count, self._timeout = client, process_id, num_processes, timeout_s
+        self._interval = min(1.0, timeout_s / 5)  # between beats: several fit in one timeout
         self._stop = threading.Event()
         self._beat = 0
         self._thread = threading.Thread(target=self._run, name='peer-watch', daemon=True)
@@ -165,8 +166,7 @@ class PeerWatch:
 
     def _run(self) -> None:
         last_seen: dict[str, tuple[str, float]] = {}
-        interval = min(1.0, self._timeout / 5)
-        while not self._stop.wait(interval):
+        while not self._stop.wait(self._interval):
             try:
                 self._beat += 1
                 self._client.key_value_set(f'{self._PREFIX}{self._id}', str(self._beat), allow_overwrite=True)
@@ -199,7 +199,7 @@ class PeerWatch:
         A peer that dies mid-collective makes this process's collective fail at once (gloo: "Connection
         closed by peer"), often before its beat is overdue; the watch then ends the process in one line.
         """
-        self._thread.join(timeout=self._timeout + 2 * min(1.0, self._timeout / 5) + 1)
+        self._thread.join(timeout=self._timeout + 2 * self._interval + 1)
 
     def finish(self) -> None:
         """This process ends normally: its peers must not take its silence for a failure."""
