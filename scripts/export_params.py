@@ -32,16 +32,18 @@ def export(checkpoint: str, output: pathlib.Path, dtype: str) -> pathlib.Path:
     folder = checkpoints.find_checkpoint(checkpoint, '--checkpoint')
     manager = checkpoints.open_read_only(folder.parent)
     step = int(folder.name)
-    config_json = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']['config']
-    config = config_dict.ConfigDict(json.loads(config_json))
-    # One device and no sharding rules: the export is read whole, whatever mesh trained it.
-    config.mesh.rules = ()
-    model_cfg = train.model_config(config)
-    tx, _ = optimizer.make_optimizer(config.train)
-    one_device = mesh.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
-    abstract = state.create_train_state(model_cfg, tx, one_device, config.seed).abstract  # nothing initialized
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))['state']
-    manager.close()
+    try:  # closed on every path, like the trainer's: an open manager's threads print at exit
+        config_json = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']['config']
+        config = config_dict.ConfigDict(json.loads(config_json))
+        # One device and no sharding rules: the export is read whole, whatever mesh trained it.
+        config.mesh.rules = ()
+        model_cfg = train.model_config(config)
+        tx, _ = optimizer.make_optimizer(config.train)
+        one_device = mesh.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+        abstract = state.create_train_state(model_cfg, tx, one_device, config.seed).abstract  # nothing initialized
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))['state']
+    finally:
+        manager.close()
     params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), restored.params)
     output.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as saver:

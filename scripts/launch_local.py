@@ -121,12 +121,12 @@ def main() -> int:
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
 
-    order: list[tuple[int, int]] = []  # (process, returncode) in the order they ended
+    ended: dict[int, int] = {}  # process -> returncode, in the order they ended
     failed_at = None
-    while len(order) < count:
+    while len(ended) < count:
         for index, child in enumerate(children):
-            if child.poll() is not None and index not in [i for i, _ in order]:
-                order.append((index, child.returncode))
+            if index not in ended and child.poll() is not None:
+                ended[index] = child.returncode
                 if child.returncode not in (0, EXIT_STOPPED) and failed_at is None:
                     failed_at = time.monotonic()
         if failed_at is not None and time.monotonic() - failed_at > args.grace_s:
@@ -135,12 +135,12 @@ def main() -> int:
                     child.kill()
         time.sleep(0.2)
 
-    failures = [(index, code) for index, code in order if code not in (0, EXIT_STOPPED)]
+    failures = [(index, code) for index, code in ended.items() if code not in (0, EXIT_STOPPED)]
     if failures:
         first, code = failures[0]
         print(f'launch_local: process {first} {describe(code)} first', file=sys.stderr)
         return exit_code(code)
-    return EXIT_STOPPED if any(code == EXIT_STOPPED for _, code in order) else 0
+    return EXIT_STOPPED if EXIT_STOPPED in ended.values() else 0
 
 
 if __name__ == '__main__':
