@@ -56,8 +56,8 @@ def get_config() -> config_dict.ConfigDict:
     data.seq_len = 128  # tokens per training sequence; <= model.max_seq_len
     data.shuffle_buffer = 2048  # packed rows mixed by a window shuffle (train only); 0 or 1 = off
     # The global batch is cut into this many independent streams, each reading its own share of the files;
-    # 0 = one per process. A fixed number keeps the data order, and exact resume, the same for any number
-    # of processes that divides it.
+    # 0 = one per device of the batch axes (data x fsdp). The data order, and exact resume, are the same for
+    # any number of processes that divides it; a fixed number also keeps them across device counts.
     data.num_streams = 0
     data.num_workers = 0  # grain worker processes per stream; 0 = one background thread per stream
     data.prefetch_batches = 16  # batches buffered ahead of the device (per worker); they are small

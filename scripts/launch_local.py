@@ -6,10 +6,10 @@ Usage:
 Each process gets JAX_COORDINATOR_ADDRESS (127.0.0.1 and a free port), JAX_NUM_PROCESSES and
 JAX_PROCESS_ID, which the trainer reads, and its own devices: GPUs through CUDA_VISIBLE_DEVICES, or
 on a machine without GPUs `--cpu_devices` simulated CPU devices split evenly. Process 0 writes to
-this terminal; the others' lines are prefixed with [process N]. SIGINT/SIGTERM reach every process
-once, as SIGTERM (they agree on a step, save and exit; a second Ctrl-C kills them). The exit code is
-that of the first process to fail (0 and 4, stopped by a signal, are not failures), else 4 if any
-stopped, else 0.
+this terminal; the others' lines are prefixed with [process N]; gloo's connection lines are dropped.
+SIGINT/SIGTERM reach every process once, as SIGTERM (they agree on a step, save and exit; a second
+Ctrl-C kills them). The exit code is that of the first process to fail (0 and 4, stopped by a signal,
+are not failures), else 4 if any stopped, else 0.
 
 torchrun, mpirun and srun do the same job on real clusters; this is the one-machine case without them.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -43,6 +44,7 @@ def process_env(index: int, count: int, port: int, gpus: list[str], cpu_devices:
     """The environment of process `index`: how to join the job, and which devices are its own."""
     env = dict(os.environ)
     env.update(JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES=str(count), JAX_PROCESS_ID=str(index))
+    env['PYTHONUNBUFFERED'] = '1'  # lines reach the launcher as they are printed, in order
     if gpus:
         share = len(gpus) // count
         env['CUDA_VISIBLE_DEVICES'] = ','.join(gpus[index * share : (index + 1) * share])
@@ -66,10 +68,24 @@ def describe(returncode: int) -> str:
     return f'exited with code {returncode}'
 
 
+# gloo (inside jaxlib) prints a line per device and process group as it connects, with no switch to turn
+# it off: 16 lines for 2 processes of 4 CPU devices, often garbled by its threads. They say nothing a user
+# can act on.
+_GLOO_PIECES = re.compile(
+    r'\[Gloo\] Rank|is connected to|peer ranks\.|Expected number of connected peer ranks is :|\d+|\s+'
+)
+
+
+def _is_gloo_noise(line: str) -> bool:
+    """A line made only of pieces of gloo's connection message (its threads interleave them)."""
+    return ('Gloo' in line or 'peer ranks' in line) and not _GLOO_PIECES.sub('', line)
+
+
 def _pump(stream, prefix: str) -> None:
     for line in stream:
-        sys.stdout.write(prefix + line)
-        sys.stdout.flush()
+        if not _is_gloo_noise(line):
+            sys.stdout.write(prefix + line)
+            sys.stdout.flush()
 
 
 def main() -> int:
@@ -94,19 +110,21 @@ def main() -> int:
     port = args.port or free_port()
 
     children: list[subprocess.Popen] = []
+    pumps = []
     for index in range(count):
         # Own sessions: a terminal's Ctrl-C reaches the launcher alone, which passes it on exactly once.
-        piped = subprocess.PIPE if index else None
+        # Every process's output passes through the launcher (process 0's stderr, with its progress bar, does not).
         child = subprocess.Popen(
             command,
             env=process_env(index, count, port, gpus, args.cpu_devices),
-            stdout=piped,
+            stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT if index else None,
             text=True,
             start_new_session=True,
         )
-        if index:
-            threading.Thread(target=_pump, args=(child.stdout, f'[process {index}] '), daemon=True).start()
+        prefix = f'[process {index}] ' if index else ''
+        pumps.append(threading.Thread(target=_pump, args=(child.stdout, prefix), daemon=True))
+        pumps[-1].start()
         children.append(child)
 
     signals_seen = 0
@@ -135,6 +153,8 @@ def main() -> int:
                     child.kill()
         time.sleep(0.2)
 
+    for pump in pumps:  # the last lines of every process, before the verdict
+        pump.join(timeout=5)
     failures = [(index, code) for index, code in ended.items() if code not in (0, EXIT_STOPPED)]
     if failures:
         first, code = failures[0]

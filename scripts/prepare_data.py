@@ -93,7 +93,11 @@ def prepare(inputs: str, out_dir: str, options: dict, workers: int) -> dict | No
         return None
     jobs = [(i, path, options, out_dir) for i, path in enumerate(files)]
     with multiprocessing.get_context('spawn').Pool(min(workers, len(jobs))) as pool:
-        shards = list(tqdm.tqdm(pool.imap(tokenize_file, jobs), total=len(jobs), unit='file', desc='tokenizing'))
+        # disable=None: a bar on a terminal only; in a log file its every refresh would be a line of its own.
+        progress = tqdm.tqdm(
+            pool.imap(tokenize_file, jobs), total=len(jobs), unit='file', desc='tokenizing', disable=None
+        )
+        shards = list(progress)
     manifest = {
         'tokenizer': options['tokenizer'],
         'tokenizer_fingerprint': tokenizers.fingerprint(options['tokenizer']),

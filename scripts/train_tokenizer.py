@@ -18,6 +18,7 @@ import types
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from trainer.data import sources  # noqa: E402
+from trainer.errors import ConfigError  # noqa: E402
 
 EOS_TOKEN = '<|endoftext|>'
 
@@ -59,7 +60,19 @@ def main() -> int:
     options = types.SimpleNamespace(
         format=args.format, text_field=args.text_field, sample_by=args.sample_by, max_document_bytes=1 << 20
     )
-    size = train(sources.resolve_files(args.inputs, '--inputs'), args.vocab_size, args.output, options)
+    output = pathlib.Path(args.output)
+    try:  # everything that can fail is checked before the training, which can take long
+        files = sources.resolve_files(args.inputs, '--inputs')
+        if output.is_dir():
+            raise ConfigError(f'--output={args.output} is a folder: give the path of the .json file to write.')
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f'cannot create the folder of --output={args.output}: {error.strerror}.') from None
+    except ConfigError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    size = train(files, args.vocab_size, str(output), options)
     print(f'wrote {args.output}: {size} tokens, end-of-document {EOS_TOKEN!r}')
     return 0
 

@@ -175,6 +175,7 @@ def test_prepared_arrayrecord_shards_hold_the_same_tokens_and_rerun_is_a_no_op(t
     ]
     first = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
     assert '30 documents' in first.stdout
+    assert 'tokenizing' not in first.stderr  # the progress bar is for terminals: in a log, each refresh is a line
     manifest = json.loads((out / 'manifest.json').read_text())
     assert manifest['tokenizer'] == 'byte' and manifest['dtype'] == 'uint16' and len(manifest['shards']) == 3
     assert [s['source'] for s in manifest['shards']] == files and all(
@@ -206,7 +207,7 @@ def test_prepared_shards_must_match_the_tokenizer(tmp_path):
 
 def train_tokenizer(tmp_path) -> pathlib.Path:
     corpus = write_corpus(tmp_path / 'tok_corpus', files=2)
-    output = tmp_path / 'tokenizer.json'
+    output = tmp_path / 'new_folder' / 'tokenizer.json'  # created first, not found missing after training
     subprocess.run(
         [
             sys.executable,
@@ -223,6 +224,26 @@ def train_tokenizer(tmp_path) -> pathlib.Path:
         timeout=300,
     )
     return output
+
+
+def test_train_tokenizer_checks_its_inputs_and_output_before_training(tmp_path):
+    script = [sys.executable, str(REPO / 'scripts' / 'train_tokenizer.py'), '--vocab_size', '300']
+    missing = subprocess.run(
+        [*script, '--inputs', str(tmp_path / 'none*.txt'), '--output', str(tmp_path / 't.json')],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert missing.returncode == 2 and missing.stderr.startswith("error: --inputs='")
+    write_corpus(tmp_path / 'corpus', files=1)
+    folder = subprocess.run(
+        [*script, '--inputs', str(tmp_path / 'corpus/*.txt'), '--output', str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert folder.returncode == 2 and 'is a folder: give the path of the .json file to write' in folder.stderr
+    assert 'Traceback' not in missing.stderr + folder.stderr
 
 
 def test_trained_bpe_tokenizer_round_trips_and_is_checked_against_the_model(tmp_path):
@@ -372,3 +393,49 @@ def test_a_document_longer_than_max_document_bytes_is_read_in_pieces_without_spl
     config = data_config(str(tmp_path / 'one.txt'), sample_by='document', max_document_bytes=1024)
     pieces = list(iter(sources.FileDocuments(str(tmp_path / 'one.txt'), config.data)))
     assert ''.join(pieces) == text and all(len(p.encode()) <= 1024 for p in pieces) and len(pieces) == 6
+
+
+def test_files_contribute_in_proportion_to_their_size(tmp_path):
+    """A file of few long documents does not crowd out one of many short ones (one document each in turn did)."""
+    (tmp_path / 'long.txt').write_text('\n\n'.join('L' * 3000 for _ in range(20)))  # 60 kB: 31% of the bytes
+    (tmp_path / 'short.txt').write_text('\n\n'.join('s' * 31 for _ in range(4000)))  # 132 kB
+    config = data_config(str(tmp_path / '*.txt'), shuffle_buffer=0, seq_len=128)
+    rows = iter(dataset(config, local_batch=1))
+    inputs = np.concatenate([next(rows)['inputs'] for _ in range(500)])  # 64 kB: a third of the epoch
+    from_long, from_short = (inputs == ord('L')).sum(), (inputs == ord('s')).sum()
+    share = from_long / (from_long + from_short)
+    # Within a document of the long file (5% of it) of its size share; taking turns gave it 94%.
+    assert abs(share - 60_000 / 192_000) < 0.06, share
+
+
+def test_windows_line_ends_split_paragraphs_and_lines_and_are_normalized(tmp_path):
+    (tmp_path / 'crlf.txt').write_bytes(b'one\r\ntwo\r\n\r\nthree\r\n\r\nfour\r\n')
+    config = data_config(str(tmp_path / 'crlf.txt'))
+    reader = iter(sources.FileDocuments(str(tmp_path / 'crlf.txt'), config.data))
+    assert list(reader) == ['one\ntwo', 'three', 'four\n']
+    config.data.sample_by = 'line'
+    assert list(iter(sources.FileDocuments(str(tmp_path / 'crlf.txt'), config.data))) == ['one', 'two', 'three', 'four']
+
+
+def test_a_paragraph_cut_at_the_size_cap_is_warned_about(tmp_path, caplog):
+    (tmp_path / 'no_blank_lines.txt').write_text('a line\n' * 400)  # 2800 bytes and no blank line
+    config = data_config(str(tmp_path / 'no_blank_lines.txt'), max_document_bytes=1024)
+    with caplog.at_level(logging.WARNING):
+        pieces = list(iter(sources.FileDocuments(str(tmp_path / 'no_blank_lines.txt'), config.data)))
+    assert len(pieces) == 3
+    assert 'has a paragraph longer than config.data.max_document_bytes=1024, read in pieces' in caplog.text
+
+
+def test_files_that_yield_no_document_are_an_error_not_a_hang(tmp_path):
+    (tmp_path / 'a.jsonl').write_text('{"body": "text under another field"}\n')
+    config = data_config(str(tmp_path / 'a.jsonl'))
+    with pytest.raises(ConfigError, match='none of the 1 data files yields a document'):
+        next(iter(dataset(config)))
+
+
+def test_by_default_there_is_one_stream_per_block_of_batch_rows(tmp_path):
+    """Not one per process: 1 process x 8 devices and 2 processes x 4 devices read the same streams."""
+    mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))
+    assert pipeline.data_streams(0, sharding, (8, 16)) == (4, range(4))  # the tensor axis holds copies
+    assert pipeline.data_streams(2, sharding, (8, 16)) == (2, range(2))

@@ -1,14 +1,16 @@
 """The grain input pipeline: documents -> tokens -> packed rows -> this process's slice of each batch.
 
 Train: per epoch the file list is reshuffled (from config.seed and the epoch), files are read
-lazily and interleaved, documents are tokenized with an EOS after each, packed into rows of
-seq_len + 1 tokens (grain's concat-then-split: long documents continue in the next row), and a
-window shuffle mixes rows. Pre-tokenized ArrayRecord shards are shuffled globally instead.
+lazily and interleaved (each at a pace proportional to its size), documents are tokenized with an
+EOS after each, packed into rows of seq_len + 1 tokens (grain's concat-then-split: long documents
+continue in the next row), and a window shuffle mixes rows. Pre-tokenized ArrayRecord shards are
+shuffled globally instead.
 
-The global batch is cut into config.data.num_streams streams, each such a pipeline over its own
-share of the files (or documents) and each always filling the same rows; a process runs the streams
-of the rows it holds. Each stream's state is a small JSON-able dict: restoring it replays exactly the
-batches that follow, with any number of processes that divides the stream count.
+The global batch is cut into config.data.num_streams streams (by default one per block of rows the
+devices hold), each such a pipeline over its own share of the files (or documents) and each always
+filling the same rows; a process runs the streams of the rows it holds. Each stream's state is a
+small JSON-able dict: restoring it replays exactly the batches that follow, with any number of
+processes that divides the stream count.
 """
 
 from __future__ import annotations
@@ -25,11 +27,15 @@ from jax.sharding import NamedSharding
 from ml_collections import config_dict
 
 from trainer.data import sources
+from trainer.data.interleave import SizeBalancedInterleave
 from trainer.data.tokenizers import Tokenizer, fingerprint
 from trainer.errors import ConfigError
 
 Batch = dict[str, np.ndarray]
 _INTERLEAVED_FILES = 16  # files read at once per source: more mixes better, each holds a read block
+# Streams read whole files of their own when each gets this many; with fewer files, the streams' shares of
+# bytes would differ by a whole file, so each stream reads all files and keeps every n-th document instead.
+_FILES_PER_STREAM = 4
 
 
 def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
@@ -42,9 +48,10 @@ def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slic
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """Files of one kind, and their weight in the mixture."""
+    """Files of one kind, their sizes, and their weight in the mixture."""
 
     files: tuple[str, ...]
+    sizes: tuple[int, ...]  # bytes, one per file
     weight: float
     format: str  # text/jsonl/parquet, or 'arrayrecord' for pre-tokenized shards
 
@@ -62,11 +69,11 @@ def train_sources(data_cfg: config_dict.ConfigDict) -> list[Source]:
 
 
 def _source(pattern: str, weight: float, field: str, data_cfg: config_dict.ConfigDict) -> Source:
-    files = sources.resolve_files(pattern, field)
+    files = sources.resolve_sized_files(pattern, field)
     formats = {sources.file_format(f, data_cfg.format) for f in files}
     if len(formats) > 1:
         raise ConfigError(f'{field} mixes file formats {sorted(formats)}: give each format its own mixture entry.')
-    return Source(files=tuple(files), weight=weight, format=formats.pop())
+    return Source(files=tuple(files), sizes=tuple(files.values()), weight=weight, format=formats.pop())
 
 
 def eval_source(data_cfg: config_dict.ConfigDict) -> Source:
@@ -110,18 +117,31 @@ def _documents(
         records = sources.token_records(list(src.files), manifest['dtype'])[stream::num_streams]
         records = records.shuffle(seed) if shuffle else records
         return records.repeat(None).map(lambda ids: {'tokens': np.concatenate([ids, eos])}).to_iter_dataset()
-    files = grain.MapDataset.source(list(src.files))
-    # Whole files per stream when there are enough of them; otherwise every stream reads all
-    # files and keeps every num_streams-th document.
-    if len(src.files) >= num_streams:
-        files, shard = files[stream::num_streams], (0, 1)
+    if len(src.files) >= _FILES_PER_STREAM * num_streams:  # whole files per stream
+        shards = dict.fromkeys(_stream_share(src, stream, num_streams), (0, 1))
     else:
-        shard = (stream, num_streams)
-    files = files.shuffle(seed) if shuffle else files
-    per_file = files.repeat(None).map(lambda path: sources.FileDocuments(path, data_cfg, shard))
+        # Every stream reads all files and keeps every num_streams-th document; which one it keeps first
+        # turns with the file, so that files with an odd number of documents do not favour stream 0.
+        shards = {path: ((stream + i) % num_streams, num_streams) for i, path in enumerate(src.files)}
+    files = list(shards)
+    dataset = grain.MapDataset.source(files)
+    dataset = dataset.shuffle(seed) if shuffle else dataset
+    per_file = dataset.repeat(None).map(lambda path: sources.FileDocuments(path, data_cfg, shards[path]))
     # At most one epoch's files open at once: a wider cycle would read the next epoch's copies early.
-    documents = grain.experimental.InterleaveIterDataset(per_file, cycle_length=min(len(files), _INTERLEAVED_FILES))
+    cycle = min(len(files), _INTERLEAVED_FILES)
+    documents = SizeBalancedInterleave(per_file, cycle_length=cycle, distinct_files=len(files))
     return documents.map(lambda text: {'tokens': np.concatenate([tokenizer.encode(text), eos])})
+
+
+def _stream_share(src: Source, stream: int, num_streams: int) -> list[str]:
+    """The files of data stream `stream`, dealt largest first to the stream holding the fewest bytes."""
+    # Streams fill equally many rows: a stream with fewer bytes would repeat its files more often.
+    loads = [0] * num_streams
+    owner = {}
+    for size, path in sorted(zip(src.sizes, src.files, strict=True), key=lambda pair: (-pair[0], pair[1])):
+        lightest = loads.index(min(loads))
+        owner[path], loads[lightest] = lightest, loads[lightest] + size
+    return [path for path in src.files if owner[path] == stream]
 
 
 def _features(row: dict[str, np.ndarray]) -> Batch:
@@ -177,18 +197,25 @@ def prefetch(dataset: grain.IterDataset, data_cfg: config_dict.ConfigDict) -> gr
     return grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=data_cfg.prefetch_batches)
 
 
-def data_streams(num_streams: int, sharding: NamedSharding, global_shape: tuple[int, int]) -> tuple[int, range]:
-    """How many streams the global batch is cut into (config.data.num_streams), and which fill this process's rows.
+def batch_shards(sharding: NamedSharding, global_shape: tuple[int, ...]) -> int:
+    """How many distinct blocks of rows the devices hold: the product of the batch's mesh axes."""
+    return len({(index[0].start, index[0].stop) for index in sharding.devices_indices_map(global_shape).values()})
 
-    Stream j always fills the same rows of every global batch, so the batches do not depend on how
-    many processes share the work as long as that number divides the stream count.
+
+def data_streams(num_streams: int, sharding: NamedSharding, global_shape: tuple[int, int]) -> tuple[int, range]:
+    """How many streams the global batch is cut into, and which of them fill this process's rows.
+
+    config.data.num_streams, or by default (0) one per block of rows the devices hold, which does not
+    depend on how many processes share the devices. Stream j always fills the same rows of every global
+    batch, so the batches do not depend on the process count as long as it divides the stream count.
     """
-    streams = num_streams or jax.process_count()
+    streams = num_streams or batch_shards(sharding, global_shape)
     batch = global_shape[0]
     if batch % streams:
         raise ConfigError(
             f'config.train.global_batch_size={batch} cannot be cut into {streams} data streams '
-            f'(config.data.num_streams={num_streams}, 0 = one per process): make the batch a multiple of it.'
+            f'(config.data.num_streams={num_streams}, 0 = one per device of the batch axes): make the batch a '
+            'multiple of it.'
         )
     rows, per_stream = process_rows(sharding, global_shape), batch // streams
     if rows.start % per_stream or rows.stop % per_stream:

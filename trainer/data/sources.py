@@ -7,9 +7,11 @@ Each reader is a grain IterDataset over one file whose iterator state is a posit
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
 import os
+import re
 from typing import Any
 
 import fsspec
@@ -27,7 +29,8 @@ _EXTENSIONS = {
     '.arrayrecord': 'arrayrecord',
     '.array_record': 'arrayrecord',
 }
-_SEPARATORS = {'line': b'\n', 'paragraph': b'\n\n', 'document': None}
+# Line ends of either kind (Windows files, Hugging Face's raw WikiText have '\r\n'); a paragraph ends at a blank line.
+_SEPARATORS = {'line': re.compile(rb'\r?\n'), 'paragraph': re.compile(rb'\r?\n\r?\n'), 'document': None}
 _BLOCK_BYTES = 1 << 20  # read size; a reader holds at most one block plus one document
 # fsspec backends that are separate packages, and the pip extra that brings each.
 _BACKEND_EXTRAS = {'gs': 'gcs', 'gcs': 'gcs', 's3': 's3', 'hf': 'hf'}
@@ -56,6 +59,11 @@ def _size(path: str) -> int:
 
 def resolve_files(patterns: str, field: str) -> list[str]:
     """Expands comma-separated paths, globs and URLs; each must match a file, and some must hold data."""
+    return list(resolve_sized_files(patterns, field))
+
+
+def resolve_sized_files(patterns: str, field: str) -> dict[str, int]:
+    """resolve_files, with each file's size in bytes."""
     files = []
     for pattern in (p.strip() for p in patterns.split(',')):
         if not pattern:
@@ -66,9 +74,10 @@ def resolve_files(patterns: str, field: str) -> list[str]:
         files.extend(matches)
     if not files:
         raise ConfigError(f'{field} is empty: give at least one path or glob of data files.')
-    non_empty = [f for f in files if _size(f) > 0]
-    for empty in sorted(set(files) - set(non_empty)):
+    sizes = {f: _size(f) for f in files}
+    for empty in sorted(f for f, size in sizes.items() if not size):
         logging.warning('data: skipping %s, which is empty (%s)', empty, field)
+    non_empty = {f: size for f, size in sizes.items() if size}
     if not non_empty:
         raise ConfigError(f'{field} matches only empty files ({files[0]!r}, ...): give files with data in them.')
     return non_empty
@@ -94,11 +103,17 @@ def check_parquet_column(path: str, column: str) -> None:
 
 
 class _TextIterator(grain.DatasetIterator):
-    """Documents of one text file, read a block at a time; state is the byte offset of the next one."""
+    """Documents of one text file, read a block at a time; state is the byte offset of the next one.
+
+    Line ends are normalized to '\n'.
+    """
+
+    _warned_pieces: set[str] = set()  # files already warned about (once per process, not once per epoch)
 
     def __init__(self, path: str, sample_by: str, max_document_bytes: int, shard: tuple[int, int]):
         super().__init__()
         self._path, self._separator, self._max_bytes = path, _SEPARATORS[sample_by], max_document_bytes
+        self._sample_by = sample_by
         self._shard_index, self._shard_count = shard
         self._file = None
         self._seek({'offset': 0, 'ordinal': 0})
@@ -108,20 +123,26 @@ class _TextIterator(grain.DatasetIterator):
         if self._file is not None:
             self._file.close()
         self._file = fsspec.open(self._path, 'rb').open()
+        self._size = self._file.seek(0, os.SEEK_END)
         self._file.seek(state['offset'])
         self._offset, self._ordinal, self._buffer, self._eof = state['offset'], state['ordinal'], b'', False
+
+    def fraction_read(self) -> float:
+        """How far into the file the reader is, from 0 to 1."""
+        return self._offset / self._size if self._size else 1.0
 
     def _next_raw(self) -> bytes | None:
         """The next document's bytes, or None at the end of the file."""
         while True:
-            cut = self._buffer.find(self._separator) if self._separator else -1
-            if cut >= 0:
-                document, used = self._buffer[:cut], cut + len(self._separator)
+            found = self._separator.search(self._buffer) if self._separator else None
+            if found is not None:
+                document, used = self._buffer[: found.start()], found.end()
             elif len(self._buffer) > self._max_bytes:  # the byte after the cut is known: a whole piece
                 cut = self._max_bytes
                 while cut > 0 and (self._buffer[cut] & 0xC0) == 0x80:  # do not split a UTF-8 character
                     cut -= 1
                 document, used = self._buffer[:cut], cut
+                self._warn_pieces()
             elif not self._eof:
                 block = self._file.read(_BLOCK_BYTES)
                 self._eof = not block
@@ -134,7 +155,21 @@ class _TextIterator(grain.DatasetIterator):
             self._buffer = self._buffer[used:]
             self._offset += used
             if document.strip():
-                return document
+                return document.replace(b'\r\n', b'\n')
+
+    def _warn_pieces(self) -> None:
+        """A document cut at max_document_bytes is expected with sample_by='document', a sign of trouble otherwise."""
+        if self._separator is None or self._path in self._warned_pieces:
+            return
+        self._warned_pieces.add(self._path)
+        logging.warning(
+            'data: %s has a %s longer than config.data.max_document_bytes=%d, read in pieces of that size: check '
+            'that its %ss are separated as expected, or raise max_document_bytes',
+            self._path,
+            self._sample_by,
+            self._max_bytes,
+            self._sample_by,
+        )
 
     def _next_text(self) -> str:
         while True:
@@ -146,7 +181,7 @@ class _TextIterator(grain.DatasetIterator):
                 raise StopIteration
             ordinal, self._ordinal = self._ordinal, self._ordinal + 1
             if ordinal % self._shard_count != self._shard_index:
-                continue  # another process's document
+                continue  # another stream's document
             text = raw.decode('utf-8', errors='replace')
             self.invalid_utf8 += text.count('\ufffd') - raw.count('\ufffd'.encode())
             return text
@@ -159,6 +194,10 @@ class _TextIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, int]) -> None:
         self._seek(state)
+
+    def close(self) -> None:
+        super().close()
+        self._file.close()
 
 
 class _JsonlIterator(_TextIterator):
@@ -198,7 +237,14 @@ class _ParquetIterator(grain.DatasetIterator):
         self._path, self._column = path, column
         self._shard_index, self._shard_count = shard
         self._file = pq.ParquetFile(fsspec.open(path, 'rb').open())
+        groups = [self._file.metadata.row_group(g).num_rows for g in range(self._file.num_row_groups)]
+        self._rows_before = list(itertools.accumulate(groups, initial=0))  # rows before group g; the total last
         self._load({'row_group': 0, 'row': 0, 'ordinal': 0})
+
+    def fraction_read(self) -> float:
+        """How far into the file the reader is, from 0 to 1 (by rows)."""
+        total = self._rows_before[-1]
+        return (self._rows_before[self._row_group] + self._row) / total if total else 1.0
 
     def _load(self, state: dict[str, int]) -> None:
         self._row_group, self._row, self._ordinal = state['row_group'], state['row'], state['ordinal']
@@ -226,6 +272,10 @@ class _ParquetIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, int]) -> None:
         self._load(state)
+
+    def close(self) -> None:
+        super().close()
+        self._file.close()
 
 
 class FileDocuments(grain.IterDataset):
