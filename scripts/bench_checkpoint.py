@@ -22,7 +22,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 
 from configs import small_lm  # noqa: E402
-from trainer import checkpoints, state, train  # noqa: E402
+from trainer import checkpoints, flops, train  # noqa: E402
 from trainer import mesh as mesh_lib  # noqa: E402
 from trainer.data import pipeline, tokenizers  # noqa: E402
 
@@ -55,13 +55,13 @@ def measure(name: str, config, repeats: int) -> None:
             total.append(time.perf_counter() - start)
             size = sum(f.stat().st_size for f in folder.rglob('*') if f.is_file())
             start = time.perf_counter()
-            restored, _ = checkpointer.restore_latest(current, data)
-            jax.block_until_ready(restored)
+            restored = checkpointer.restore_latest(current)
+            jax.block_until_ready(restored.state)
             restore.append(time.perf_counter() - start)
             checkpointer.close()
             shutil.rmtree(folder)
         data.close()
-    params = state.count_params(current.params)
+    params = flops.param_counts(current.params).total
     interval = config.checkpoint.every_steps * step_time
     print(f'{name}: {params / 1e6:.1f}M params, checkpoint {size / 2**20:.0f} MiB; train step {step_time:.2f}s')
     print(
