@@ -3,16 +3,23 @@
 import jax
 import numpy as np
 import pytest
-from conftest import mesh_for, random_batch, tiny_config
+from conftest import BATCH, mesh_for, random_batch, tiny_config
 
 from trainer import optimizer, train
 
+GOLDEN_LOSS = 3.6234543
+GOLDEN_GRAD_NORM = 0.7354351
 
-def one_step(config, batch_seed: int = 0):
+
+def one_step(config, batch_seed: int = 0, unequal_rows: bool = False):
     mesh = mesh_for(config)
     with jax.set_mesh(mesh):
         setup = train.build(config, mesh)
-        state, metrics = setup.compiled.train(setup.sharded.state, random_batch(setup, config, batch_seed))
+        batch = random_batch(setup, config, batch_seed)
+        if unequal_rows:  # row r counts only its first r + 1 targets: micro-batches of unequal weight
+            weights = np.asarray(batch['weights']) * (np.arange(config.data.seq_len)[None] <= np.arange(BATCH)[:, None])
+            batch['weights'] = jax.device_put(weights.astype(np.float32), setup.batch_sharding)
+        state, metrics = setup.compiled.train(setup.sharded.state, batch)
         return jax.device_get(metrics), jax.device_get(state.params)
 
 
@@ -21,8 +28,9 @@ def test_k_accumulation_steps_of_b_equal_one_step_of_k_times_b(sizes):
     whole = tiny_config('llama', **sizes)
     accumulated = tiny_config('llama', **sizes)
     accumulated.train.grad_accum_steps = 4  # 4 micro-batches of 2 sequences = one batch of 8
-    whole_metrics, whole_params = one_step(whole)
-    accum_metrics, accum_params = one_step(accumulated)
+    # Rows of unequal weight: a mean per micro-batch would differ from the batch's mean over all its tokens.
+    whole_metrics, whole_params = one_step(whole, unequal_rows=True)
+    accum_metrics, accum_params = one_step(accumulated, unequal_rows=True)
     np.testing.assert_allclose(accum_metrics['loss'], whole_metrics['loss'], rtol=1e-6)
     np.testing.assert_allclose(accum_metrics['grad_norm'], whole_metrics['grad_norm'], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), accum_params, whole_params)
@@ -75,6 +83,29 @@ def test_schedules_warm_up_to_the_peak_and_end_at_their_floor(schedule):
     if schedule == 'wsd':  # stable at the peak until the last 20% of steps
         np.testing.assert_allclose(float(lr(80)), 1.0, rtol=1e-6)
         assert float(lr(90)) < 1.0
+
+
+@pytest.mark.parametrize('schedule', ['cosine', 'linear', 'constant', 'wsd'])
+@pytest.mark.parametrize('steps', [10, 4])  # as long as the warmup, and shorter (the warmup is clamped)
+def test_every_schedule_works_for_a_run_no_longer_than_its_warmup(schedule, steps):
+    config = tiny_config()
+    config.train.update(lr_schedule=schedule, steps=steps, warmup_steps=10, learning_rate=1.0)
+    lr = optimizer.make_schedule(config.train)
+    rates = [float(lr(step)) for step in range(steps + 1)]
+    assert all(np.isfinite(rates)), rates
+    np.testing.assert_allclose(rates[:steps], np.arange(steps) / steps, rtol=1e-6)  # warms up over the run
+    assert rates[steps] == pytest.approx(1.0)
+
+
+def test_one_step_golden_loss():
+    """The first step's loss and gradient norm on a fixed batch, to float32 rounding.
+
+    They change legitimately when the init, the model's math, tiny_config or random_batch change: then
+    check the reason and update the numbers. Any other change that moves them is a bug.
+    """
+    metrics, _ = one_step(tiny_config('llama'))
+    assert float(metrics['loss']) == pytest.approx(GOLDEN_LOSS, rel=1e-5)
+    assert float(metrics['grad_norm']) == pytest.approx(GOLDEN_GRAD_NORM, rel=1e-4)
 
 
 @pytest.mark.parametrize('decay_embeddings', [False, True])

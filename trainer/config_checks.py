@@ -58,10 +58,6 @@ def check_model(model: config_dict.ConfigDict) -> None:
         f'the llama family needs an even head dimension for RoPE, but d_model / num_heads = '
         f'{model.d_model / model.num_heads:g}: change config.model.num_heads or d_model.',
     )
-    _require(
-        model.family != 'gpt2' or model.tie_embeddings,
-        'the gpt2 family ties its input and output embeddings: set config.model.tie_embeddings=True.',
-    )
     _require(0.0 <= model.dropout < 1.0, f'config.model.dropout={model.dropout} must be in [0, 1).')
     _require(
         model.attention_impl != 'cudnn' or jax.default_backend() == 'gpu',
@@ -109,10 +105,8 @@ def check_train(train: config_dict.ConfigDict) -> None:
     _positive(train, 'config.train', 'steps', 'global_batch_size', 'grad_accum_steps', 'log_every', 'eval_steps')
     _one_of(train.lr_schedule, LR_SCHEDULES, 'config.train.lr_schedule')
     _require(train.learning_rate > 0, f'config.train.learning_rate={train.learning_rate} must be positive.')
-    _require(
-        0 <= train.warmup_steps <= train.steps,
-        f'config.train.warmup_steps={train.warmup_steps} must be between 0 and config.train.steps={train.steps}.',
-    )
+    # A warmup longer than the run is clamped to it (with a warning): a short smoke test of a long config.
+    _require(train.warmup_steps >= 0, f'config.train.warmup_steps={train.warmup_steps} must not be negative.')
     _require(0.0 <= train.min_lr_ratio <= 1.0, f'config.train.min_lr_ratio={train.min_lr_ratio} must be in [0, 1].')
     _require(
         0.0 < train.wsd_decay_fraction <= 1.0,

@@ -13,32 +13,34 @@ _NO_DECAY_KEYS = ('scale', 'bias', 'biases')
 _EMBEDDING_KEYS = ('embedding_VD', 'position_embedding_PD')
 
 
+def warmup_steps(train: config_dict.ConfigDict) -> int:
+    """config.train.warmup_steps, clamped to the run: a short smoke test warms up over all its steps."""
+    return min(train.warmup_steps, train.steps)
+
+
 def make_schedule(train: config_dict.ConfigDict) -> optax.Schedule:
     """Linear warmup to `learning_rate`, then the named decay over the remaining steps."""
-    peak, steps, warmup = train.learning_rate, train.steps, train.warmup_steps
+    peak, steps, warmup = train.learning_rate, train.steps, warmup_steps(train)
     end = peak * train.min_lr_ratio
+    # With steps == warmup the decay is never reached, but optax's decays need at least one step.
+    decay_steps = max(steps - warmup, 1)
     if train.lr_schedule == 'cosine':
-        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, steps, end_value=end)
-    if train.lr_schedule == 'constant':
-        return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup])
-    if train.lr_schedule == 'linear':
-        return optax.join_schedules(
-            [optax.linear_schedule(0.0, peak, warmup), optax.linear_schedule(peak, end, steps - warmup)], [warmup]
-        )
-    if train.lr_schedule == 'wsd':
+        after_warmup = optax.cosine_decay_schedule(peak, decay_steps, alpha=train.min_lr_ratio)
+    elif train.lr_schedule == 'constant':
+        after_warmup = optax.constant_schedule(peak)
+    elif train.lr_schedule == 'linear':
+        after_warmup = optax.linear_schedule(peak, end, decay_steps)
+    elif train.lr_schedule == 'wsd':
         # Warmup-stable-decay (MiniCPM): constant at the peak, then a linear decay over the last steps.
-        # optax has no such schedule; it is three of its pieces joined.
-        decay = max(1, round(steps * train.wsd_decay_fraction))
-        stable = max(warmup, steps - decay)
-        return optax.join_schedules(
-            [
-                optax.linear_schedule(0.0, peak, warmup),
-                optax.constant_schedule(peak),
-                optax.linear_schedule(peak, end, steps - stable),
-            ],
-            [warmup, stable],
+        # optax has no such schedule; it is its pieces joined.
+        decay = min(max(1, round(steps * train.wsd_decay_fraction)), decay_steps)
+        stable = decay_steps - decay
+        after_warmup = optax.join_schedules(
+            [optax.constant_schedule(peak), optax.linear_schedule(peak, end, decay)], [stable]
         )
-    raise ValueError(f'unknown lr_schedule {train.lr_schedule!r}')  # unreachable after config_checks
+    else:
+        raise ValueError(f'unknown lr_schedule {train.lr_schedule!r}')  # unreachable after config_checks
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after_warmup], [warmup])
 
 
 def decay_mask(params: Any, decay_embeddings: bool) -> Any:
