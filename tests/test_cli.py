@@ -1,11 +1,15 @@
 """`python -m trainer` end to end: outputs on disk, a falling loss, one-line errors."""
 
+import dataclasses
 import json
 import pathlib
 import re
 import subprocess
 import sys
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from conftest import TINY_RUN_OVERRIDES, read_metrics
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -119,7 +123,7 @@ def test_unknown_config_key_is_rejected(tmp_path):
     assert 'stpes' in result.stderr and 'Traceback' not in result.stderr
 
 
-def test_nan_loss_stops_the_run_naming_the_step(tmp_path):
+def test_nan_loss_stops_the_run_naming_the_step_and_is_never_saved(tmp_path):
     result = run_trainer(
         '--config',
         'configs/small_lm.py',
@@ -127,7 +131,8 @@ def test_nan_loss_stops_the_run_naming_the_step(tmp_path):
         str(tmp_path),
         *TINY,
         '--config.train.steps=8',
-        '--config.train.log_every=4',
+        '--config.train.log_every=4',  # the loss is fetched after the saves at steps 1, 2 and 3
+        '--config.checkpoint.every_steps=1',
         '--config.train.learning_rate=1e30',
         '--config.train.warmup_steps=0',
         '--config.train.grad_clip=0',
@@ -135,4 +140,62 @@ def test_nan_loss_stops_the_run_naming_the_step(tmp_path):
     )
     assert result.returncode == 3, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert re.match(r'error: the loss became (nan|inf|-inf) at step [1-8]: lower config.train.learning_rate', last)
+    found = re.match(
+        r'error: the (loss|gradient norm) became (nan|inf|-inf) at step ([1-8]): lower config.train.', last
+    )
+    assert found, last
+    saved = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
+    assert all(step < int(found.group(3)) for step in saved), (saved, last)  # only steps before it
+    with ocp.StandardCheckpointer() as reader:
+        for step in saved:
+            params = reader.restore((tmp_path / 'checkpoints' / str(step) / 'state').absolute())['params']
+            assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params)), step
+
+
+def test_a_run_shorter_than_its_warmup_warms_up_over_all_its_steps(tmp_path):
+    result = run_trainer(
+        '--config',
+        'configs/small_lm.py',
+        '--workdir',
+        str(tmp_path),
+        *TINY,
+        '--config.train.steps=3',
+        '--config.train.warmup_steps=50',
+        '--config.train.log_every=1',
+        '--config.data.eval_files=',
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    warning = 'config.train.warmup_steps=50 is longer than the run (config.train.steps=3): warming up over all 3 steps'
+    assert warning in result.stderr
+    rates = [line['learning_rate'] for line in read_metrics(tmp_path)]
+    np.testing.assert_allclose(rates, [0.0, 1e-3, 2e-3], rtol=1e-5)
+
+
+def test_the_host_runs_at_most_one_step_ahead_of_the_device(tmp_path, monkeypatch):
+    """So that a stop, a save or a divergence waits for one step, not for all that the host could queue."""
+    from configs import small_lm
+    from trainer import train
+
+    config = small_lm.get_config()
+    config.model.update(num_layers=2, d_model=256, d_ff=1024, num_kv_heads=4)  # steps far slower than dispatch
+    config.train.update(steps=10, log_every=100, eval_every=0)
+    config.data.eval_files = ''
+    config.checkpoint.every_steps = 0
+    in_flight = []
+    build = train.build
+
+    def counting_build(config, mesh):
+        setup = build(config, mesh)
+        dispatched = []
+
+        def train_step(state, batch):
+            in_flight.append(sum(not metrics['loss'].is_ready() for metrics in dispatched))
+            state, metrics = setup.compiled.train(state, batch)
+            dispatched.append(metrics)
+            return state, metrics
+
+        return dataclasses.replace(setup, compiled=dataclasses.replace(setup.compiled, train=train_step))
+
+    monkeypatch.setattr(train, 'build', counting_build)
+    train.train(config, tmp_path)
+    assert len(in_flight) == 10 and max(in_flight) <= 1, in_flight

@@ -36,6 +36,7 @@ EXIT_BAD_INPUT = 2  # a config or data problem, reported in one line
 EXIT_DIVERGED = 3  # the loss became NaN or Inf
 EXIT_STOPPED = 4  # SIGTERM/SIGINT: the state was saved; the same command resumes
 EXIT_PEER_LOST = distributed.EXIT_PEER_LOST  # 5: another process of the job died; rerun the job to resume
+EXIT_INTERRUPTED = 130  # Ctrl-C before the first step or after the last (the shell's 128 + SIGINT)
 
 
 def _fail(message: str) -> NoReturn:
@@ -119,6 +120,12 @@ def run(argv: list[str]) -> int:
     except StoppedBySignal as message:
         print(f'stopped: {message}', file=sys.stderr)
         return EXIT_STOPPED
+    except KeyboardInterrupt:  # Ctrl-C while starting up or finishing, outside the loop's save-and-stop
+        print(
+            f'stopped: interrupted; nothing more was saved (the newest checkpoint in {workdir} stands).',
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     loss_text = f', loss {result.last_loss:.4f}' if result.last_loss is not None else ''
     eval_text = f', eval loss {result.eval_loss:.4f}' if result.eval_loss is not None else ''
     if jax.process_index() == 0:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pathlib
+import re
+import sys
 import time
 from typing import Any
 
@@ -59,14 +62,14 @@ def _data_position(data: GlobalBatches) -> dict[str, Any]:
     return {'num_streams': data.num_streams, 'streams': dict(sorted(streams.items(), key=lambda kv: int(kv[0])))}
 
 
-def _param_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    """'blocks/mlp/w_up_DF' -> shape, for the params of a TrainState or of its saved metadata."""
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """'params/blocks/mlp/w_up_DF' -> shape, for every array of a TrainState or of its saved metadata."""
 
     def name(entry: Any) -> str:
         return str(getattr(entry, 'key', getattr(entry, 'name', getattr(entry, 'idx', entry))))
 
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {'/'.join(map(name, path[1:])): tuple(leaf.shape) for path, leaf in leaves if name(path[0]) == 'params'}
+    return {'/'.join(map(name, path)): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def find_checkpoint(path: str, field: str) -> pathlib.Path:
@@ -92,11 +95,27 @@ def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
     }
 
 
-def open_read_only(directory: pathlib.Path) -> ocp.CheckpointManager:
-    """Another run's checkpoints folder, for reading only."""
+class _DropReadOnlyNotices(logging.Filter):
+    """orbax warns that a manager opened for reading is 'read only', which reads as if the folder were."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not message.startswith(('Given directory is read only', 'CheckpointManagerOptions.read_only=True'))
+
+
+logging.getLogger('absl').addFilter(_DropReadOnlyNotices())
+
+
+def open_read_only(
+    directory: pathlib.Path, state_handler: ocp.CheckpointHandler | None = None
+) -> ocp.CheckpointManager:
+    """Another run's checkpoints folder, for reading only (optionally with another handler for the state)."""
+    handlers = _item_handlers()
+    if state_handler is not None:
+        handlers['state'] = state_handler
     return ocp.CheckpointManager(
         directory.absolute(),
-        item_handlers=_item_handlers(),
+        item_handlers=handlers,
         options=ocp.CheckpointManagerOptions(read_only=True, create=False),
     )
 
@@ -106,20 +125,131 @@ def _abstract(target: TrainState) -> TrainState:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
 
 
-def _check_same_model(manager: ocp.CheckpointManager, directory: pathlib.Path, step: int, target: TrainState) -> None:
-    """A checkpoint of another model shape is an error naming the first parameter that differs."""
+# config.train fields whose value changes the optimizer state's structure (clipping adds a state of its own).
+_OPTIMIZER_STRUCTURE_FIELDS = {'grad_clip': lambda value: value > 0}
+
+
+def _saved_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """The config a checkpoint was saved with ({} if it cannot be read)."""
+    try:
+        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+        return json.loads(saved['config'])
+    except Exception:  # an old or damaged config item: the message then names the differing array instead
+        return {}
+
+
+def _optimizer_difference(saved_config: dict[str, Any], config_json: str, saved: set[str], wanted: set[str]) -> str:
+    """Says why a checkpoint's optimizer state has another structure than this config's."""
+    ours = json.loads(config_json).get('train', {})
+    theirs = saved_config.get('train', {})
+    for name, structural in _OPTIMIZER_STRUCTURE_FIELDS.items():
+        if name in ours and name in theirs and structural(ours[name]) != structural(theirs[name]):
+            return f'config.train.{name} is {theirs[name]} there but {ours[name]} here'
+    first = sorted(saved ^ wanted)[0]
+    return f'{first} is {"only in the checkpoint" if first in saved else "missing from the checkpoint"}'
+
+
+def _check_matches(
+    manager: ocp.CheckpointManager,
+    directory: pathlib.Path,
+    step: int,
+    target: TrainState,
+    config_json: str,
+    params_only: bool = False,
+    optimizer_fix: str = '',
+) -> None:
+    """A checkpoint of another model shape or optimizer is a ConfigError naming what differs (and `optimizer_fix`).
+
+    Raises FileNotFoundError when the checkpoint's metadata is missing: unreadable, not another model.
+    """
     metadata = manager.item_metadata(step)['state']
-    saved = _param_shapes(metadata) if metadata is not None else {}
-    if not saved:  # files missing: unreadable (restore_latest tries the one before), not another model
-        raise FileNotFoundError('its parameter metadata is missing')
-    wanted = _param_shapes(target)
+    saved = _leaf_shapes(metadata) if metadata is not None else {}
+    if not saved:
+        raise FileNotFoundError('its metadata is missing')
+    wanted = _leaf_shapes(target)
+    checkpoint = directory / str(step)
     for name in sorted(set(saved) | set(wanted)):
-        if saved.get(name) != wanted.get(name):
+        if name.startswith('params/') and saved.get(name) != wanted.get(name):
             raise ConfigError(
-                f'{directory / str(step)} holds another model: parameter {name} is {saved.get(name, "absent")} '
-                f'there but {wanted.get(name, "absent")} in this config; use the config that run used (its '
-                'config.json is in its workdir) or another --workdir.'
+                f'{checkpoint} holds another model: parameter {name.removeprefix("params/")} is '
+                f'{saved.get(name, "absent")} there but {wanted.get(name, "absent")} in this config; use the config '
+                'that run used (its config.json is in its workdir) or another --workdir.'
             )
+    if params_only:
+        return
+    saved_rest = {name for name in saved if not name.startswith('params/')}
+    wanted_rest = {name for name in wanted if not name.startswith('params/')}
+    if saved_rest != wanted_rest or any(saved[name] != wanted[name] for name in saved_rest):
+        why = _optimizer_difference(_saved_config(manager, step), config_json, saved_rest, wanted_rest)
+        raise ConfigError(
+            f"{checkpoint} holds an optimizer state of another structure than this config's ({why}): set the "
+            f'config back to match it, or start a new run from its parameters alone with '
+            f'--config.checkpoint.restore_from={checkpoint} and another --workdir.'
+        )
+
+
+def _reason(error: Exception) -> str:
+    """A short, readable account of why a checkpoint did not read back (TensorStore's are pages long)."""
+    text = str(error).strip()
+    arrays = re.findall(r"'path': '([^'/]+)/'", text)  # TensorStore names the array it failed on
+    if arrays:
+        return f'cannot read its array {arrays[-1]}'
+    first = (text.splitlines() or [''])[0].split(' See full TensorStore details')[0]
+    return f'{type(error).__name__}: {first[:200]}' if first else type(error).__name__
+
+
+class _DropFailedRestoreStragglers(logging.Filter):
+    """asyncio's 'exception was never retrieved' for the reads a failed restore left behind."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return 'exception was never retrieved' not in str(record.msg)
+
+
+def _silence_failed_restore_stragglers() -> None:
+    """Keeps the reads still in flight after a failed restore from printing tracebacks.
+
+    orbax gives up at the first array that does not read back and closes its event loop while
+    TensorStore's other reads are still running; each of those then reports its error (or 'Event loop
+    is closed') as an unraisable exception or through asyncio's logger: pages of tracebacks around the
+    trainer's one-line message. Installed only once a restore has failed.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, 'shardtrain_filter', False):
+        return
+
+    def hook(unraisable) -> None:
+        message = str(unraisable.exc_value)
+        if 'Event loop is closed' in message or 'TensorStore' in message:
+            return
+        previous(unraisable)
+
+    hook.shardtrain_filter = True
+    sys.unraisablehook = hook
+    logging.getLogger('asyncio').addFilter(_DropFailedRestoreStragglers())
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A checkpoint read back: the state, its step, and where the data streams were."""
+
+    state: TrainState
+    step: int
+    data_position: dict[str, Any]
+
+
+def rewind(data: GlobalBatches, position: dict[str, Any], where: pathlib.Path) -> None:
+    """Puts the data streams back where a checkpoint says; another stream count starts the data over, loudly."""
+    if position.get('num_streams') == data.num_streams:
+        data.set_state({int(stream): _from_json(text) for stream, text in position['streams'].items()})
+        return
+    logging.warning(
+        'the data position in %s is for %s data streams but this run has %d: the data order starts '
+        'over; set config.data.num_streams=%s to continue it exactly',
+        where,
+        position.get('num_streams', '?'),
+        data.num_streams,
+        position.get('num_streams', '?'),
+    )
 
 
 class Checkpointer:
@@ -160,8 +290,6 @@ class Checkpointer:
         The data iterator's state is read here, synchronously: grain's own orbax handler reads it
         in the background, by when the loop has already taken the next batch.
         """
-        if self._manager.latest_step() == step:
-            return
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -173,63 +301,94 @@ class Checkpointer:
         )
         self._last_save_time = time.monotonic()
 
-    def restore(self, step: int, target: TrainState, data: GlobalBatches) -> TrainState:
-        """The state saved at `step`, laid out like `target`; the data iterator is rewound in place."""
+    def restore(self, step: int, target: TrainState) -> Restored:
+        """The state saved at `step`, laid out like `target`, and the data position saved with it."""
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target)), data=ocp.args.JsonRestore()),
         )
-        saved = restored['data']
-        if saved.get('num_streams') == data.num_streams:
-            data.set_state({int(stream): _from_json(text) for stream, text in saved['streams'].items()})
-        else:
-            logging.warning(
-                'the data position in %s is for %s data streams but this run has %d: the data order starts '
-                'over; set config.data.num_streams=%s to continue it exactly',
-                self.directory / str(step),
-                saved.get('num_streams', '?'),
-                data.num_streams,
-                saved.get('num_streams', '?'),
-            )
-        return restored['state']
+        return Restored(state=restored['state'], step=step, data_position=restored['data'])
 
-    def restore_latest(self, target: TrainState, data: GlobalBatches) -> tuple[TrainState, int] | None:
-        """The newest checkpoint that reads back, skipping (and naming) unreadable ones; None if there is none.
+    def restore_latest(self, target: TrainState) -> Restored | None:
+        """The newest checkpoint that reads back; None if there is none.
 
-        A folder whose checkpoints are all unreadable is an error: never silently start over there.
+        Unreadable newer ones are moved aside to checkpoints/corrupt-<step> (their steps are saved anew
+        as the run passes them). A folder whose checkpoints are all unreadable is an error: never
+        silently start over there.
         """
-        problem = ''
+        unreadable: list[tuple[int, str]] = []
         for step in sorted(self._manager.all_steps(), reverse=True):
+            fix = (
+                'start a new run from its parameters alone with '
+                f'--config.checkpoint.restore_from={self.directory / str(step)} and another --workdir'
+            )
             try:
-                _check_same_model(self._manager, self.directory, step, target)
-                return self.restore(step, target, data), step
+                _check_matches(self._manager, self.directory, step, target, self._config_json, optimizer_fix=fix)
+                restored = self.restore(step, target)
             except ConfigError:
                 raise
             except Exception as error:  # orbax raises many types for missing or garbled files
-                problem = f'{self.directory / str(step)}: {str(error).strip().splitlines()[0][:300]}'
-                logging.warning('checkpoint %s is unreadable; trying the one before', problem)
-        if problem:
+                _silence_failed_restore_stragglers()
+                unreadable.append((step, _reason(error)))
+                continue
+            for bad_step, reason in unreadable:
+                moved = self._move_aside(bad_step)
+                if moved is not None:
+                    logging.warning(
+                        'checkpoint %s is unreadable (%s): moved it to %s; resuming from step %d',
+                        self.directory / str(bad_step),
+                        reason,
+                        moved,
+                        step,
+                    )
+            if unreadable:
+                self._manager.reload()
+            return restored
+        if unreadable:
+            step, reason = unreadable[0]
             raise ConfigError(
-                f'no checkpoint in {self.directory} can be read (the oldest tried: {problem}); move that folder '
-                'away to start over, or use another --workdir.'
+                f'no checkpoint in {self.directory} can be read (the newest, {self.directory / str(step)}: {reason}); '
+                f'move {self.directory} away to start over, or use another --workdir.'
             )
         return None
 
-    def restore_other_run(self, path: str, target: ShardedState, params_only: bool) -> tuple[TrainState, str]:
-        """A new run's start from another run's checkpoint: its params only, or its whole train state.
+    def _move_aside(self, step: int) -> pathlib.Path | None:
+        """Renames checkpoint `step` to corrupt-<step> (process 0 does it; all wait); returns the new path there."""
+        destination = self.directory / f'corrupt-{step}'
+        suffix = 1
+        while destination.exists():
+            destination, suffix = self.directory / f'corrupt-{step}-{suffix}', suffix + 1
+        if jax.process_index() == 0:
+            (self.directory / str(step)).rename(destination)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f'shardtrain: moved checkpoint {step} aside')
+        return destination if jax.process_index() == 0 else None
 
-        `path` is a checkpoint (.../checkpoints/600) or a folder of them (its newest is used).
+    def restore_other_run(self, path: str, target: ShardedState, params_only: bool) -> tuple[TrainState, str]:
+        """A new run's start from another run's checkpoint: its params with a fresh optimizer, or its whole state.
+
+        `path` is a checkpoint (.../checkpoints/600) or a folder of them (its newest is used). Params alone
+        are read alone: the other run's optimizer may differ, and nothing else is held in memory.
         """
         folder = find_checkpoint(path, 'config.checkpoint.restore_from')
         step = int(folder.name)
-        other = open_read_only(folder.parent)
+        # A partial restore (the params subtree) needs the generic PyTree handler; it reads what the
+        # standard handler wrote.
+        other = open_read_only(folder.parent, ocp.PyTreeCheckpointHandler() if params_only else None)
         try:
-            _check_same_model(other, folder.parent, step, target.abstract)
+            fix = 'restore its parameters alone with --config.checkpoint.restore_params_only=True'
+            _check_matches(other, folder.parent, step, target.abstract, self._config_json, params_only, fix)
+            if params_only:
+                wanted = {'params': target.abstract.params}
+                args = ocp.args.PyTreeRestore(
+                    item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted), partial_restore=True
+                )
+                params = other.restore(step, args=ocp.args.Composite(state=args))['state']['params']
+                return target.start_from(params), str(folder)
             restored = other.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target.abstract)))
+            return restored['state'], str(folder)
         finally:
             other.close()
-        state = restored['state']
-        return (target.state.replace(params=state.params), str(folder)) if params_only else (state, str(folder))
 
     def wait(self) -> None:
         """Blocks until the save in flight, if any, is on disk."""

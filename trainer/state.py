@@ -41,11 +41,16 @@ class ShardedState:
     graphdef: nnx.GraphDef  # merged with params to rebuild the model inside a step
     logical_axes: dict[str, Any]  # params tree of logical axis-name tuples
     _init: Callable[[], TrainState]
+    _init_around: Callable[[Any], TrainState]
 
     @functools.cached_property
     def state(self) -> TrainState:
         """A freshly initialized state, computed straight into its shardings."""
         return self._init()
+
+    def start_from(self, params: Any) -> TrainState:
+        """A state at step 0 around given params (donated: no second copy) with a fresh optimizer."""
+        return self._init_around(params)
 
 
 def abstract_model(model_cfg: ModelConfig) -> tuple[nnx.GraphDef, dict[str, Any], dict[str, Any]]:
@@ -86,10 +91,12 @@ def create_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation,
     graphdef, shapes, logical = abstract_model(model_cfg)
     params_sharding = param_shardings(shapes, logical, mesh, model_cfg.sharding_rules)
 
-    def init() -> TrainState:
-        params = nnx.to_pure_dict(nnx.state(Decoder(model_cfg, nnx.Rngs(seed)), nnx.Param))
+    def init_around(params: Any) -> TrainState:
         rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+
+    def init() -> TrainState:
+        return init_around(nnx.to_pure_dict(nnx.state(Decoder(model_cfg, nnx.Rngs(seed)), nnx.Param)))
 
     abstract_state = jax.eval_shape(init)
     # Optimizer moments follow their parameters; scalars such as Adam's count are replicated
@@ -109,9 +116,5 @@ def create_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation,
         graphdef=graphdef,
         logical_axes=logical,
         _init=jax.jit(init, out_shardings=shardings),
+        _init_around=jax.jit(init_around, in_shardings=(params_sharding,), out_shardings=shardings, donate_argnums=0),
     )
-
-
-def count_params(params: Any, exclude: tuple[str, ...] = ()) -> int:
-    """Number of parameters, leaving out top-level entries named in `exclude`."""
-    return sum(math.prod(x.shape) for key, sub in params.items() if key not in exclude for x in jax.tree.leaves(sub))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 import jax
@@ -10,7 +11,7 @@ from jax.experimental import multihost_utils
 
 
 class StopRequest:
-    """Records the first SIGTERM/SIGINT; the loop then saves and exits. A second SIGINT kills at once.
+    """Records the first SIGTERM/SIGINT; the loop then saves and exits. A second SIGINT ends the process at once.
 
     With several processes, all must stop after the same step. JAX's preemption service catches
     SIGTERM itself (in C++) and agrees on that step with the others; SIGINT is passed on to it as a
@@ -28,7 +29,14 @@ class StopRequest:
 
     def _handle(self, number: int, frame) -> None:
         self.signal_name = signal.Signals(number).name
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C is not ignored
+        # A second Ctrl-C gets the default action: the kernel ends the process at once, even while Python
+        # waits on the device or a save. A half-written checkpoint never counts, so only unsaved steps are lost.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        print(
+            f'{self.signal_name}: saving after this step, then stopping (Ctrl-C again quits at once, without saving)',
+            file=sys.stderr,
+            flush=True,
+        )
         if self._multi_process:
             signal.raise_signal(signal.SIGTERM)  # to JAX's preemption notifier
 

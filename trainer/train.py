@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import pathlib
 from typing import Any
 
@@ -78,21 +79,27 @@ class _RunContext:
     save_by_time: bool = False  # every_minutes has passed on some process, as agreed at the last report
 
 
+def _raise_if_diverged(fetched: list[dict[str, Any]], last_step: int) -> None:
+    """Stops the run at the first of these steps whose loss or gradient norm is NaN or Inf."""
+    for offset, metrics in enumerate(fetched):
+        for name, what in (('loss', 'the loss'), ('grad_norm', 'the gradient norm')):
+            if not np.isfinite(metrics[name]):
+                raise TrainingDivergedError(
+                    f'{what} became {metrics[name]} at step {last_step - len(fetched) + offset + 1}: lower '
+                    'config.train.learning_rate, raise config.train.warmup_steps, or set config.train.grad_clip.'
+                )
+
+
 def _summarize(
     ctx: _RunContext, step: int, fetched: list[dict[str, Any]], seconds: float, timed_steps: int
 ) -> dict[str, float | None]:
-    """Host-side averages of an interval's per-step metrics; stops the run on a NaN or Inf loss.
+    """Host-side averages of an interval's per-step metrics; stops the run on a NaN or Inf loss or gradient.
 
     A collective: every process calls it at the same steps. It gathers each process's step time and
     data wait (the slowest host holds back all others), and agrees on whether a timed save is due.
     """
+    _raise_if_diverged(fetched, step)
     losses = np.array([m['loss'] for m in fetched])
-    if not np.all(np.isfinite(losses)):
-        bad = int(np.argmin(np.isfinite(losses)))
-        raise TrainingDivergedError(
-            f'the loss became {losses[bad]} at step {step - len(losses) + bad + 1}: lower '
-            'config.train.learning_rate, raise config.train.warmup_steps, or set config.train.grad_clip.'
-        )
     summary = {
         'loss': float(losses.mean()),
         'learning_rate': float(fetched[-1]['learning_rate']),
@@ -138,7 +145,12 @@ def _evaluate(ctx: _RunContext, params: Any) -> float:
 
 
 def _announce(
-    progress: reporting.Progress, mesh, num_params: int, flops_per_token: float, peak: float | None, peak_source: str
+    progress: reporting.Progress,
+    mesh,
+    counts: flops.ParamCounts,
+    flops_per_token: float,
+    peak: float | None,
+    peak_source: str,
 ) -> None:
     devices = jax.devices()
     progress.message(
@@ -146,7 +158,10 @@ def _announce(
         f'{jax.local_device_count()} device(s) each)'
     )
     progress.message(f'mesh: {mesh_lib.describe(mesh)}')
-    progress.message(f'parameters: {num_params:,} | FLOPs per token: {reporting.format_count(flops_per_token)}')
+    progress.message(
+        f'parameters: {counts.total:,} ({counts.non_embedding:,} without embeddings) | '
+        f'FLOPs per token: {reporting.format_count(flops_per_token)}'
+    )
     if peak:
         progress.message(f'peak per device: {reporting.format_count(peak)}FLOP/s ({peak_source})')
 
@@ -154,14 +169,19 @@ def _announce(
 def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
     """Trains `config` for config.train.steps steps, writing everything into `workdir`."""
     config_checks.validate(config, jax.device_count())
+    is_chief = jax.process_index() == 0
+    if is_chief and config.train.warmup_steps > config.train.steps:
+        logging.warning(
+            'config.train.warmup_steps=%d is longer than the run (config.train.steps=%d): warming up over all %d steps',
+            config.train.warmup_steps,
+            config.train.steps,
+            optimizer.warmup_steps(config.train),
+        )
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         message = f'cannot create --workdir {workdir}: {error.strerror}; give a folder you can write to.'
         raise ConfigError(message) from None
-    is_chief = jax.process_index() == 0
-    if is_chief:
-        (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
 
     mesh = mesh_lib.make_mesh({axis: config.mesh[axis] for axis in mesh_lib.MESH_AXES})
     tokenizer = tokenizers.make_tokenizer(config.data.tokenizer, config.data.eos_token)
@@ -173,18 +193,21 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
         cleanup.callback(train_data.close)
         eval_batches = pipeline.eval_batches(config, tokenizer, setup.batch_sharding) if config.data.eval_files else []
 
-        num_params = state_lib.count_params(setup.sharded.abstract.params, exclude=('position_embedding_PD',))
-        flops_per_token = flops.flops_per_token(setup.model_cfg, num_params, config.data.seq_len)
+        counts = flops.param_counts(setup.sharded.abstract.params)
+        flops_per_token = flops.flops_per_token(setup.model_cfg, counts, config.data.seq_len)
         peak, peak_source = flops.peak_flops_per_device(mesh, config.model.dtype, config.train.peak_flops_per_device)
         checkpointer = checkpoints.Checkpointer(
             workdir / 'checkpoints', config.checkpoint, config.to_json_best_effort()
         )
         cleanup.callback(checkpointer.close)  # waits for the last save
         state, how = _starting_state(config, setup.sharded, checkpointer, train_data)
+        if is_chief and int(state.step) < config.train.steps:
+            # Only a run that trains records its config: a refused or no-op command leaves the last one.
+            (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
 
         progress = reporting.Progress(int(state.step), config.train.steps, enabled=is_chief, hosts=jax.process_count())
         cleanup.callback(progress.close)
-        _announce(progress, mesh, num_params, flops_per_token, peak, peak_source)
+        _announce(progress, mesh, counts, flops_per_token, peak, peak_source)
         if how:
             progress.message(how)
         writer = reporting.MetricsWriter(workdir) if is_chief else None
@@ -216,16 +239,16 @@ def _starting_state(
     train_data: pipeline.GlobalBatches,
 ) -> tuple[state_lib.TrainState, str]:
     """The workdir's newest checkpoint, else config.checkpoint.restore_from, else a fresh state; and what it was."""
-    restored = checkpointer.restore_latest(sharded.abstract, train_data)  # the same command again: carry on
+    restored = checkpointer.restore_latest(sharded.abstract)  # the same command again: carry on
     if restored is not None:
-        state, step = restored
-        how = f'resumed from step {step} ({checkpointer.directory / str(step)})'
-        if step >= config.train.steps:
+        checkpoints.rewind(train_data, restored.data_position, checkpointer.directory / str(restored.step))
+        how = f'resumed from step {restored.step} ({checkpointer.directory / str(restored.step)})'
+        if restored.step >= config.train.steps:
             how += (
-                f'\nnothing to train: the run is at step {step} of config.train.steps={config.train.steps}; '
+                f'\nnothing to train: the run is at step {restored.step} of config.train.steps={config.train.steps}; '
                 'raise steps to train further, or give another --workdir for a new run.'
             )
-        return state, how
+        return restored.state, how
     if config.checkpoint.restore_from:  # a new run from another run's checkpoint (fine-tuning)
         params_only = config.checkpoint.restore_params_only
         state, folder = checkpointer.restore_other_run(config.checkpoint.restore_from, sharded, params_only)
@@ -247,6 +270,7 @@ def _loop(ctx: _RunContext, state: state_lib.TrainState) -> TrainResult:
     timed_from = first_step  # steps after this one are covered by the timer's current lap
     summary: dict[str, Any] = {}
     eval_loss = None
+    previous: dict[str, jax.Array] | None = None  # the metrics of the step before the newest
 
     def report(step: int, step_metrics: list) -> None:
         nonlocal summary, timed_from
@@ -262,6 +286,11 @@ def _loop(ctx: _RunContext, state: state_lib.TrainState) -> TrainResult:
         with jax.transfer_guard('disallow'):  # the hot loop moves data only where it says so
             state, metrics = ctx.compiled.train(state, batch)
         pending.append(metrics)
+        if previous is not None:
+            # At most two steps in flight: the device never idles, and a stop, a save or an error waits
+            # for one step, not for the dozens of steps the host could otherwise have queued.
+            jax.block_until_ready(previous)
+        previous = metrics
         if ready is not None:
             report(*ready)
             ready = None
@@ -286,12 +315,15 @@ def _loop(ctx: _RunContext, state: state_lib.TrainState) -> TrainResult:
                 ctx.writer.write(done, {'eval_loss': eval_loss})
             timer.lap()  # eval time is not training time
         if stopping or ctx.save_by_time or ctx.checkpointer.due(done) or done == total:
+            # A diverged state never becomes a checkpoint: every step's loss up to this one is checked first.
+            if ready is not None:
+                report(*ready)
+                ready = None
+            _raise_if_diverged(jax.device_get(pending), done)
             # Before the next step is dispatched: that step is given (donates) this state.
             ctx.checkpointer.save(done, state, ctx.train_data)
             ctx.save_by_time = False
         if stopping:
-            if ready is not None:
-                report(*ready)
             ctx.checkpointer.wait()
             raise StoppedBySignal(
                 f'{ctx.stop.signal_name} received: saved step {done} in {ctx.checkpointer.directory}; '
