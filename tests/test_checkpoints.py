@@ -333,6 +333,7 @@ def test_restoring_parameters_alone_holds_no_second_copy_of_them(tmp_path):
     from trainer import train
     from trainer.checkpoints import Checkpointer
     from trainer.data import pipeline, tokenizers
+    from trainer.errors import ConfigError
 
     def live_bytes() -> int:
         gc.collect()
@@ -349,16 +350,22 @@ def test_restoring_parameters_alone_holds_no_second_copy_of_them(tmp_path):
         source.close()
         data.close()
 
-        config.train.grad_clip = 0.0  # another optimizer state: the whole state could not be restored
+        config.train.grad_clip = 0.0  # another optimizer state: the whole state cannot be restored...
         tuned = train.build(config, mesh)
-        before = live_bytes()
-        state, _ = Checkpointer(tmp_path / 'tuned', config.checkpoint, config.to_json_best_effort()).restore_other_run(
-            str(tmp_path / 'source'), tuned.sharded, params_only=True
-        )
+        tuned_checkpointer = Checkpointer(tmp_path / 'tuned', config.checkpoint, config.to_json_best_effort())
+        with pytest.raises(
+            ConfigError,
+            match=r'\(config.train.grad_clip is 1.0 there but 0.0 here\): set the config back '
+            'to match it, or restore its parameters alone with --config.checkpoint.restore_params_only=True',
+        ):
+            tuned_checkpointer.restore_other_run(str(tmp_path / 'source'), tuned.sharded, params_only=False)
+        before = live_bytes()  # ...but its parameters can
+        state, _ = tuned_checkpointer.restore_other_run(str(tmp_path / 'source'), tuned.sharded, params_only=True)
         state_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tuned.sharded.abstract))
         assert live_bytes() - before == state_bytes  # the new state and nothing else
         assert 'state' not in vars(tuned.sharded), 'a fresh state was initialized'
         assert int(state.step) == 0
+        tuned_checkpointer.close()
         jax.tree.map(
             np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(setup.sharded.state.params)
         )

@@ -155,8 +155,8 @@ def _check_matches(
     step: int,
     target: TrainState,
     config_json: str,
+    optimizer_fix: str,
     params_only: bool = False,
-    optimizer_fix: str = '',
 ) -> None:
     """A checkpoint of another model shape or optimizer is a ConfigError naming what differs (and `optimizer_fix`).
 
@@ -183,8 +183,7 @@ def _check_matches(
         why = _optimizer_difference(_saved_config(manager, step), config_json, saved_rest, wanted_rest)
         raise ConfigError(
             f"{checkpoint} holds an optimizer state of another structure than this config's ({why}): set the "
-            f'config back to match it, or start a new run from its parameters alone with '
-            f'--config.checkpoint.restore_from={checkpoint} and another --workdir.'
+            f'config back to match it, or {optimizer_fix}.'
         )
 
 
@@ -323,7 +322,7 @@ class Checkpointer:
                 f'--config.checkpoint.restore_from={self.directory / str(step)} and another --workdir'
             )
             try:
-                _check_matches(self._manager, self.directory, step, target, self._config_json, optimizer_fix=fix)
+                _check_matches(self._manager, self.directory, step, target, self._config_json, fix)
                 restored = self.restore(step, target)
             except ConfigError:
                 raise
@@ -377,7 +376,7 @@ class Checkpointer:
         other = open_read_only(folder.parent, ocp.PyTreeCheckpointHandler() if params_only else None)
         try:
             fix = 'restore its parameters alone with --config.checkpoint.restore_params_only=True'
-            _check_matches(other, folder.parent, step, target.abstract, self._config_json, params_only, fix)
+            _check_matches(other, folder.parent, step, target.abstract, self._config_json, fix, params_only)
             if params_only:
                 wanted = {'params': target.abstract.params}
                 args = ocp.args.PyTreeRestore(
