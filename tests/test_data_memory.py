@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 STREAM = textwrap.dedent("""
@@ -53,6 +55,7 @@ def peak_memory(pattern: str, sample_by: str) -> tuple[float, float]:
     return warm, peak
 
 
+@pytest.mark.slow  # 12 s: writes and streams 300 MB
 def test_a_300_mb_corpus_streams_with_flat_memory(tmp_path):
     write_large_corpus(tmp_path, files=3, megabytes_each=100)
     assert sum(p.stat().st_size for p in tmp_path.glob('*.txt')) > 290 * (1 << 20)
