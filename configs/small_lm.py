@@ -23,11 +23,13 @@ def get_config() -> config_dict.ConfigDict:
     config.model = model = config_dict.ConfigDict()
     model.family = 'llama'  # 'llama' (RMSNorm, RoPE, SwiGLU, GQA) or 'gpt2' (LayerNorm, learned positions, GELU)
     model.num_layers = 4
-    model.num_heads = 4  # query heads; must divide d_model
+    model.num_heads = 4  # query heads; must divide d_model when head_dim is 0
     model.num_kv_heads = 2  # key/value heads (grouped-query attention); must divide num_heads
     model.d_model = 128  # residual stream width
+    model.head_dim = 0  # width of each attention head; 0 = d_model / num_heads (Qwen and Gemma set their own)
     model.d_ff = 384  # feed-forward hidden width
-    model.vocab_size = 256  # rows of the embedding; >= the tokenizer's vocabulary (256 for 'byte')
+    model.vocab_size = 256  # token ids the model predicts; >= the tokenizer's vocabulary (256 for 'byte')
+    model.vocab_multiple = 1  # embedding rows padded to a multiple of this (e.g. 128 so mesh.tensor divides them)
     model.max_seq_len = 256  # longest sequence the model accepts (size of gpt2's position table)
     model.dtype = 'bfloat16'  # compute dtype: activations and matmul inputs ('float32' for exact comparisons)
     model.param_dtype = 'float32'  # storage dtype of parameters and optimizer state
@@ -35,8 +37,15 @@ def get_config() -> config_dict.ConfigDict:
     model.scan_layers = True  # run layers with lax.scan (fast compile) or an unrolled loop
     model.dropout = 0.0  # residual and embedding dropout rate during training
     model.tie_embeddings = False  # share the input embedding with the output projection
-    model.use_bias = False  # biases in linear layers and LayerNorm (gpt2 family)
+    model.use_bias = False  # biases in every linear layer and LayerNorm (GPT-2)
+    model.qkv_bias = False  # biases in the query, key and value projections only (Qwen2)
     model.rope_theta = 10_000.0  # RoPE base frequency (llama family)
+    model.rope_scaling = 'none'  # RoPE for longer contexts: 'none', 'linear' (positions / factor) or 'llama3'
+    model.rope_scaling_factor = 1.0  # 'linear' and 'llama3': how much longer the context gets
+    model.rope_low_freq_factor = 1.0  # 'llama3': wavelengths above original_max_len / this are scaled fully
+    model.rope_high_freq_factor = 4.0  # 'llama3': wavelengths below original_max_len / this are kept
+    model.rope_original_max_len = 8192  # 'llama3': the context length the model was first trained with
+    model.sliding_window = 0  # attend to the newest this many tokens only, self included (Mistral); 0 = all
     model.norm_eps = 1e-5  # epsilon inside RMSNorm/LayerNorm
     model.init_std = 0.02  # std of normal weight init; output projections get std / sqrt(2 * num_layers)
     model.attention_impl = 'xla'  # 'xla' (any backend) or 'cudnn' (NVIDIA GPU flash attention)

@@ -3,7 +3,7 @@
 Shape suffixes name every array's axes:
   B batch, T sequence (queries), S sequence (keys), D model width, F feed-forward width,
   N query heads, K key/value heads, G query heads per key/value head, H head dimension,
-  V vocabulary, L layers, P positions (max_seq_len).
+  V vocabulary (padded to vocab_multiple), L layers, P positions (max_seq_len).
 
 Parameters carry logical axis names only ('embed', 'mlp', 'heads', ...); the trainer maps
 them to mesh axes with rules from the config. Activations are constrained with logical names
@@ -23,6 +23,7 @@ from flax import linen, nnx
 
 FAMILIES = ('llama', 'gpt2')
 ATTENTION_IMPLS = ('xla', 'cudnn')
+ROPE_SCALINGS = ('none', 'linear', 'llama3')
 # Which intermediates to keep for the backward pass; the rest is recomputed.
 REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     'none': None,  # keep everything: fastest, most memory
@@ -35,7 +36,7 @@ Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture and numerics; the trainer builds it from `config.model`."""
+    """Architecture and numerics; the trainer builds it from `config.model` (every field is documented there)."""
 
     family: str
     num_layers: int
@@ -45,22 +46,36 @@ class ModelConfig:
     d_ff: int
     vocab_size: int
     max_seq_len: int
+    head_dim: int = 0  # 0: d_model // num_heads
     dtype: str = 'bfloat16'
     param_dtype: str = 'float32'
     remat: str = 'none'
     scan_layers: bool = True
     dropout: float = 0.0
     tie_embeddings: bool = False
-    use_bias: bool = False
+    use_bias: bool = False  # every linear layer and LayerNorm (GPT-2)
+    qkv_bias: bool = False  # the query, key and value projections only (Qwen2)
     rope_theta: float = 10_000.0
+    rope_scaling: str = 'none'
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 scaling
+    rope_high_freq_factor: float = 4.0  # llama3 scaling
+    rope_original_max_len: int = 8192  # llama3 scaling: the context the model was trained with
+    sliding_window: int = 0  # attend to the newest this many tokens (self included); 0 = all (Mistral)
+    vocab_multiple: int = 1  # embedding rows padded to a multiple of this; padded ids are never predicted
     norm_eps: float = 1e-5
     init_std: float = 0.02
     attention_impl: str = 'xla'
     sharding_rules: Rules = ()
 
+    def __post_init__(self):
+        if not self.head_dim:
+            object.__setattr__(self, 'head_dim', self.d_model // self.num_heads)
+
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.num_heads
+    def padded_vocab(self) -> int:
+        """Rows of the embedding tables: vocab_size rounded up to a multiple of vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
 
 def _param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: tuple, cfg: ModelConfig):
@@ -107,10 +122,26 @@ class Norm(nnx.Module):
         return x.astype(self.cfg.dtype)
 
 
-def rotary(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies of the H/2 rotation pairs, with linear or llama3 (Llama 3.1) scaling."""
+    half = cfg.head_dim // 2
+    inv_freq = cfg.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if cfg.rope_scaling == 'linear':
+        return inv_freq / cfg.rope_scaling_factor
+    if cfg.rope_scaling == 'llama3':
+        # Long wavelengths are slowed down by the factor, short ones kept, and those between blended.
+        wavelength = 2 * jnp.pi / inv_freq
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        blend = (cfg.rope_original_max_len / wavelength - low) / (high - low)
+        blended = (1 - blend) * inv_freq / cfg.rope_scaling_factor + blend * inv_freq
+        long = wavelength > cfg.rope_original_max_len / low
+        short = wavelength < cfg.rope_original_max_len / high
+        return jnp.where(long, inv_freq / cfg.rope_scaling_factor, jnp.where(short, inv_freq, blended))
+    return inv_freq
+
+
+def rotary(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:
     """Rotates pairs (i, i + H/2) of each head by position-dependent angles (RoPE)."""
-    half = x_BTNH.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angle_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq[None, None, :]
     sin, cos = jnp.sin(angle_BTh)[:, :, None, :], jnp.cos(angle_BTh)[:, :, None, :]
     x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
@@ -129,16 +160,14 @@ class Attention(nnx.Module):
         self.wv_DKH = _param(rngs, init, (D, K, H), ('embed', 'kv_heads', 'head_dim'), cfg)
         self.wo_NHD = _param(rngs, out_init, (N, H, D), ('heads', 'head_dim', 'embed'), cfg)
         zeros = jax.nn.initializers.zeros
-        self.biases = (
-            nnx.Dict(
-                q_NH=_param(rngs, zeros, (N, H), ('heads', 'head_dim'), cfg),
-                k_KH=_param(rngs, zeros, (K, H), ('kv_heads', 'head_dim'), cfg),
-                v_KH=_param(rngs, zeros, (K, H), ('kv_heads', 'head_dim'), cfg),
-                o_D=_param(rngs, zeros, (D,), ('embed',), cfg),
-            )
-            if cfg.use_bias
-            else None
-        )
+        biases = {}
+        if cfg.use_bias or cfg.qkv_bias:
+            biases['q_NH'] = _param(rngs, zeros, (N, H), ('heads', 'head_dim'), cfg)
+            biases['k_KH'] = _param(rngs, zeros, (K, H), ('kv_heads', 'head_dim'), cfg)
+            biases['v_KH'] = _param(rngs, zeros, (K, H), ('kv_heads', 'head_dim'), cfg)
+        if cfg.use_bias:
+            biases['o_D'] = _param(rngs, zeros, (D,), ('embed',), cfg)
+        self.biases = nnx.Dict(**biases) if biases else None
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None) -> jax.Array:
         cfg, dt = self.cfg, self.cfg.dtype
@@ -150,18 +179,27 @@ class Attention(nnx.Module):
             k_BSKH += self.biases['k_KH'][...].astype(dt)[None, None]
             v_BSKH += self.biases['v_KH'][...].astype(dt)[None, None]
         if cfg.family == 'llama':
-            q_BTNH = rotary(q_BTNH, positions_BT, cfg.rope_theta)
-            k_BSKH = rotary(k_BSKH, positions_BT, cfg.rope_theta)
+            inv_freq = rope_frequencies(cfg)
+            q_BTNH = rotary(q_BTNH, positions_BT, inv_freq)
+            k_BSKH = rotary(k_BSKH, positions_BT, inv_freq)
         heads = ('activation_batch', 'activation_length', 'activation_heads', None)
         q_BTNH = constrain(q_BTNH, heads, cfg.sharding_rules)
         mask_B1TS = None
         if segment_ids_BT is not None:  # packed rows: attend only within one document
             mask_B1TS = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
+        # Packed rows restart positions per document, so index distance is position distance in a document.
+        window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
         out_BTNH = jax.nn.dot_product_attention(
-            q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, is_causal=True, implementation=cfg.attention_impl
+            q_BTNH,
+            k_BSKH,
+            v_BSKH,
+            mask=mask_B1TS,
+            is_causal=True,
+            local_window_size=window,
+            implementation=cfg.attention_impl,
         )
         out_BTD = jnp.einsum('btnh,nhd->btd', out_BTNH, self.wo_NHD[...].astype(dt))
-        if self.biases is not None:
+        if self.biases is not None and 'o_D' in self.biases:
             out_BTD += self.biases['o_D'][...].astype(dt)[None, None]
         return out_BTD
 
@@ -221,7 +259,7 @@ class Decoder(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        D, V = cfg.d_model, cfg.vocab_size
+        D, V = cfg.d_model, cfg.padded_vocab
         self.embedding_VD = _param(rngs, _normal(cfg.init_std), (V, D), ('vocab', 'embed'), cfg)
         self.position_embedding_PD = (
             _param(rngs, _normal(cfg.init_std), (cfg.max_seq_len, D), ('position', 'embed'), cfg)
@@ -282,5 +320,8 @@ class Decoder(nnx.Module):
             logits_BTV = jnp.einsum('btd,dv->btv', x_BTD, self.unembedding_DV[...].astype(cfg.dtype))
         logits_BTV = constrain(
             logits_BTV, ('activation_batch', 'activation_length', 'activation_vocab'), cfg.sharding_rules
-        )
-        return logits_BTV.astype(jnp.float32)
+        ).astype(jnp.float32)
+        if cfg.padded_vocab > cfg.vocab_size:  # padding rows exist for the mesh only: never predict them
+            is_real_V = jnp.arange(cfg.padded_vocab)[None, None, :] < cfg.vocab_size
+            logits_BTV = jnp.where(is_real_V, logits_BTV, -jnp.inf)
+        return logits_BTV

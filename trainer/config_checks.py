@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_dict
 
-from models.transformer import ATTENTION_IMPLS, FAMILIES, REMAT_POLICIES
+from models.transformer import ATTENTION_IMPLS, FAMILIES, REMAT_POLICIES, ROPE_SCALINGS
 from trainer.data import pipeline, sources, tokenizers
 from trainer.errors import ConfigError
 from trainer.mesh import MESH_AXES, resolve_mesh_shape
@@ -40,23 +40,49 @@ def check_model(model: config_dict.ConfigDict) -> None:
     _one_of(model.dtype, DTYPES, 'config.model.dtype')
     _one_of(model.param_dtype, DTYPES, 'config.model.param_dtype')
     _one_of(model.attention_impl, ATTENTION_IMPLS, 'config.model.attention_impl')
+    _one_of(model.rope_scaling, ROPE_SCALINGS, 'config.model.rope_scaling')
     _positive(
-        model, 'config.model', 'num_layers', 'num_heads', 'num_kv_heads', 'd_model', 'd_ff', 'vocab_size', 'max_seq_len'
+        model,
+        'config.model',
+        'num_layers',
+        'num_heads',
+        'num_kv_heads',
+        'd_model',
+        'd_ff',
+        'vocab_size',
+        'max_seq_len',
+        'vocab_multiple',
     )
     _require(
-        model.d_model % model.num_heads == 0,
+        model.head_dim > 0 or model.d_model % model.num_heads == 0,
         f'config.model.num_heads={model.num_heads} does not divide config.model.d_model={model.d_model}: '
-        f'use a head count that divides it, such as {_divisors_near(model.d_model, model.num_heads)}.',
+        f'use a head count that divides it, such as {_divisors_near(model.d_model, model.num_heads)}, or set '
+        'config.model.head_dim.',
     )
+    _require(model.head_dim >= 0, f'config.model.head_dim={model.head_dim} must be 0 (d_model / num_heads) or more.')
     _require(
         model.num_heads % model.num_kv_heads == 0,
         f'config.model.num_kv_heads={model.num_kv_heads} does not divide config.model.num_heads='
         f'{model.num_heads}: use one of {_divisors(model.num_heads)}.',
     )
+    head_dim = model.head_dim or model.d_model // model.num_heads
     _require(
-        model.family != 'llama' or (model.d_model // model.num_heads) % 2 == 0,
-        f'the llama family needs an even head dimension for RoPE, but d_model / num_heads = '
-        f'{model.d_model / model.num_heads:g}: change config.model.num_heads or d_model.',
+        model.family != 'llama' or head_dim % 2 == 0,
+        f'the llama family needs an even head dimension for RoPE, but it is {head_dim}: change '
+        'config.model.head_dim, num_heads or d_model.',
+    )
+    _require(
+        model.rope_scaling == 'none' or model.rope_scaling_factor > 0,
+        f'config.model.rope_scaling_factor={model.rope_scaling_factor} must be positive.',
+    )
+    _require(
+        model.rope_scaling != 'llama3' or model.rope_high_freq_factor > model.rope_low_freq_factor,
+        f'config.model.rope_high_freq_factor={model.rope_high_freq_factor} must exceed rope_low_freq_factor='
+        f'{model.rope_low_freq_factor} for llama3 scaling.',
+    )
+    _require(
+        model.sliding_window >= 0,
+        f'config.model.sliding_window={model.sliding_window} must be 0 (attend to all) or positive.',
     )
     _require(0.0 <= model.dropout < 1.0, f'config.model.dropout={model.dropout} must be in [0, 1).')
     _require(

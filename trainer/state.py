@@ -76,10 +76,15 @@ def param_shardings(shapes: Any, logical: Any, mesh: Mesh, rules) -> Any:
         for dim, (size, axes) in enumerate(zip(shape_struct.shape, result.spec, strict=False)):
             split = math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)) if a)
             if size % split:
+                fix = (
+                    f'set config.model.vocab_multiple to a multiple of {split} (the embedding rows are padded)'
+                    if names[dim] == 'vocab'
+                    else 'change the model size or config.mesh'
+                )
                 raise ConfigError(
                     f'parameter {jax.tree_util.keystr(path, simple=True, separator="/")} has {size} along '
-                    f'{names[dim]!r}, which mesh axes {axes!r} ({split} devices) do not divide: change the '
-                    f'model size or config.mesh (or the rule for {names[dim]!r} in config.mesh.rules).'
+                    f'{names[dim]!r}, which mesh axes {axes!r} ({split} devices) do not divide: {fix} (or the '
+                    f'rule for {names[dim]!r} in config.mesh.rules).'
                 )
         return result
 

@@ -18,6 +18,8 @@ from trainer import mesh as mesh_lib
 from trainer import state as state_lib
 from trainer.data import pipeline, tokenizers
 from trainer.errors import ConfigError, StoppedBySignal, TrainingDivergedError
+from trainer.hf import config as hf_config
+from trainer.hf import tensors as hf_tensors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +202,7 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
             workdir / 'checkpoints', config.checkpoint, config.to_json_best_effort()
         )
         cleanup.callback(checkpointer.close)  # waits for the last save
-        state, how = _starting_state(config, setup.sharded, checkpointer, train_data)
+        state, how = _starting_state(config, setup, checkpointer, train_data)
         if is_chief and int(state.step) < config.train.steps:
             # Only a run that trains records its config: a refused or no-op command leaves the last one.
             (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
@@ -232,13 +234,28 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
         return _loop(ctx, state)
 
 
+def _start_from_hugging_face(
+    config: config_dict.ConfigDict, sharded: state_lib.ShardedState, model_cfg: ModelConfig
+) -> state_lib.TrainState:
+    """A fresh train state around the weights of a Hugging Face folder, each read into its sharding."""
+    folder = config.checkpoint.restore_from
+    if not config.checkpoint.restore_params_only:
+        raise ConfigError(
+            f'config.checkpoint.restore_from={folder!r} is a Hugging Face folder, which holds weights only: set '
+            'config.checkpoint.restore_params_only=True.'
+        )
+    hf_config.check_matches(config.model.to_dict(), folder)
+    return sharded.start_from(hf_tensors.load(folder, model_cfg, sharded.abstract.params))
+
+
 def _starting_state(
     config: config_dict.ConfigDict,
-    sharded: state_lib.ShardedState,
+    setup: Setup,
     checkpointer: checkpoints.Checkpointer,
     train_data: pipeline.GlobalBatches,
 ) -> tuple[state_lib.TrainState, str]:
     """The workdir's newest checkpoint, else config.checkpoint.restore_from, else a fresh state; and what it was."""
+    sharded = setup.sharded
     restored = checkpointer.restore_latest(sharded.abstract)  # the same command again: carry on
     if restored is not None:
         checkpoints.rewind(train_data, restored.data_position, checkpointer.directory / str(restored.step))
@@ -249,6 +266,10 @@ def _starting_state(
                 'raise steps to train further, or give another --workdir for a new run.'
             )
         return restored.state, how
+    if config.checkpoint.restore_from and hf_config.is_model_folder(config.checkpoint.restore_from):
+        return _start_from_hugging_face(config, sharded, setup.model_cfg), (
+            f'started from {config.checkpoint.restore_from} (Hugging Face weights)'
+        )
     if config.checkpoint.restore_from:  # a new run from another run's checkpoint (fine-tuning)
         params_only = config.checkpoint.restore_params_only
         state, folder = checkpointer.restore_other_run(config.checkpoint.restore_from, sharded, params_only)

@@ -1,12 +1,15 @@
-"""Tokenizers: bytes, a Hugging Face `tokenizers` JSON file, or a SentencePiece model file.
+"""Tokenizers: bytes, a Hugging Face `tokenizers` JSON file or model folder, or a SentencePiece model file.
 
-`config.data.tokenizer` is 'byte', a path ending in .json, or a path ending in .model. Each tokenizer
-knows its vocabulary size and the id it puts after every document (EOS).
+`config.data.tokenizer` is 'byte', a path ending in .json, a Hugging Face model folder (its
+tokenizer.json and tokenizer_config.json), or a path ending in .model. Each tokenizer knows its
+vocabulary size and the id it puts after every document (EOS); a Hugging Face tokenizer also puts
+whatever its post-processor adds (Llama's BOS) before it, exactly as transformers' tokenizer does.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from typing import Protocol
 
@@ -24,6 +27,7 @@ class Tokenizer(Protocol):
     name: str  # as given in config.data.tokenizer
     vocab_size: int
     eos_id: int
+    bos_id: int | None  # the id put before each document, if any
 
     def encode(self, text: str) -> np.ndarray: ...
 
@@ -36,6 +40,7 @@ class ByteTokenizer:
     name = 'byte'
     vocab_size = 256
     eos_id = 0
+    bos_id = None
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode('utf-8'), dtype=np.uint8).astype(np.int32)
@@ -44,8 +49,18 @@ class ByteTokenizer:
         return np.asarray(ids, dtype=np.uint8).tobytes().decode('utf-8', errors='replace')
 
 
+def _token_text(value: str | dict | None) -> str:
+    """A special token as tokenizer_config.json writes it: a string or {'content': ...}."""
+    return value.get('content', '') if isinstance(value, dict) else value or ''
+
+
 class HuggingFaceTokenizer:
-    """A `tokenizers` JSON file (tokenizer.json of a Hugging Face model, or scripts/train_tokenizer.py's)."""
+    """A `tokenizers` JSON file (tokenizer.json of a Hugging Face model, or scripts/train_tokenizer.py's).
+
+    Text is encoded with the file's post-processor, as transformers encodes it: a Llama tokenizer's
+    BOS comes first, never twice. The EOS is config.data.eos_token, else tokenizer_config.json's beside
+    the file, else a common one the file has.
+    """
 
     def __init__(self, path: str, eos_token: str):
         import tokenizers  # imported here: only runs that use one pay for it
@@ -53,7 +68,13 @@ class HuggingFaceTokenizer:
         self.name = path
         self._tokenizer = tokenizers.Tokenizer.from_file(path)
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
-        candidates = (eos_token,) if eos_token else COMMON_EOS_TOKENS
+        settings_file = os.path.join(os.path.dirname(path), 'tokenizer_config.json')
+        settings = {}
+        if os.path.isfile(settings_file):
+            with open(settings_file, encoding='utf-8') as f:
+                settings = json.load(f)
+        own = _token_text(settings.get('eos_token'))
+        candidates = (eos_token,) if eos_token else ((own,) if own else ()) + COMMON_EOS_TOKENS
         ids = [self._tokenizer.token_to_id(token) for token in candidates]
         found = [i for i in ids if i is not None]
         if not found:
@@ -62,9 +83,11 @@ class HuggingFaceTokenizer:
                 'set config.data.eos_token to one it has.'
             )
         self.eos_id = found[0]
+        added = self._tokenizer.encode('', add_special_tokens=True).ids  # what the post-processor adds
+        self.bos_id = added[0] if added else self._tokenizer.token_to_id(_token_text(settings.get('bos_token')))
 
     def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+        return np.asarray(self._tokenizer.encode(text, add_special_tokens=True).ids, dtype=np.int32)
 
     def decode(self, ids: np.ndarray) -> str:
         return self._tokenizer.decode([int(i) for i in ids])
@@ -77,6 +100,7 @@ class SentencePieceTokenizer:
         import sentencepiece
 
         self.name = path
+        self.bos_id = None
         self._processor = sentencepiece.SentencePieceProcessor(model_file=path)
         self.vocab_size = self._processor.get_piece_size()
         self.eos_id = self._processor.piece_to_id(eos_token) if eos_token else self._processor.eos_id()
@@ -97,6 +121,13 @@ def make_tokenizer(spec: str, eos_token: str = '') -> Tokenizer:
     """The tokenizer named by `config.data.tokenizer`."""
     if spec == 'byte':
         return ByteTokenizer()
+    if os.path.isdir(spec):  # a Hugging Face model folder
+        if not os.path.isfile(os.path.join(spec, 'tokenizer.json')):
+            raise ConfigError(
+                f'config.data.tokenizer={spec!r} is a folder without tokenizer.json: give a Hugging Face model '
+                'folder that has one, or the path of a tokenizer file.'
+            )
+        return HuggingFaceTokenizer(os.path.join(spec, 'tokenizer.json'), eos_token)
     if spec.endswith(('.json', '.model')):
         if not os.path.isfile(spec):
             raise ConfigError(f'config.data.tokenizer={spec!r} is not a file: give the path of a tokenizer file.')
@@ -104,8 +135,8 @@ def make_tokenizer(spec: str, eos_token: str = '') -> Tokenizer:
             return HuggingFaceTokenizer(spec, eos_token)
         return SentencePieceTokenizer(spec, eos_token)
     raise ConfigError(
-        f"config.data.tokenizer={spec!r} is not known: use 'byte', a tokenizers .json file or a SentencePiece "
-        '.model file.'
+        f"config.data.tokenizer={spec!r} is not known: use 'byte', a tokenizers .json file, a Hugging Face model "
+        'folder or a SentencePiece .model file.'
     )
 
 
@@ -113,5 +144,7 @@ def fingerprint(spec: str) -> str:
     """Identifies a tokenizer across machines: 'byte', or the sha256 of its file."""
     if spec == 'byte':
         return 'byte'
+    if os.path.isdir(spec):
+        spec = os.path.join(spec, 'tokenizer.json')
     with open(spec, 'rb') as f:
         return 'sha256:' + hashlib.sha256(f.read()).hexdigest()
