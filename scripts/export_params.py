@@ -12,7 +12,6 @@ Load it with `orbax.checkpoint.StandardCheckpointer().restore(output / 'params')
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 
@@ -21,34 +20,20 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
-from ml_collections import config_dict  # noqa: E402
 
-from trainer import checkpoints, mesh, optimizer, state, train  # noqa: E402
+from trainer import checkpoints  # noqa: E402
 from trainer.errors import ConfigError  # noqa: E402
 
 
 def export(checkpoint: str, output: pathlib.Path, dtype: str) -> pathlib.Path:
     """Exports the parameters of `checkpoint` into `output`; returns the checkpoint folder used."""
     folder = checkpoints.find_checkpoint(checkpoint, '--checkpoint')
-    manager = checkpoints.open_read_only(folder.parent)
-    step = int(folder.name)
-    try:  # closed on every path, like the trainer's: an open manager's threads print at exit
-        config_json = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']['config']
-        config = config_dict.ConfigDict(json.loads(config_json))
-        # One device and no sharding rules: the export is read whole, whatever mesh trained it.
-        config.mesh.rules = ()
-        model_cfg = train.model_config(config)
-        tx, _ = optimizer.make_optimizer(config.train)
-        one_device = mesh.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
-        abstract = state.create_train_state(model_cfg, tx, one_device, config.seed).abstract  # nothing initialized
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))['state']
-    finally:
-        manager.close()
-    params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), restored.params)
+    config, params = checkpoints.read_params(folder)  # whole, on the host: whatever mesh trained it
+    params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
     output.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as saver:
         saver.save((output / 'params').absolute(), params, force=True)
-    (output / 'config.json').write_text(config_json)
+    (output / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
     return folder
 
 

@@ -8,9 +8,10 @@ from ml_collections import config_flags
 
 from trainer import config_checks
 
-CONFIG_FILES = sorted(
-    p for p in (pathlib.Path(__file__).resolve().parents[1] / 'configs').glob('*.py') if p.name != '__init__.py'
-)
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted(p for p in (REPO / 'configs').glob('*.py') if p.name != '__init__.py')
+# Configs that take an argument (`--config file.py:ARG`), and one to test them with.
+ARGUMENTS = {'finetune_hf.py': f':{REPO / "tests" / "fixtures" / "hf" / "llama_gqa"}'}
 
 
 def test_there_are_configs():
@@ -19,7 +20,7 @@ def test_there_are_configs():
 
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=lambda p: p.name)
 def test_config_loads_overrides_and_validates(path):
-    argv = [__file__, f'--config={path}', '--config.train.steps=70']
+    argv = [__file__, f'--config={path}{ARGUMENTS.get(path.name, "")}', '--config.train.steps=70']
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file('config', flag_values=flag_values, lock_config=True, sys_argv=argv)
     flag_values(argv)

@@ -1,21 +1,31 @@
 """Hugging Face models in and out: logits equal transformers' for every family and variant (fixtures made by
 scripts/make_hf_fixtures.py; read here with safetensors alone)."""
 
+import json
 import pathlib
+import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import mesh_for
+from conftest import mesh_for, read_metrics
 from flax import nnx
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from configs import small_lm
 from trainer import train
+from trainer.data import pipeline, tokenizers
+from trainer.errors import ConfigError
 from trainer.hf import config as hf_config
 from trainer.hf import tensors as hf_tensors
 
-FIXTURES = pathlib.Path(__file__).resolve().parent / 'fixtures' / 'hf'
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / 'scripts'))
+import convert_hf  # noqa: E402
+
+FIXTURES = REPO / 'tests' / 'fixtures' / 'hf'
 VARIANTS = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
 
 
@@ -66,3 +76,124 @@ def test_an_import_sharded_over_every_mesh_axis_gives_the_same_logits(name):
     vocab = reference['logits'].shape[-1]
     assert relative_error(logits[:2, :, :vocab], reference['logits']) < 1e-4
     assert relative_error(logits[2:, :, :vocab], reference['logits']) < 1e-4
+
+
+@pytest.mark.parametrize('name, bos', [('llama_gqa', 1), ('gpt2', None)])
+def test_a_model_folder_tokenizes_as_transformers_does(name, bos):
+    """The same ids as transformers' tokenizer (its post-processor's BOS included, once), then our EOS."""
+    tokenizer = tokenizers.make_tokenizer(str(FIXTURES / name))
+    expected = json.loads((FIXTURES / name / 'tokenizer_ids.json').read_text())
+    for text, ids in expected.items():
+        assert tokenizer.encode(text).tolist() == ids
+        assert (ids[0] == bos) == (bos is not None)
+    assert tokenizer.eos_id == (2 if name == 'llama_gqa' else 0)  # '</s>', '<|endoftext|>'
+    config = small_lm.get_config()
+    config.data.update(train_files=str(FIXTURES / name / 'tokenizer_ids.json'), format='text', sample_by='document')
+    (source,) = pipeline.train_sources(config.data)
+    document = next(iter(pipeline._documents(source, config.data, tokenizer, 0, False)))['tokens'].tolist()
+    assert document[-1] == tokenizer.eos_id and document.count(1) == (1 if bos else document.count(1))
+
+
+def load_exported(folder: pathlib.Path) -> dict[str, np.ndarray]:
+    tensors = {}
+    for file in folder.glob('model*.safetensors'):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_import_export_import_is_bit_identical(tmp_path, name):
+    checkpoint = convert_hf.import_folder(str(FIXTURES / name), tmp_path / 'checkpoint')
+    exported = tmp_path / 'exported'
+    convert_hf.export_checkpoint(str(checkpoint), exported, 'float32', max_shard_bytes=40_000)
+    original = load_file(str(FIXTURES / name / 'model.safetensors'))
+    again = load_exported(exported)
+    assert again.keys() == original.keys()
+    for key, value in original.items():
+        np.testing.assert_array_equal(again[key], value, err_msg=key)
+    files = sorted(p.name for p in exported.glob('model*.safetensors'))
+    assert len(files) > 1 and (exported / 'model.safetensors.index.json').is_file()  # split at 40 kB
+    exported_config = hf_config.read(exported)
+    assert (
+        exported_config['architectures'] == json.loads((FIXTURES / name / 'config.json').read_text())['architectures']
+    )
+    assert hf_config.model_fields(exported_config) == hf_config.model_fields(hf_config.read(FIXTURES / name))
+    assert not list(tmp_path.glob('.*incomplete'))  # written under a temporary name, renamed at the end
+
+
+def test_bad_folders_are_named_in_one_line(tmp_path):
+    folder = tmp_path / 'model'
+    shutil.copytree(FIXTURES / 'llama_gqa', folder)
+    config = json.loads((folder / 'config.json').read_text())
+
+    def error(**changes) -> str:
+        (folder / 'config.json').write_text(json.dumps(dict(config, **changes)))
+        with pytest.raises(ConfigError) as raised:
+            convert_hf.import_folder(str(folder), tmp_path / f'out{len(changes)}')
+        return str(raised.value)
+
+    assert "holds a BertForMaskedLM ('bert') model, which is not supported: supported are LlamaForCausalLM" in error(
+        architectures=['BertForMaskedLM'], model_type='bert'
+    )
+    assert "RoPE scaling of type 'yarn'" in error(rope_parameters={'rope_type': 'yarn', 'factor': 2.0})
+    (folder / 'config.json').write_text(json.dumps(config))
+    tensors = load_file(str(folder / 'model.safetensors'))
+    save_file({k: v for k, v in tensors.items() if 'layers.1.mlp.up_proj' not in k}, str(folder / 'model.safetensors'))
+    assert 'lacks the tensor model.layers.1.mlp.up_proj.weight' in error()
+    save_file(dict(tensors, extra=np.zeros(3, np.float32)), str(folder / 'model.safetensors'))
+    assert 'has a tensor this model does not use: extra' in error()
+    wrong = dict(tensors, **{'model.norm.weight': np.zeros(31, np.float32)})
+    save_file(wrong, str(folder / 'model.safetensors'))
+    assert 'tensor model.norm.weight has shape (31,) but this config needs (32,)' in error()
+    (folder / 'model.safetensors').rename(folder / 'pytorch_model.bin')
+    assert 'holds PyTorch .bin weights only: convert them once with transformers' in error()
+
+
+def test_a_run_whose_model_differs_from_the_folder_names_the_field(tmp_path):
+    result = run_trainer(
+        '--config=configs/small_lm.py',
+        f'--config.checkpoint.restore_from={FIXTURES / "llama_gqa"}',
+        f'--config.data.tokenizer={FIXTURES / "llama_gqa"}',
+        '--config.model.vocab_size=99',
+        workdir=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f'error: config.model.num_layers=4 does not match the model in {FIXTURES / "llama_gqa"} (2): set '
+        f'--config.model.num_layers=2, or use configs/finetune_hf.py:{FIXTURES / "llama_gqa"}, which reads them all.'
+    )
+
+
+def test_fine_tuning_an_imported_model_lowers_its_loss(tmp_path):
+    result = run_trainer(
+        f'--config=configs/finetune_hf.py:{FIXTURES / "llama_gqa"}',
+        '--config.train.steps=30',
+        '--config.train.log_every=10',
+        '--config.train.learning_rate=1e-2',
+        '--config.train.warmup_steps=2',
+        '--config.train.global_batch_size=8',
+        '--config.data.seq_len=64',
+        '--config.data.eval_files=',
+        workdir=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f'started from {FIXTURES / "llama_gqa"} (Hugging Face weights)' in result.stdout
+    losses = [line['loss'] for line in read_metrics(tmp_path)]
+    assert losses[-1] < losses[0] - 0.3, losses  # 4.48 -> 3.89 when written
+
+
+def test_a_vocabulary_the_tensor_axis_does_not_divide_asks_for_padding():
+    config = fixture_config('gpt2', fsdp=4, tensor=2)
+    config.model.vocab_multiple = 1  # 301 rows over 2 devices
+    with pytest.raises(ConfigError, match='set config.model.vocab_multiple to a multiple of 2'):
+        train.build(config, mesh_for(config))
+
+
+def run_trainer(*args: str, workdir: pathlib.Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, '-m', 'trainer', '--workdir', str(workdir), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )

@@ -49,7 +49,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:  # a malformed value, e.g. --config.train.steps=abc
-        _fail(str(error))
+        text = str(error)
+        if 'Error whilst parsing config file' in text:  # get_config raised: the traceback's last line says why
+            _fail(f'cannot load --config: {text.strip().splitlines()[-1].split(": ", 1)[-1]}')
+        _fail(text)
     except SyntaxError as error:  # in the config file
         _fail(f'the config file does not parse: {error.filename}:{error.lineno}: {error.msg}.')
     except (KeyError, AttributeError) as error:  # an override of a field the config does not declare

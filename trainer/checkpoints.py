@@ -140,6 +140,8 @@ def _saved_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 
 def _optimizer_difference(saved_config: dict[str, Any], config_json: str, saved: set[str], wanted: set[str]) -> str:
     """Says why a checkpoint's optimizer state has another structure than this config's."""
+    if not saved:
+        return 'it holds parameters alone, as an import from Hugging Face does'
     ours = json.loads(config_json).get('train', {})
     theirs = saved_config.get('train', {})
     for name, structural in _OPTIMIZER_STRUCTURE_FIELDS.items():
@@ -249,6 +251,46 @@ def rewind(data: GlobalBatches, position: dict[str, Any], where: pathlib.Path) -
         data.num_streams,
         position.get('num_streams', '?'),
     )
+
+
+def save_params(directory: pathlib.Path, params: Any, config_json: str) -> pathlib.Path:
+    """A checkpoint of parameters alone (step 0), which config.checkpoint.restore_from takes; returns its folder."""
+    manager = ocp.CheckpointManager(
+        directory.absolute(), item_handlers=_item_handlers(), options=ocp.CheckpointManagerOptions(create=True)
+    )
+    try:
+        manager.save(
+            0,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave({'params': params}),
+                data=ocp.args.JsonSave({}),
+                config=ocp.args.JsonSave({'config': config_json}),
+            ),
+            force=True,
+        )
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    return directory / '0'
+
+
+def read_params(folder: pathlib.Path) -> tuple[config_dict.ConfigDict, Any]:
+    """A checkpoint's config and its parameters alone, whole on this host's first CPU device (for exports)."""
+    step = int(folder.name)
+    manager = open_read_only(folder.parent, ocp.PyTreeCheckpointHandler())  # a partial restore: params only
+    try:
+        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+        config = config_dict.ConfigDict(json.loads(saved['config']))
+        host = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+        metadata = manager.item_metadata(step)['state']['params']
+        wanted = {'params': jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host), metadata)}
+        args = ocp.args.PyTreeRestore(
+            item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted), partial_restore=True
+        )
+        params = manager.restore(step, args=ocp.args.Composite(state=args))['state']['params']
+    finally:
+        manager.close()
+    return config, params
 
 
 class Checkpointer:

@@ -87,7 +87,7 @@ def places(cfg: ModelConfig, names: set[str]) -> dict[str, Place]:
     return table
 
 
-def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """'blocks/mlp/w_up_DF' -> shape, for a params tree of arrays or shapes."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(path, simple=True, separator='/'): tuple(leaf.shape) for path, leaf in leaves}
@@ -218,7 +218,7 @@ def read_slice(tensor: Any, place: Place, shape: tuple[int, ...], index: tuple[s
 def load(folder: str, cfg: ModelConfig, abstract_params: Any) -> Any:
     """The folder's weights as our params tree, each array read straight into its sharding and dtype."""
     checkpoint = Checkpoint(folder)
-    shapes = _flat_shapes(abstract_params)
+    shapes = flat_shapes(abstract_params)
     table = places(cfg, checkpoint.names)
     check(checkpoint, cfg, table, shapes, folder)
 
@@ -245,22 +245,20 @@ def load(folder: str, cfg: ModelConfig, abstract_params: Any) -> Any:
 
 def tensors(params: dict[str, np.ndarray], cfg: ModelConfig, dtype: str) -> Iterator[tuple[str, np.ndarray]]:
     """Our params (flat, on the host) as Hugging Face tensors, in a fixed order, cast to `dtype`."""
-    flat = _flat_shapes(params)
-    table = places(cfg, set())
-    if cfg.family == 'gpt2':
-        table = places(cfg, {'transformer.wte.weight'})  # export as GPT2LMHeadModel names
+    flat = flat_shapes(params)
+    table = places(cfg, {'transformer.wte.weight'})  # GPT-2 as GPT2LMHeadModel names
     expected = expected_shapes(cfg, table, flat)
     by_name: dict[str, list[tuple[str, Place, int | None]]] = {}
     for path, place in table.items():
         for layer in range(cfg.num_layers) if path.startswith('blocks/') else [None]:
             by_name.setdefault(place.name.format(layer=layer), []).append((path, place, layer))
     target = ml_dtypes.bfloat16 if dtype == 'bfloat16' else np.float32
-    for name in sorted(by_name, key=_natural):
+    for name in sorted(by_name, key=natural_order):
         out = np.zeros(expected[name], np.float32)
         for path, place, layer in by_name[name]:
             value = _lookup(params, path)
             value = np.asarray(value if layer is None else value[layer], np.float32)
-            layer_shape = _layer_shape(path, value.shape, cfg)
+            layer_shape = _layer_shape(path, flat[path], cfg)
             value = value[tuple(slice(0, n) for n in layer_shape)]  # without the vocabulary padding
             view = value.reshape(_view_shape(layer_shape, place.split))
             view = view.T if place.transpose else view
@@ -277,6 +275,6 @@ def _lookup(params: dict, path: str) -> Any:
     return params
 
 
-def _natural(name: str) -> list:
+def natural_order(name: str) -> list[tuple[int, int | str]]:
     """Sort key putting layer 2 before layer 10."""
-    return [int(part) if part.isdigit() else part for part in name.split('.')]
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in name.split('.')]

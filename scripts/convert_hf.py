@@ -1,0 +1,101 @@
+"""Hugging Face model folders into this trainer's checkpoints, and checkpoints back into model folders.
+
+Usage:
+  python scripts/convert_hf.py import --hf_dir DIR --out CKPT
+  python scripts/convert_hf.py export --checkpoint CKPT --out DIR [--dtype bfloat16] [--max_shard_gb 5]
+
+import writes CKPT/0, a checkpoint of the folder's weights alone (in float32), which a run takes with
+--config configs/finetune_hf.py:DIR --config.checkpoint.restore_from=CKPT (a run can also start straight
+from DIR). export writes DIR, a folder that transformers' AutoModelForCausalLM.from_pretrained loads:
+config.json (Llama, Mistral, Qwen2 or GPT-2, whichever computes the same), model.safetensors (split
+into files of at most --max_shard_gb with an index above that), generation_config.json, and the
+tokenizer files when the run used a Hugging Face tokenizer. CKPT is a checkpoint (.../checkpoints/600)
+or a folder of them (its newest is used). Both write under a temporary name and rename at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import shutil
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import finetune_hf  # noqa: E402
+from trainer import checkpoints, train  # noqa: E402
+from trainer import mesh as mesh_lib  # noqa: E402
+from trainer.data import tokenizers  # noqa: E402
+from trainer.errors import ConfigError  # noqa: E402
+from trainer.hf import folder as hf_folder  # noqa: E402
+from trainer.hf import tensors as hf_tensors  # noqa: E402
+
+
+def import_folder(hf_dir: str, out: pathlib.Path) -> pathlib.Path:
+    """Writes the weights of the Hugging Face folder `hf_dir` as a params-only checkpoint; returns its folder."""
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f'--out {out} exists and is not empty: remove it or give another folder.')
+    config = finetune_hf.get_config(hf_dir)
+    config.model.param_dtype = 'float32'
+    mesh = mesh_lib.make_mesh({axis: config.mesh[axis] for axis in mesh_lib.MESH_AXES})
+    temporary = out.with_name(f'.{out.name}.incomplete')
+    shutil.rmtree(temporary, ignore_errors=True)
+    with jax.set_mesh(mesh):
+        setup = train.build(config, mesh)  # shapes and shardings only: nothing is initialized
+        params = hf_tensors.load(hf_dir, setup.model_cfg, setup.sharded.abstract.params)
+        checkpoints.save_params(temporary, params, config.to_json_best_effort())
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    temporary.rename(out)
+    return out / '0'
+
+
+def export_checkpoint(checkpoint: str, out: pathlib.Path, dtype: str, max_shard_bytes: int) -> pathlib.Path:
+    """Writes the parameters of `checkpoint` as a Hugging Face folder at `out`; returns the checkpoint used."""
+    folder = checkpoints.find_checkpoint(checkpoint, '--checkpoint')
+    config, params = checkpoints.read_params(folder)
+    config.mesh.rules = ()
+    model_cfg = train.model_config(config)
+    try:
+        tokenizer = tokenizers.make_tokenizer(config.data.tokenizer, config.data.eos_token)
+    except ConfigError:  # the run's tokenizer file is not on this machine: no ids in config.json
+        tokenizer = None
+    host_params = jax.tree.map(np.asarray, params)
+    hf_folder.write(
+        host_params, model_cfg, config.model.to_dict(), tokenizer, config.data.tokenizer, out, dtype, max_shard_bytes
+    )
+    return folder
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    verbs = parser.add_subparsers(dest='verb', required=True)
+    importing = verbs.add_parser('import', help='a Hugging Face folder -> a params-only checkpoint')
+    importing.add_argument('--hf_dir', required=True, help='a Hugging Face model folder')
+    importing.add_argument('--out', required=True, type=pathlib.Path, help='the checkpoint folder to write')
+    exporting = verbs.add_parser('export', help='a checkpoint -> a Hugging Face folder')
+    exporting.add_argument('--checkpoint', required=True, help='a checkpoint folder, or a folder of them')
+    exporting.add_argument('--out', required=True, type=pathlib.Path, help='the model folder to write')
+    exporting.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+    exporting.add_argument('--max_shard_gb', type=float, default=5.0, help='largest weight file, in GiB')
+    args = parser.parse_args()
+    start = time.perf_counter()
+    try:
+        if args.verb == 'import':
+            written = import_folder(args.hf_dir, args.out)
+            print(f'imported {args.hf_dir} into {written} in {time.perf_counter() - start:.1f}s')
+        else:
+            used = export_checkpoint(args.checkpoint, args.out, args.dtype, int(args.max_shard_gb * 2**30))
+            print(f'exported {used} ({args.dtype}) to {args.out} in {time.perf_counter() - start:.1f}s')
+    except ConfigError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Writes a Hugging Face model folder that transformers loads: config.json, weights, tokenizer files.
+
+The folder is written under a temporary name beside the destination and renamed when complete, so an
+interrupted export leaves nothing that looks like a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from models.transformer import ModelConfig
+from trainer.data.tokenizers import Tokenizer
+from trainer.errors import ConfigError
+from trainer.hf import config as hf_config
+from trainer.hf import tensors as hf_tensors
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' own default for save_pretrained
+# The files of a Hugging Face tokenizer, copied when the run's tokenizer came from such a folder.
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'generation_config.json')
+
+
+def _shards(named_sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Tensor names grouped, in order, into files of at most max_bytes (a bigger tensor gets a file alone)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in named_sizes:
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _copy_tokenizer(spec: str, out: pathlib.Path) -> None:
+    """The tokenizer files of a Hugging Face folder or a tokenizer.json; nothing for 'byte' or SentencePiece."""
+    if os.path.isdir(spec):
+        for name in TOKENIZER_FILES[:-1]:
+            if os.path.isfile(os.path.join(spec, name)):
+                shutil.copyfile(os.path.join(spec, name), out / name)
+    elif spec.endswith('.json') and os.path.isfile(spec):
+        shutil.copyfile(spec, out / 'tokenizer.json')
+
+
+def write(
+    params: dict[str, Any],
+    cfg: ModelConfig,
+    model_fields: dict[str, Any],
+    tokenizer: Tokenizer | None,
+    tokenizer_spec: str,
+    out: pathlib.Path,
+    dtype: str = 'float32',
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> list[str]:
+    """Writes `params` (on the host) as a Hugging Face folder at `out`; returns the weight files written."""
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f'--out {out} exists and is not empty: remove it or give another folder.')
+    bos = tokenizer.bos_id if tokenizer is not None else None
+    eos = tokenizer.eos_id if tokenizer is not None else None
+    config = hf_config.to_hf(model_fields, bos, eos, dtype)  # raises for a model with no HF counterpart
+    temporary = out.with_name(f'.{out.name}.incomplete')
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    itemsize = 2 if dtype == 'bfloat16' else 4
+    table = hf_tensors.places(cfg, {'transformer.wte.weight'})  # GPT-2 as GPT2LMHeadModel names
+    shapes = hf_tensors.expected_shapes(cfg, table, hf_tensors.flat_shapes(params))
+    names = sorted(shapes, key=hf_tensors.natural_order)
+    shards = _shards([(name, int(np.prod(shapes[name])) * itemsize) for name in names], max_shard_bytes)
+    files = (
+        ['model.safetensors']
+        if len(shards) == 1
+        else [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))]
+    )
+    produced = hf_tensors.tensors(params, cfg, dtype)
+    weight_map = {}
+    for file, shard in zip(files, shards, strict=True):
+        batch = dict(next(produced) for _ in shard)  # tensors come in the same order as `names`
+        assert list(batch) == shard
+        save_file(batch, str(temporary / file), metadata={'format': 'pt'})
+        weight_map.update(dict.fromkeys(shard, file))
+    if len(files) > 1:
+        total = sum(int(np.prod(shapes[name])) * itemsize for name in names)
+        index = {'metadata': {'total_size': total}, 'weight_map': weight_map}
+        (temporary / 'model.safetensors.index.json').write_text(json.dumps(index, indent=2) + '\n')
+    (temporary / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
+    generation = {'bos_token_id': bos, 'eos_token_id': eos, 'do_sample': False}
+    (temporary / 'generation_config.json').write_text(json.dumps(generation, indent=2) + '\n')
+    _copy_tokenizer(tokenizer_spec, temporary)
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    temporary.rename(out)
+    return files
