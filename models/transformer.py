@@ -5,6 +5,10 @@ Shape suffixes name every array's axes:
   N query heads, K key/value heads, G query heads per key/value head, H head dimension,
   V vocabulary (padded to vocab_multiple), L layers, P positions (max_seq_len).
 
+Attention builds every mask from query and key positions and segment ids (`attention_mask`): the same
+code serves training on packed rows, the prefill of a prompt and decoding one token at a time against
+a KVCache, Mistral's sliding window included.
+
 Parameters carry logical axis names only ('embed', 'mlp', 'heads', ...); the trainer maps
 them to mesh axes with rules from the config. Activations are constrained with logical names
 too, resolved by the same rules against the mesh set with `jax.set_mesh`.
@@ -19,7 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen, nnx
+from flax import linen, nnx, struct
 
 FAMILIES = ('llama', 'gpt2')
 ATTENTION_IMPLS = ('xla', 'cudnn')
@@ -148,6 +152,55 @@ def rotary(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> j
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BTNH.dtype)
 
 
+def attention_mask(
+    q_positions_BT: jax.Array,
+    k_positions_BS: jax.Array,
+    q_segments_BT: jax.Array,
+    k_segments_BS: jax.Array,
+    window: int,
+) -> jax.Array:
+    """Which keys each query sees: the same document (segment), not a later position, within the window."""
+    mask_BTS = (q_segments_BT[:, :, None] == k_segments_BS[:, None, :]) & (
+        k_positions_BS[:, None, :] <= q_positions_BT[:, :, None]
+    )
+    if window:
+        mask_BTS &= q_positions_BT[:, :, None] - k_positions_BS[:, None, :] < window
+    return mask_BTS[:, None]
+
+
+@struct.dataclass
+class KVCache:
+    """Every layer's keys and values of the tokens seen so far, in S fixed slots, so decoding never recompiles."""
+
+    k_LBSKH: jax.Array
+    v_LBSKH: jax.Array
+    positions_BS: jax.Array  # each slot's position; -1 while empty
+    segment_ids_BS: jax.Array  # each slot's document; 0 while empty and for padding
+    index: jax.Array  # int32: the next slot to write, the same for every row (prompts are left-padded)
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, slots: int) -> KVCache:
+        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+        return cls(
+            k_LBSKH=jnp.zeros(shape, cfg.dtype),
+            v_LBSKH=jnp.zeros(shape, cfg.dtype),
+            positions_BS=jnp.full((batch, slots), -1, jnp.int32),
+            segment_ids_BS=jnp.zeros((batch, slots), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+
+@struct.dataclass
+class _LayerKeys:
+    """One layer's view of a KVCache while new tokens are written into it."""
+
+    k_BSKH: jax.Array
+    v_BSKH: jax.Array
+    positions_BS: jax.Array  # already holding the new tokens' positions
+    segment_ids_BS: jax.Array
+    index: jax.Array
+
+
 class Attention(nnx.Module):
     """Multi-head attention with grouped key/value heads (num_kv_heads <= num_heads)."""
 
@@ -169,39 +222,42 @@ class Attention(nnx.Module):
             biases['o_D'] = _param(rngs, zeros, (D,), ('embed',), cfg)
         self.biases = nnx.Dict(**biases) if biases else None
 
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None) -> jax.Array:
+    def __call__(
+        self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array, keys: _LayerKeys | None
+    ) -> tuple[jax.Array, _LayerKeys | None]:
+        """Attends to the new tokens themselves (training, keys=None) or to a cache they are written into."""
         cfg, dt = self.cfg, self.cfg.dtype
         q_BTNH = jnp.einsum('btd,dnh->btnh', x_BTD, self.wq_DNH[...].astype(dt))
-        k_BSKH = jnp.einsum('bsd,dkh->bskh', x_BTD, self.wk_DKH[...].astype(dt))
-        v_BSKH = jnp.einsum('bsd,dkh->bskh', x_BTD, self.wv_DKH[...].astype(dt))
+        k_BTKH = jnp.einsum('btd,dkh->btkh', x_BTD, self.wk_DKH[...].astype(dt))
+        v_BTKH = jnp.einsum('btd,dkh->btkh', x_BTD, self.wv_DKH[...].astype(dt))
         if self.biases is not None:
             q_BTNH += self.biases['q_NH'][...].astype(dt)[None, None]
-            k_BSKH += self.biases['k_KH'][...].astype(dt)[None, None]
-            v_BSKH += self.biases['v_KH'][...].astype(dt)[None, None]
+            k_BTKH += self.biases['k_KH'][...].astype(dt)[None, None]
+            v_BTKH += self.biases['v_KH'][...].astype(dt)[None, None]
         if cfg.family == 'llama':
             inv_freq = rope_frequencies(cfg)
             q_BTNH = rotary(q_BTNH, positions_BT, inv_freq)
-            k_BSKH = rotary(k_BSKH, positions_BT, inv_freq)
+            k_BTKH = rotary(k_BTKH, positions_BT, inv_freq)
         heads = ('activation_batch', 'activation_length', 'activation_heads', None)
         q_BTNH = constrain(q_BTNH, heads, cfg.sharding_rules)
-        mask_B1TS = None
-        if segment_ids_BT is not None:  # packed rows: attend only within one document
-            mask_B1TS = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
-        # Packed rows restart positions per document, so index distance is position distance in a document.
-        window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
+        if keys is None:
+            k_BSKH, v_BSKH, k_positions_BS, k_segments_BS = k_BTKH, v_BTKH, positions_BT, segment_ids_BT
+        else:
+            at = (0, keys.index, 0, 0)
+            k_BSKH = jax.lax.dynamic_update_slice(keys.k_BSKH, k_BTKH.astype(keys.k_BSKH.dtype), at)
+            v_BSKH = jax.lax.dynamic_update_slice(keys.v_BSKH, v_BTKH.astype(keys.v_BSKH.dtype), at)
+            k_positions_BS, k_segments_BS = keys.positions_BS, keys.segment_ids_BS
+            keys = keys.replace(k_BSKH=k_BSKH, v_BSKH=v_BSKH)
+            k_BSKH = constrain(k_BSKH, heads, cfg.sharding_rules)
+            v_BSKH = constrain(v_BSKH, heads, cfg.sharding_rules)
+        mask_B1TS = attention_mask(positions_BT, k_positions_BS, segment_ids_BT, k_segments_BS, cfg.sliding_window)
         out_BTNH = jax.nn.dot_product_attention(
-            q_BTNH,
-            k_BSKH,
-            v_BSKH,
-            mask=mask_B1TS,
-            is_causal=True,
-            local_window_size=window,
-            implementation=cfg.attention_impl,
+            q_BTNH, k_BSKH.astype(dt), v_BSKH.astype(dt), mask=mask_B1TS, implementation=cfg.attention_impl
         )
         out_BTD = jnp.einsum('btnh,nhd->btd', out_BTNH, self.wo_NHD[...].astype(dt))
         if self.biases is not None and 'o_D' in self.biases:
             out_BTD += self.biases['o_D'][...].astype(dt)[None, None]
-        return out_BTD
+        return out_BTD, keys
 
 
 class Mlp(nnx.Module):
@@ -245,13 +301,13 @@ class Block(nnx.Module):
         self.attention_norm, self.attention = Norm(cfg, rngs), Attention(cfg, rngs)
         self.mlp_norm, self.mlp = Norm(cfg, rngs), Mlp(cfg, rngs)
 
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT, dropout_rng):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, dropout_rng, keys=None):
         rngs = (None, None) if dropout_rng is None else tuple(jax.random.split(dropout_rng))
-        x_BTD += _dropout(
-            self.attention(self.attention_norm(x_BTD), positions_BT, segment_ids_BT), self.cfg.dropout, rngs[0]
-        )
+        attended_BTD, keys = self.attention(self.attention_norm(x_BTD), positions_BT, segment_ids_BT, keys)
+        x_BTD += _dropout(attended_BTD, self.cfg.dropout, rngs[0])
         x_BTD += _dropout(self.mlp(self.mlp_norm(x_BTD)), self.cfg.dropout, rngs[1])
-        return constrain(x_BTD, ('activation_batch', 'activation_length', 'activation_embed'), self.cfg.sharding_rules)
+        x_BTD = constrain(x_BTD, ('activation_batch', 'activation_length', 'activation_embed'), self.cfg.sharding_rules)
+        return x_BTD, keys
 
 
 class Decoder(nnx.Module):
@@ -288,30 +344,54 @@ class Decoder(nnx.Module):
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
         """Returns float32 logits; `dropout_rng=None` means deterministic (no dropout)."""
+        return self._run(tokens_BT, positions_BT, segment_ids_BT, dropout_rng, None)[0]
+
+    def extend(
+        self, tokens_BT: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]:
+        """Logits of T new tokens that see the cached ones, and the cache holding them too (prefill, decode)."""
+        return self._run(tokens_BT, positions_BT, segment_ids_BT, None, cache)
+
+    def _run(self, tokens_BT, positions_BT, segment_ids_BT, dropout_rng, cache):
         cfg = self.cfg
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
         x_BTD = jnp.take(self.embedding_VD[...], tokens_BT, axis=0).astype(cfg.dtype)
         if self.position_embedding_PD is not None:
-            x_BTD += jnp.take(self.position_embedding_PD[...], positions_BT, axis=0).astype(cfg.dtype)
+            # Padding has position -1: any row will do, attention never looks at it.
+            x_BTD += jnp.take(self.position_embedding_PD[...], jnp.maximum(positions_BT, 0), axis=0).astype(cfg.dtype)
         embed_rng, layer_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
         x_BTD = _dropout(x_BTD, cfg.dropout, embed_rng)
         x_BTD = constrain(x_BTD, ('activation_batch', 'activation_length', 'activation_embed'), cfg.sharding_rules)
 
         graphdef, layer_params = nnx.split(self.blocks)
         layer_rngs = None if layer_rng is None else jax.random.split(layer_rng, cfg.num_layers)
+        if cache is None:
+            layer_kv = None
+        else:
+            at = (0, cache.index)
+            k_positions_BS = jax.lax.dynamic_update_slice(cache.positions_BS, positions_BT.astype(jnp.int32), at)
+            k_segments_BS = jax.lax.dynamic_update_slice(cache.segment_ids_BS, segment_ids_BT.astype(jnp.int32), at)
+            layer_kv = (cache.k_LBSKH, cache.v_LBSKH)
 
-        def run_layer(x_BTD, params_and_rng):
-            params, rng = params_and_rng
-            return nnx.merge(graphdef, params)(x_BTD, positions_BT, segment_ids_BT, rng), None
+        def run_layer(x_BTD, inputs):
+            params, rng, kv = inputs
+            keys = None if kv is None else _LayerKeys(kv[0], kv[1], k_positions_BS, k_segments_BS, cache.index)
+            x_BTD, keys = nnx.merge(graphdef, params)(x_BTD, positions_BT, segment_ids_BT, rng, keys)
+            return x_BTD, (None if keys is None else (keys.k_BSKH, keys.v_BSKH))
 
         if cfg.remat != 'none':
             run_layer = jax.checkpoint(run_layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
-            x_BTD, _ = jax.lax.scan(run_layer, x_BTD, (layer_params, layer_rngs))
+            x_BTD, new_kv = jax.lax.scan(run_layer, x_BTD, (layer_params, layer_rngs, layer_kv))
         else:
+            per_layer = []
             for i in range(cfg.num_layers):
-                x_BTD, _ = run_layer(x_BTD, jax.tree.map(operator.itemgetter(i), (layer_params, layer_rngs)))
+                x_BTD, kv = run_layer(x_BTD, jax.tree.map(operator.itemgetter(i), (layer_params, layer_rngs, layer_kv)))
+                per_layer.append(kv)
+            new_kv = None if cache is None else jax.tree.map(lambda *layers: jnp.stack(layers), *per_layer)
 
         x_BTD = self.final_norm(x_BTD)
         if self.unembedding_DV is None:
@@ -324,4 +404,13 @@ class Decoder(nnx.Module):
         if cfg.padded_vocab > cfg.vocab_size:  # padding rows exist for the mesh only: never predict them
             is_real_V = jnp.arange(cfg.padded_vocab)[None, None, :] < cfg.vocab_size
             logits_BTV = jnp.where(is_real_V, logits_BTV, -jnp.inf)
-        return logits_BTV
+        if cache is None:
+            return logits_BTV, None
+        new_cache = KVCache(
+            k_LBSKH=new_kv[0],
+            v_LBSKH=new_kv[1],
+            positions_BS=k_positions_BS,
+            segment_ids_BS=k_segments_BS,
+            index=cache.index + tokens_BT.shape[1],
+        )
+        return logits_BTV, new_cache

@@ -274,23 +274,33 @@ def save_params(directory: pathlib.Path, params: Any, config_json: str) -> pathl
     return directory / '0'
 
 
-def read_params(folder: pathlib.Path) -> tuple[config_dict.ConfigDict, Any]:
-    """A checkpoint's config and its parameters alone, whole on this host's first CPU device (for exports)."""
-    step = int(folder.name)
-    manager = open_read_only(folder.parent, ocp.PyTreeCheckpointHandler())  # a partial restore: params only
+def restore_params(folder: pathlib.Path, abstract_params: Any) -> Any:
+    """The parameters alone of checkpoint `folder`, laid out as `abstract_params` (shapes, dtypes, shardings)."""
+    # A partial restore (the params subtree) needs the generic PyTree handler; it reads what the standard
+    # handler wrote.
+    manager = open_read_only(folder.parent, ocp.PyTreeCheckpointHandler())
     try:
-        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
-        config = config_dict.ConfigDict(json.loads(saved['config']))
-        host = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
-        metadata = manager.item_metadata(step)['state']['params']
-        wanted = {'params': jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host), metadata)}
+        wanted = {'params': abstract_params}
         args = ocp.args.PyTreeRestore(
             item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted), partial_restore=True
         )
-        params = manager.restore(step, args=ocp.args.Composite(state=args))['state']['params']
+        return manager.restore(int(folder.name), args=ocp.args.Composite(state=args))['state']['params']
     finally:
         manager.close()
-    return config, params
+
+
+def read_params(folder: pathlib.Path) -> tuple[config_dict.ConfigDict, Any]:
+    """A checkpoint's config and its parameters alone, whole on this host's first CPU device (for exports)."""
+    step = int(folder.name)
+    manager = open_read_only(folder.parent)
+    try:
+        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+        metadata = manager.item_metadata(step)['state']['params']
+    finally:
+        manager.close()
+    host = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host), metadata)
+    return config_dict.ConfigDict(json.loads(saved['config'])), restore_params(folder, abstract)
 
 
 class Checkpointer:
@@ -413,19 +423,12 @@ class Checkpointer:
         """
         folder = find_checkpoint(path, 'config.checkpoint.restore_from')
         step = int(folder.name)
-        # A partial restore (the params subtree) needs the generic PyTree handler; it reads what the
-        # standard handler wrote.
-        other = open_read_only(folder.parent, ocp.PyTreeCheckpointHandler() if params_only else None)
+        other = open_read_only(folder.parent)
         try:
             fix = 'restore its parameters alone with --config.checkpoint.restore_params_only=True'
             _check_matches(other, folder.parent, step, target.abstract, self._config_json, fix, params_only)
             if params_only:
-                wanted = {'params': target.abstract.params}
-                args = ocp.args.PyTreeRestore(
-                    item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted), partial_restore=True
-                )
-                params = other.restore(step, args=ocp.args.Composite(state=args))['state']['params']
-                return target.start_from(params), str(folder)
+                return target.start_from(restore_params(folder, target.abstract.params)), str(folder)
             restored = other.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target.abstract)))
             return restored['state'], str(folder)
         finally:
