@@ -36,6 +36,34 @@ CORPUS = [
     'Fair is foul, and foul is fair: Hover through the fog and filthy air.',
 ] * 20
 
+# A Llama-2-style chat template written over several lines: block tags on lines of their own, as many hub
+# templates are, so that trim_blocks and lstrip_blocks matter.
+CHAT_TEMPLATE = """{% if messages[0]['role'] == 'system' %}
+    {% set system = messages[0]['content'] %}
+    {% set messages = messages[1:] %}
+{% endif %}
+{% for message in messages %}
+    {% if message['role'] == 'user' %}
+{{ bos_token }}[INST] {% if loop.first and system is defined %}<<SYS>>
+{{ system }}
+<</SYS>>
+
+{% endif %}{{ message['content'] | trim }} [/INST]
+    {% elif message['role'] == 'assistant' %}
+ {{ message['content'] | trim }} {{ eos_token }}
+    {% else %}
+{{ raise_exception('roles must be system, user or assistant') }}
+    {% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+ {% endif %}"""
+MESSAGES = [
+    {'role': 'system', 'content': 'Answer in verse.'},
+    {'role': 'user', 'content': '  When shall we three meet again? '},
+    {'role': 'assistant', 'content': 'In thunder, lightning, or in rain.'},
+    {'role': 'user', 'content': 'Where the place?'},
+]
+
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, vocab_size=99)
 VARIANTS = {
     # Llama with grouped-query attention, and a tokenizer whose post-processor adds BOS.
@@ -98,7 +126,13 @@ def bpe_with_bos(folder: pathlib.Path) -> None:
         single='<s> $A', pair='<s> $A <s> $B', special_tokens=[('<s>', 1)]
     )
     tokenizer.save(str(folder / 'tokenizer.json'))
-    config = dict(tokenizer_class='PreTrainedTokenizerFast', bos_token='<s>', eos_token='</s>', unk_token='<unk>')
+    config = dict(
+        tokenizer_class='PreTrainedTokenizerFast',
+        bos_token='<s>',
+        eos_token='</s>',
+        unk_token='<unk>',
+        chat_template=CHAT_TEMPLATE,
+    )
     (folder / 'tokenizer_config.json').write_text(json.dumps(config, indent=2) + '\n')
 
 
@@ -141,6 +175,15 @@ def make(name: str, out: pathlib.Path) -> None:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
         ids = {text: tokenizer(text)['input_ids'] for text in TEXTS}
         (folder / 'tokenizer_ids.json').write_text(json.dumps(ids) + '\n')
+        if tokenizer.chat_template:
+            rendered = {
+                'messages': MESSAGES,
+                'with_generation_prompt': tokenizer.apply_chat_template(
+                    MESSAGES, tokenize=False, add_generation_prompt=True
+                ),
+                'without': tokenizer.apply_chat_template(MESSAGES[:3], tokenize=False, add_generation_prompt=False),
+            }
+            (folder / 'chat_rendered.json').write_text(json.dumps(rendered, indent=1) + '\n')
     generator = torch.Generator().manual_seed(SEED)
     input_ids = torch.randint(0, config.vocab_size, (2, 24), generator=generator)
     with torch.no_grad():

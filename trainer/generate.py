@@ -15,24 +15,15 @@ from typing import NoReturn
 import numpy as np
 from absl import app, flags, logging
 
-from trainer import loading
+from trainer import generation_flags
 from trainer.decoding import Generator
 from trainer.errors import ConfigError
-from trainer.sampling import Sampling
+from trainer.streaming import Streamer, cut_at_stop, ids_of
 
-_MODEL = flags.DEFINE_string('model', None, "A run's workdir, a checkpoint folder or a Hugging Face model folder.")
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'A prompt; repeat the flag for several (decoded as one batch).')
 _PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'A file of prompts, one per line.')
-_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate after each prompt, at most.')
-_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 = greedy (the most likely token).')
-_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens only; 0 = all.')
-_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Sample among the most likely tokens that make up probability p; 1 = all.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the sampling: the same seed gives the same text.')
 _STOP = flags.DEFINE_multi_string('stop', [], 'Stop a completion where this text appears (left out); repeatable.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object per prompt instead of text.')
-_TENSOR = flags.DEFINE_integer('tensor_parallel', 1, 'Devices to split the heads over (mesh.tensor).')
-_DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], "Compute dtype; default: the model's config.")
-flags.mark_flags_as_required(['model'])
 
 EXIT_BAD_INPUT = 2
 
@@ -40,52 +31,6 @@ EXIT_BAD_INPUT = 2
 def _fail(message: str) -> NoReturn:
     print(f'error: {message}', file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
-
-
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """The text up to the first stop string (left out), and whether one was found."""
-    cuts = [text.index(stop) for stop in stops if stop in text]
-    return (text[: min(cuts)], True) if cuts else (text, False)
-
-
-def ids_of(ids: list[int], completion: str, decode) -> list[int]:
-    """The shortest prefix of `ids` that decodes to all of `completion` (it was cut at a stop string)."""
-    for n in range(len(ids) + 1):
-        if len(decode(ids[:n])) >= len(completion):
-            return ids[:n]
-    return ids
-
-
-class _Streamer:
-    """Prints one row's text as its tokens come, whole characters only, up to a stop string."""
-
-    def __init__(self, decode, stops: list[str]):
-        self._decode, self._stops = decode, stops
-        self._ids: list[int] = []
-        self._printed = ''
-        self.done = False
-
-    def __call__(self, new_tokens: np.ndarray) -> None:
-        if self.done:
-            return
-        self._ids.append(int(new_tokens[0]))
-        text, self.done = cut_at_stop(self._decode(self._ids), self._stops)
-        if not self.done:
-            text = text.rstrip('\ufffd')  # a character whose bytes have not all come yet
-            # Hold back what could still become a stop string.
-            hold = max((len(s) - 1 for s in self._stops), default=0)
-            text = text[: max(len(self._printed), len(text) - hold)]
-        self._show(text)
-
-    def finish(self) -> None:
-        """Prints what was held back, once the row has ended."""
-        self._show(cut_at_stop(self._decode(self._ids), self._stops)[0])
-        print(flush=True)
-
-    def _show(self, text: str) -> None:
-        sys.stdout.write(text[len(self._printed) :])
-        sys.stdout.flush()
-        self._printed = max(text, self._printed, key=len)
 
 
 def prompts_from_flags() -> list[str]:
@@ -109,28 +54,21 @@ def main(argv: list[str]) -> int:
     if not flags.FLAGS['verbosity'].present:
         logging.set_verbosity(logging.WARNING)
     prompts = prompts_from_flags()
-    sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     try:
-        sampling.check()
-        loaded = loading.load(_MODEL.value, {'data': 1, 'fsdp': 1, 'tensor': _TENSOR.value}, _DTYPE.value)
+        sampling = generation_flags.sampling()
+        loaded = generation_flags.load_model()
     except ConfigError as error:
         _fail(str(error))
-    if loaded.tokenizer is None:
-        _fail(f'{_MODEL.value} has no tokenizer.json: text cannot be turned into its ids.')
     generator = Generator(loaded.graphdef, loaded.params, loaded.model_cfg, loaded.mesh)
-    if not 0 < _MAX_NEW.value < loaded.model_cfg.max_seq_len:
-        _fail(
-            f'--max_new_tokens={_MAX_NEW.value} must be between 1 and the context length minus one '
-            f'({loaded.model_cfg.max_seq_len - 1}).'
-        )
-    tokenizer, room = loaded.tokenizer, generator.max_prompt_tokens(_MAX_NEW.value)
+    max_new = generation_flags.MAX_NEW.value
+    tokenizer, room = loaded.tokenizer, generator.max_prompt_tokens(max_new)
     encoded = []
     for prompt in prompts:
         ids = tokenizer.encode(prompt).tolist()
         if len(ids) > room:
             print(
                 f'note: a prompt of {len(ids)} tokens is cut to its last {room}, to leave room for '
-                f'--max_new_tokens={_MAX_NEW.value} in the context of {loaded.model_cfg.max_seq_len}.',
+                f'--max_new_tokens={max_new} in the context of {loaded.model_cfg.max_seq_len}.',
                 file=sys.stderr,
             )
             ids = ids[-room:]
@@ -141,14 +79,14 @@ def main(argv: list[str]) -> int:
         return np.array([cut_at_stop(tokenizer.decode(row), stops)[1] for row in generated])
 
     streaming = len(prompts) == 1 and not _JSON.value
-    streamer = _Streamer(tokenizer.decode, stops) if streaming else None
+    streamer = Streamer(tokenizer.decode, stops) if streaming else None
     if streaming:
         sys.stdout.write(prompts[0])
     results, timing = generator.generate(
         encoded,
-        _MAX_NEW.value,
+        max_new,
         sampling,
-        _SEED.value,
+        generation_flags.SEED.value,
         stop_ids=[tokenizer.eos_id],
         on_tokens=streamer,
         stop_when=stop_when if stops else None,

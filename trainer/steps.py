@@ -88,9 +88,12 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(params: Any, batch: Batch, *, graphdef: nnx.GraphDef) -> tuple[jax.Array, jax.Array]:
-    """Summed loss and number of counted tokens of one batch, without dropout."""
-    return summed_loss(params, batch, graphdef, dropout_rng=None), batch['weights'].sum()
+def eval_step(
+    params: Any, batch: Batch, *, graphdef: nnx.GraphDef, byte_lengths: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Summed loss, counted tokens, and the UTF-8 bytes those tokens stand for, of one batch, without dropout."""
+    text_bytes = (byte_lengths[batch['targets']] * batch['weights']).sum()
+    return summed_loss(params, batch, graphdef, dropout_rng=None), batch['weights'].sum(), text_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +101,7 @@ class CompiledSteps:
     """The jitted steps, their layouts fixed by the mesh."""
 
     train: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
-    eval: Callable[[Any, Batch], tuple[jax.Array, jax.Array]]
+    eval: Callable[[Any, Batch], tuple[jax.Array, jax.Array, jax.Array]]
 
 
 def jit_steps(
@@ -109,6 +112,7 @@ def jit_steps(
     grad_accum_steps: int,
     state_shardings: TrainState,
     mesh: Mesh,
+    byte_lengths: Any,
 ) -> CompiledSteps:
     """Jits train_step (state donated) and eval_step with explicit in/out shardings."""
     batch = dict.fromkeys(BATCH_KEYS, batch_sharding(mesh, model_cfg.sharding_rules))
@@ -126,7 +130,7 @@ def jit_steps(
         donate_argnums=0,
     )
     evaluate = jax.jit(
-        functools.partial(eval_step, graphdef=graphdef),
+        functools.partial(eval_step, graphdef=graphdef, byte_lengths=jnp.asarray(byte_lengths, jnp.float32)),
         in_shardings=(state_shardings.params, batch),
         out_shardings=replicated(mesh),
     )

@@ -46,13 +46,31 @@ class Setup:
     batch_sharding: jax.sharding.NamedSharding
 
 
-def build(config: config_dict.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
+def token_bytes(tokenizer: tokenizers.Tokenizer, model_cfg: ModelConfig) -> np.ndarray:
+    """The UTF-8 bytes each of the model's ids stands for (0 for special and padded ids), for bits per byte."""
+    lengths = np.zeros(model_cfg.padded_vocab, np.int32)
+    known = tokenizer.byte_lengths()[: model_cfg.padded_vocab]
+    lengths[: len(known)] = known
+    return lengths
+
+
+def build(
+    config: config_dict.ConfigDict, mesh: jax.sharding.Mesh, tokenizer: tokenizers.Tokenizer | None = None
+) -> Setup:
     """Creates the sharded state and jits the steps; call and run the steps under `jax.set_mesh(mesh)`."""
     model_cfg = model_config(config)
     tx, schedule = optimizer.make_optimizer(config.train)
     sharded = state_lib.create_train_state(model_cfg, tx, mesh, config.seed)
+    tokenizer = tokenizer or tokenizers.make_tokenizer(config.data.tokenizer, config.data.eos_token)
     compiled = steps.jit_steps(
-        sharded.graphdef, model_cfg, tx, schedule, config.train.grad_accum_steps, sharded.shardings, mesh
+        sharded.graphdef,
+        model_cfg,
+        tx,
+        schedule,
+        config.train.grad_accum_steps,
+        sharded.shardings,
+        mesh,
+        token_bytes(tokenizer, model_cfg),
     )
     return Setup(
         model_cfg=model_cfg,
@@ -140,10 +158,11 @@ def _summarize(
     return summary
 
 
-def _evaluate(ctx: _RunContext, params: Any) -> float:
-    """Mean loss per counted token over the fixed eval batches."""
-    sums, counts = zip(*jax.device_get([ctx.compiled.eval(params, batch) for batch in ctx.eval_batches]), strict=True)
-    return float(np.sum(sums) / max(np.sum(counts), 1.0))
+def _evaluate(ctx: _RunContext, params: Any) -> tuple[float, float]:
+    """Mean loss per counted token over the fixed eval batches, and the bits per byte of text it makes."""
+    results = jax.device_get([ctx.compiled.eval(params, batch) for batch in ctx.eval_batches])
+    loss_sum, count, text_bytes = (float(np.sum(column)) for column in zip(*results, strict=True))
+    return loss_sum / max(count, 1.0), loss_sum / np.log(2) / max(text_bytes, 1.0)
 
 
 def _announce(
@@ -190,7 +209,7 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
     # Everything opened is closed on every way out, also when a restore fails: a grain iterator or an
     # orbax manager left open prints tracebacks while the interpreter shuts down, after the one-line error.
     with jax.set_mesh(mesh), contextlib.ExitStack() as cleanup:
-        setup = build(config, mesh)
+        setup = build(config, mesh, tokenizer)
         train_data = pipeline.train_batches(config, tokenizer, setup.batch_sharding)
         cleanup.callback(train_data.close)
         eval_batches = pipeline.eval_batches(config, tokenizer, setup.batch_sharding) if config.data.eval_files else []
@@ -330,10 +349,10 @@ def _loop(ctx: _RunContext, state: state_lib.TrainState) -> TrainResult:
         if eval_due and not stopping:
             report(*ready)
             ready = None
-            eval_loss = _evaluate(ctx, state.params)
-            ctx.progress.message(f'step {done}: eval_loss {eval_loss:.4f}')
+            eval_loss, bits_per_byte = _evaluate(ctx, state.params)
+            ctx.progress.message(f'step {done}: eval_loss {eval_loss:.4f} ({bits_per_byte:.3f} bits per byte)')
             if ctx.writer is not None:
-                ctx.writer.write(done, {'eval_loss': eval_loss})
+                ctx.writer.write(done, {'eval_loss': eval_loss, 'eval_bits_per_byte': bits_per_byte})
             timer.lap()  # eval time is not training time
         if stopping or ctx.save_by_time or ctx.checkpointer.due(done) or done == total:
             # A diverged state never becomes a checkpoint: every step's loss up to this one is checked first.

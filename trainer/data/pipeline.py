@@ -76,9 +76,9 @@ def _source(pattern: str, weight: float, field: str, data_cfg: config_dict.Confi
     return Source(files=tuple(files), sizes=tuple(files.values()), weight=weight, format=formats.pop())
 
 
-def eval_source(data_cfg: config_dict.ConfigDict) -> Source:
-    """config.data.eval_files as one source."""
-    return _source(data_cfg.eval_files, 1.0, 'config.data.eval_files', data_cfg)
+def eval_source(data_cfg: config_dict.ConfigDict, field: str = 'config.data.eval_files') -> Source:
+    """config.data.eval_files as one source; `field` names them in errors."""
+    return _source(data_cfg.eval_files, 1.0, field, data_cfg)
 
 
 def check_sources(srcs: list[Source], data_cfg: config_dict.ConfigDict, vocab_size: int) -> None:
@@ -109,14 +109,19 @@ def _documents(
     shuffle: bool,
     stream: int = 0,
     num_streams: int = 1,
+    repeat: bool = True,
 ) -> grain.IterDataset:
-    """One source's documents as token arrays ending in EOS: the share of data stream `stream` only."""
+    """One source's documents as token arrays ending in EOS: the share of data stream `stream` only.
+
+    Repeated forever (training, the eval's fixed batches), or read once (`repeat=False`: scoring whole files).
+    """
     eos = np.array([tokenizer.eos_id], np.int32)
     if src.format == 'arrayrecord':
         manifest = sources.read_manifest(list(src.files))
         records = sources.token_records(list(src.files), manifest['dtype'])[stream::num_streams]
         records = records.shuffle(seed) if shuffle else records
-        return records.repeat(None).map(lambda ids: {'tokens': np.concatenate([ids, eos])}).to_iter_dataset()
+        records = records.repeat(None) if repeat else records
+        return records.map(lambda ids: {'tokens': np.concatenate([ids, eos])}).to_iter_dataset()
     if len(src.files) >= _FILES_PER_STREAM * num_streams:  # whole files per stream
         shards = dict.fromkeys(_stream_share(src, stream, num_streams), (0, 1))
     else:
@@ -126,7 +131,8 @@ def _documents(
     files = list(shards)
     dataset = grain.MapDataset.source(files)
     dataset = dataset.shuffle(seed) if shuffle else dataset
-    per_file = dataset.repeat(None).map(lambda path: sources.FileDocuments(path, data_cfg, shards[path]))
+    dataset = dataset.repeat(None) if repeat else dataset
+    per_file = dataset.map(lambda path: sources.FileDocuments(path, data_cfg, shards[path]))
     # At most one epoch's files open at once: a wider cycle would read the next epoch's copies early.
     cycle = min(len(files), _INTERLEAVED_FILES)
     documents = SizeBalancedInterleave(per_file, cycle_length=cycle, distinct_files=len(files))
@@ -167,10 +173,15 @@ def make_dataset(
     shuffle: bool,
     stream: int = 0,
     num_streams: int = 1,
+    repeat: bool = True,
 ) -> grain.IterDataset:
-    """One data stream's pipeline up to batches of `local_batch` rows, before prefetching."""
+    """One data stream's pipeline up to batches of `local_batch` rows, before prefetching.
+
+    Read once (`repeat=False`), the last batch may have fewer rows, the last row padding (segment 0).
+    """
     per_source = [
-        _documents(src, data_cfg, tokenizer, seed + i, shuffle, stream, num_streams) for i, src in enumerate(srcs)
+        _documents(src, data_cfg, tokenizer, seed + i, shuffle, stream, num_streams, repeat)
+        for i, src in enumerate(srcs)
     ]
     documents = per_source[0] if len(per_source) == 1 else grain.IterDataset.mix(per_source, [s.weight for s in srcs])
     rows = grain.experimental.ConcatThenSplitIterDataset(documents, length_struct={'tokens': data_cfg.seq_len + 1})
@@ -180,7 +191,7 @@ def make_dataset(
         rows = grain.experimental.WindowShuffleIterDataset(
             rows, window_size=data_cfg.shuffle_buffer, seed=seed + 1009 * stream
         )
-    return rows.batch(local_batch, drop_remainder=True)
+    return rows.batch(local_batch, drop_remainder=repeat)
 
 
 def prefetch(dataset: grain.IterDataset, data_cfg: config_dict.ConfigDict) -> grain.IterDataset:

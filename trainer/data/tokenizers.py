@@ -29,9 +29,15 @@ class Tokenizer(Protocol):
     eos_id: int
     bos_id: int | None  # the id put before each document, if any
 
-    def encode(self, text: str) -> np.ndarray: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> np.ndarray:
+        """Ids of `text`; without special tokens for text that already holds them (a rendered chat template)."""
+        ...
 
     def decode(self, ids: np.ndarray) -> str: ...
+
+    def byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes of text each id stands for (0 for EOS and other special tokens), for bits per byte."""
+        ...
 
 
 class ByteTokenizer:
@@ -42,11 +48,16 @@ class ByteTokenizer:
     eos_id = 0
     bos_id = None
 
-    def encode(self, text: str) -> np.ndarray:
+    def encode(self, text: str, add_special_tokens: bool = True) -> np.ndarray:
         return np.frombuffer(text.encode('utf-8'), dtype=np.uint8).astype(np.int32)
 
     def decode(self, ids: np.ndarray) -> str:
         return np.asarray(ids, dtype=np.uint8).tobytes().decode('utf-8', errors='replace')
+
+    def byte_lengths(self) -> np.ndarray:
+        lengths = np.ones(self.vocab_size, np.int32)
+        lengths[self.eos_id] = 0
+        return lengths
 
 
 def _token_text(value: str | dict | None) -> str:
@@ -86,11 +97,24 @@ class HuggingFaceTokenizer:
         added = self._tokenizer.encode('', add_special_tokens=True).ids  # what the post-processor adds
         self.bos_id = added[0] if added else self._tokenizer.token_to_id(_token_text(settings.get('bos_token')))
 
-    def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self._tokenizer.encode(text, add_special_tokens=True).ids, dtype=np.int32)
+    def encode(self, text: str, add_special_tokens: bool = True) -> np.ndarray:
+        return np.asarray(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids, dtype=np.int32)
 
     def decode(self, ids: np.ndarray) -> str:
         return self._tokenizer.decode([int(i) for i in ids])
+
+    def byte_lengths(self) -> np.ndarray:
+        """Exact for byte-level BPE (each character of a token is one byte); else each token decoded alone."""
+        import tokenizers
+
+        byte_level = isinstance(self._tokenizer.decoder, tokenizers.decoders.ByteLevel)
+        special = {i for i, token in self._tokenizer.get_added_tokens_decoder().items() if token.special}
+        lengths = np.zeros(self.vocab_size, np.int32)
+        for i in range(self.vocab_size):
+            token = self._tokenizer.id_to_token(i)
+            if token is not None and i not in special:
+                lengths[i] = len(token) if byte_level else len(self._tokenizer.decode([i]).encode())
+        return lengths
 
 
 class SentencePieceTokenizer:
@@ -110,11 +134,21 @@ class SentencePieceTokenizer:
                 f'{" " + repr(eos_token) if eos_token else ""}: set config.data.eos_token to one of its pieces.'
             )
 
-    def encode(self, text: str) -> np.ndarray:
+    def encode(self, text: str, add_special_tokens: bool = True) -> np.ndarray:
         return np.asarray(self._processor.encode(text), dtype=np.int32)
 
     def decode(self, ids: np.ndarray) -> str:
         return self._processor.decode([int(i) for i in ids])
+
+    def byte_lengths(self) -> np.ndarray:
+        """Each piece decoded alone; control pieces (BOS, EOS) count nothing."""
+        return np.array(
+            [
+                0 if self._processor.is_control(i) else len(self._processor.decode([i]).encode())
+                for i in range(self.vocab_size)
+            ],
+            np.int32,
+        )
 
 
 def make_tokenizer(spec: str, eos_token: str = '') -> Tokenizer:

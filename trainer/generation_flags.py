@@ -1,0 +1,39 @@
+"""The flags that trainer.generate and trainer.chat share: the model, its mesh, and how tokens are chosen."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from trainer import loading
+from trainer.errors import ConfigError
+from trainer.sampling import Sampling
+
+MODEL = flags.DEFINE_string('model', None, "A run's workdir, a checkpoint folder or a Hugging Face model folder.")
+MAX_NEW = flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate at most, per prompt or reply.')
+TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 = greedy (the most likely token).')
+TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens only; 0 = all.')
+TOP_P = flags.DEFINE_float('top_p', 1.0, 'Sample among the most likely tokens that make up probability p; 1 = all.')
+SEED = flags.DEFINE_integer('seed', 0, 'Seed of the sampling: the same seed gives the same text.')
+TENSOR = flags.DEFINE_integer('tensor_parallel', 1, 'Devices to split the heads over (mesh.tensor).')
+DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], "Compute dtype; default: the model's config.")
+flags.mark_flags_as_required(['model'])
+
+
+def sampling() -> Sampling:
+    """The sampling the flags ask for; a value out of range is a ConfigError."""
+    chosen = Sampling(TEMPERATURE.value, TOP_K.value, TOP_P.value)
+    chosen.check()
+    return chosen
+
+
+def load_model() -> loading.LoadedModel:
+    """The model of --model on the first --tensor_parallel devices; one without a tokenizer is a ConfigError."""
+    loaded = loading.load(MODEL.value, {'data': 1, 'fsdp': 1, 'tensor': TENSOR.value}, DTYPE.value)
+    if loaded.tokenizer is None:
+        raise ConfigError(f'{MODEL.value} has no tokenizer.json: text cannot be turned into its ids.')
+    if not 0 < MAX_NEW.value < loaded.model_cfg.max_seq_len:
+        raise ConfigError(
+            f'--max_new_tokens={MAX_NEW.value} must be between 1 and the context length minus one '
+            f'({loaded.model_cfg.max_seq_len - 1}).'
+        )
+    return loaded
