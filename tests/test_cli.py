@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import logging
+import math
 import pathlib
 import re
 import subprocess
@@ -68,6 +69,9 @@ def test_run_writes_config_metrics_and_tensorboard(short_run):
         assert line['tokens_per_s_per_device'] == pytest.approx(line['tokens_per_s'] / 8)
     assert train_lines[-1]['tokens_seen'] == 60 * 16 * 64
     assert [line['step'] for line in lines if 'eval_loss' in line] == [30, 60]
+    # Bytes: every counted target but EOS, so bits per byte is the loss in bits, a little more.
+    for line in (line for line in lines if 'eval_loss' in line):
+        assert line['eval_loss'] / math.log(2) <= line['eval_bits_per_byte'] < 1.1 * line['eval_loss'] / math.log(2)
 
     events = EventAccumulator(str(workdir / 'tensorboard'))
     events.Reload()

@@ -59,6 +59,15 @@ def test_greedy_generation_equals_transformers(name):
         assert row.ids == expected[:end] and row.stopped == (end < len(expected))
 
 
+def test_heads_split_over_two_devices_decode_the_same_tokens():
+    prompts = [[5, 17, 33], [8, 9, 10, 11, 12, 13, 14]]
+    one, _ = fixture_generator('llama_gqa')
+    loaded = loading.load(str(FIXTURES / 'llama_gqa'), {'data': 1, 'fsdp': 1, 'tensor': 2}, 'float32')
+    two = Generator(loaded.graphdef, loaded.params, loaded.model_cfg, loaded.mesh)
+    assert len(loaded.params['blocks']['attention']['wk_DKH'].sharding.device_set) == 2
+    assert two.generate(prompts, 6)[0] == one.generate(prompts, 6)[0]
+
+
 def test_prompts_of_different_lengths_decode_as_one_batch_as_each_alone():
     generator, _ = fixture_generator('llama_gqa')
     prompts = [[5, 17, 33], [8, 9, 10, 11, 12, 13, 14], [40]]

@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models.transformer import KVCache, ModelConfig
+from trainer.mesh import logical_sharding
 from trainer.sampling import GREEDY, Sampling, next_tokens
 
 _BUCKET = 64
@@ -78,6 +79,15 @@ class Generator:
         self._compiled[key] = jax.jit(function, donate_argnums=(4,)).lower(*args).compile()
         return self._compiled[key], time.perf_counter() - start
 
+    def _cache_shardings(self) -> KVCache:
+        """The cache laid out by the model's rules: key/value heads over `tensor`, rows over the batch axes."""
+        rules = self.cfg.sharding_rules
+        kv = logical_sharding(
+            ('layers', 'activation_batch', 'activation_length', 'activation_heads', None), self._mesh, rules
+        )
+        slots = logical_sharding(('activation_batch', 'activation_length'), self._mesh, rules)
+        return KVCache(kv, kv, slots, slots, NamedSharding(self._mesh, PartitionSpec()))
+
     def max_prompt_tokens(self, max_new_tokens: int) -> int:
         """The longest prompt that leaves room for max_new_tokens in the model's context."""
         return self.cfg.max_seq_len - max_new_tokens
@@ -112,7 +122,7 @@ class Generator:
         with jax.set_mesh(self._mesh):
             batch = NamedSharding(self._mesh, PartitionSpec())
             inputs = [jax.device_put(a, batch) for a in (tokens, positions, segments)]
-            cache = KVCache.empty(self.cfg, rows, slots)
+            cache = jax.device_put(KVCache.empty(self.cfg, rows, slots), self._cache_shardings())
             prefill, compile_s = self._compile(
                 ('prefill', rows, width, slots),
                 functools.partial(_prefill, self._graphdef),

@@ -1,0 +1,79 @@
+"""Decode and prefill speed: tokens/s of trainer.decoding for the default model and a ~100M-shaped one.
+
+Usage:
+  python scripts/bench_generate.py [--prompt_tokens 128] [--new_tokens 128] [--repeats 3]
+
+Random weights (speed does not depend on them), greedy, no stop token, so every row decodes all its
+tokens. Prints, per model and batch size (1 and 8): compile time (prefill and step, once), prefill
+tokens/s (prompt tokens / prefill time) and decode tokens/s (new tokens of all rows / decode time), the
+best of --repeats, and for decode the fraction of a memory-bandwidth bound when --bandwidth is given
+(params bytes as stored x steps / s / bandwidth: each step reads every parameter once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import small_lm  # noqa: E402
+from trainer import mesh as mesh_lib  # noqa: E402
+from trainer import train  # noqa: E402
+from trainer.decoding import Generator  # noqa: E402
+from trainer.flops import param_counts  # noqa: E402
+
+
+def config_100m():
+    """The ~100M variant of scripts/bench_checkpoint.py, with room for prompt and reply."""
+    config = small_lm.get_config()
+    config.model.update(num_layers=14, d_model=768, num_heads=12, num_kv_heads=4, d_ff=2048, max_seq_len=512)
+    return config
+
+
+def measure(name: str, config, prompt_tokens: int, new_tokens: int, repeats: int, bandwidth: float) -> None:
+    config.mesh.update(data=1, fsdp=1, tensor=1)
+    mesh = mesh_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        setup = train.build(config, mesh)
+        params = setup.sharded.state.params
+    generator = Generator(setup.sharded.graphdef, params, setup.model_cfg, mesh)
+    params_bytes = (
+        sum(x.nbytes for x in jax.tree.leaves(params)) * (2 if config.model.dtype == 'bfloat16' else 4) // 4
+    )  # read in the compute dtype
+    print(f'{name}: {param_counts(params).total / 1e6:.1f}M parameters, {config.model.dtype} compute')
+    rng = np.random.default_rng(0)
+    for batch in (1, 8):
+        prompts = rng.integers(1, setup.model_cfg.vocab_size, (batch, prompt_tokens)).tolist()
+        runs = [generator.generate(prompts, new_tokens) for _ in range(repeats)]
+        compile_s = runs[0][1].compile_s
+        prefill = max(batch * prompt_tokens / t.prefill_s for _, t in runs)
+        decode = max(t.new_tokens / t.decode_s for _, t in runs)
+        line = f'  batch {batch}: compile {compile_s:.1f}s | prefill {prefill:,.0f} tokens/s | '
+        line += f'decode {decode:,.0f} tokens/s'
+        if bandwidth:
+            line += f' ({params_bytes * decode / batch / bandwidth:.1%} of the bandwidth bound)'
+        print(line, flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--prompt_tokens', type=int, default=128)
+    parser.add_argument('--new_tokens', type=int, default=120)
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--bandwidth', type=float, default=0.0, help='memory bandwidth in bytes/s (H100: 3.35e12)')
+    args = parser.parse_args()
+    print(f'devices: {jax.devices()[0].device_kind}, jax {jax.__version__}')
+    measure(
+        'configs/small_lm.py', small_lm.get_config(), args.prompt_tokens, args.new_tokens, args.repeats, args.bandwidth
+    )
+    measure('~100M variant', config_100m(), args.prompt_tokens, args.new_tokens, args.repeats, args.bandwidth)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
