@@ -26,28 +26,21 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import finetune_hf  # noqa: E402
-from trainer import checkpoints, train  # noqa: E402
-from trainer import mesh as mesh_lib  # noqa: E402
+from trainer import checkpoints, loading, train  # noqa: E402
 from trainer.data import tokenizers  # noqa: E402
 from trainer.errors import ConfigError  # noqa: E402
 from trainer.hf import folder as hf_folder  # noqa: E402
-from trainer.hf import tensors as hf_tensors  # noqa: E402
 
 
 def import_folder(hf_dir: str, out: pathlib.Path) -> pathlib.Path:
     """Writes the weights of the Hugging Face folder `hf_dir` as a params-only checkpoint; returns its folder."""
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f'--out {out} exists and is not empty: remove it or give another folder.')
-    config = finetune_hf.get_config(hf_dir)
-    config.model.param_dtype = 'float32'
-    mesh = mesh_lib.make_mesh({axis: config.mesh[axis] for axis in mesh_lib.MESH_AXES})
+    loaded = loading.load(hf_dir)  # read straight into the shardings of all this host's devices
     temporary = out.with_name(f'.{out.name}.incomplete')
     shutil.rmtree(temporary, ignore_errors=True)
-    with jax.set_mesh(mesh):
-        setup = train.build(config, mesh)  # shapes and shardings only: nothing is initialized
-        params = hf_tensors.load(hf_dir, setup.model_cfg, setup.sharded.abstract.params)
-        checkpoints.save_params(temporary, params, config.to_json_best_effort())
+    with jax.set_mesh(loaded.mesh):
+        checkpoints.save_params(temporary, loaded.params, loaded.config.to_json_best_effort())
     if out.exists():
         out.rmdir()  # empty, checked above
     temporary.rename(out)

@@ -25,14 +25,14 @@ from trainer import loading, steps
 from trainer import mesh as mesh_lib
 from trainer.data import pipeline
 from trainer.errors import ConfigError
+from trainer.model_flag import MODEL
 from trainer.train import token_bytes
 
-_MODEL = flags.DEFINE_string('model', None, "A run's workdir, a checkpoint folder or a Hugging Face model folder.")
 _FILES = flags.DEFINE_string('files', None, 'Comma-separated paths, globs or URLs of the text to score.')
 _SEQ_LEN = flags.DEFINE_integer('seq_len', None, "Tokens per row; default: the model's training seq_len.")
 _BATCH = flags.DEFINE_integer('batch_size', None, "Rows per batch; default: the model's global_batch_size.")
 _JSON = flags.DEFINE_bool('json', False, 'Print the scores as one JSON object.')
-flags.mark_flags_as_required(['model', 'files'])
+flags.mark_flags_as_required(['files'])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +83,9 @@ def main(argv: list[str]) -> int:
     if not flags.FLAGS['verbosity'].present:
         logging.set_verbosity(logging.WARNING)
     try:
-        loaded = loading.load(_MODEL.value)
+        loaded = loading.load(MODEL.value)
         if loaded.tokenizer is None:
-            raise ConfigError(f'{_MODEL.value} has no tokenizer.json: text cannot be turned into its ids.')
+            raise ConfigError(f'{MODEL.value} has no tokenizer.json: text cannot be turned into its ids.')
         seq_len = _SEQ_LEN.value or loaded.config.data.seq_len
         batch_size = _BATCH.value or loaded.config.train.global_batch_size
         split = pipeline.batch_shards(

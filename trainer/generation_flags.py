@@ -6,9 +6,9 @@ from absl import flags
 
 from trainer import loading
 from trainer.errors import ConfigError
+from trainer.model_flag import MODEL
 from trainer.sampling import Sampling
 
-MODEL = flags.DEFINE_string('model', None, "A run's workdir, a checkpoint folder or a Hugging Face model folder.")
 MAX_NEW = flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate at most, per prompt or reply.')
 TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 = greedy (the most likely token).')
 TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens only; 0 = all.')
@@ -16,7 +16,6 @@ TOP_P = flags.DEFINE_float('top_p', 1.0, 'Sample among the most likely tokens th
 SEED = flags.DEFINE_integer('seed', 0, 'Seed of the sampling: the same seed gives the same text.')
 TENSOR = flags.DEFINE_integer('tensor_parallel', 1, 'Devices to split the heads over (mesh.tensor).')
 DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], "Compute dtype; default: the model's config.")
-flags.mark_flags_as_required(['model'])
 
 
 def sampling() -> Sampling:
