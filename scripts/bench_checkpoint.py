@@ -22,7 +22,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 
 from configs import small_lm  # noqa: E402
-from trainer import checkpoints, flops, train  # noqa: E402
+from trainer import checkpoints, train  # noqa: E402
 from trainer import mesh as mesh_lib  # noqa: E402
 from trainer.data import pipeline, tokenizers  # noqa: E402
 
@@ -61,7 +61,7 @@ def measure(name: str, config, repeats: int) -> None:
             checkpointer.close()
             shutil.rmtree(folder)
         data.close()
-    params = flops.param_counts(current.params).total
+    params = sum(x.size for x in jax.tree.leaves(current.params))
     interval = config.checkpoint.every_steps * step_time
     print(f'{name}: {params / 1e6:.1f}M params, checkpoint {size / 2**20:.0f} MiB; train step {step_time:.2f}s')
     print(

@@ -1,11 +1,20 @@
 """Test setup: 8 simulated CPU devices (set before jax is imported) and a tiny model config."""
 
+import atexit
 import json
 import os
 import pathlib
+import shutil
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Compiled programs are kept on disk for the session: the many end-to-end runs of the same tiny model, each
+# a new process, compile it once instead of once each (a tiny run takes 4 s instead of 8).
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='shardtrain-tests-jax-cache-')
+    atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -1,10 +1,11 @@
-"""FLOPs per token and parameter counts against hand-computed values; the datasheet peak of each device."""
+"""Parameter counts and FLOPs per token against hand-computed values; the datasheet peak of each device."""
 
 import pytest
 from conftest import tiny_config
 
+from configs import small_lm
 from trainer import flops
-from trainer.state import abstract_model
+from trainer.scaling import counts
 from trainer.train import model_config
 
 # tiny_config: L=3 layers, D=24, F=40, V=38, 4 query heads of H=6, seq_len T=12.
@@ -12,25 +13,58 @@ from trainer.train import model_config
 # wo 4*6*24 + SwiGLU 3*24*40 + 2 norms of 24 = 576 + 288 + 288 + 576 + 2880 + 48 = 4656.
 LLAMA_NON_EMBEDDING = 3 * 4656 + 24  # + the final norm
 LLAMA_TOTAL = LLAMA_NON_EMBEDDING + 2 * 38 * 24  # + token table + unembedding
+LLAMA_MATMUL = 3 * (576 + 288 + 288 + 576 + 2880) + 24 * 38  # matrices (no norms) + the unembedding
 # gpt2: 4 key/value heads, tied, biases. Per layer: 4 * 576 attention matrices + 4 * 24 attention biases +
 # 2 * 960 MLP matrices + 40 + 24 MLP biases + 2 LayerNorms of 2 * 24 = 2304 + 96 + 1920 + 64 + 96 = 4480.
 GPT2_NON_EMBEDDING = 3 * 4480 + 48  # + the final LayerNorm
 GPT2_TOTAL = GPT2_NON_EMBEDDING + 38 * 24 + 16 * 24  # + token table + position table (max_seq_len 16)
-ATTENTION = 12 * 3 * 4 * 6 * 12  # 12 * L * heads * H * T
+GPT2_MATMUL = 3 * (4 * 576 + 2 * 960) + 24 * 38  # the tied table is the unembedding: multiplied once
+# Causal attention at T=12: a query sees (12 + 1) / 2 keys on average; scores and values, 2 FLOPs a product.
+ATTENTION = 3 * 4 * 4 * 6 * 6.5  # layers * 4 * heads * H * mean keys
 
 
 @pytest.mark.parametrize(
-    'family, total, non_embedding',
-    [('llama', LLAMA_TOTAL, LLAMA_NON_EMBEDDING), ('gpt2', GPT2_TOTAL, GPT2_NON_EMBEDDING)],
+    'family, total, non_embedding, matmul',
+    [
+        ('llama', LLAMA_TOTAL, LLAMA_NON_EMBEDDING, LLAMA_MATMUL),
+        ('gpt2', GPT2_TOTAL, GPT2_NON_EMBEDDING, GPT2_MATMUL),
+    ],
 )
-def test_parameter_counts_and_flops_per_token_by_hand(family, total, non_embedding):
-    config = tiny_config(family)
-    _, shapes, _ = abstract_model(model_config(config))
-    counts = flops.param_counts(shapes)
-    assert (counts.total, counts.non_embedding) == (total, non_embedding)
-    # The lookups are not matmuls; the unembedding (38 x 24, tied or not) is.
-    expected = 6 * (non_embedding + 38 * 24) + ATTENTION
-    assert flops.flops_per_token(model_config(config), counts, seq_len=12) == expected
+def test_counts_by_hand(family, total, non_embedding, matmul):
+    found = counts.count_config(model_config(tiny_config(family)), seq_len=12)
+    assert (found.params, found.non_embedding_params, found.matmul_params) == (total, non_embedding, matmul)
+    assert found.attention_flops_per_token == ATTENTION
+    assert found.train_flops_per_token == 3 * (2 * matmul + ATTENTION)
+
+
+def test_gpt2_124m():
+    """GPT-2 small, tied: 124,439,808 parameters (the published count)."""
+    config = small_lm.get_config()
+    config.model.update(
+        family='gpt2',
+        num_layers=12,
+        num_heads=12,
+        num_kv_heads=12,
+        d_model=768,
+        d_ff=3072,
+        vocab_size=50257,
+        max_seq_len=1024,
+        tie_embeddings=True,
+        use_bias=True,
+    )
+    found = counts.count_config(model_config(config), seq_len=1024)
+    assert found.params == 124_439_808
+    assert found.non_embedding_params == 124_439_808 - 50257 * 768 - 1024 * 768
+    # Per layer 768 x 2304 (qkv) + 768 x 768 + 2 x 768 x 3072 multiplied, and the 768 x 50257 unembedding.
+    assert found.matmul_params == 12 * (768 * 2304 + 768 * 768 + 2 * 768 * 3072) + 768 * 50257 == 123_532_032
+    assert found.attention_flops_per_token == 4 * 12 * 12 * 64 * 512.5
+    assert found.train_flops_per_token == 3 * (2 * 123_532_032 + 18_892_800) == 797_870_592
+
+
+def test_a_sliding_window_caps_the_keys_seen():
+    assert counts.mean_keys_seen(12) == 6.5
+    assert counts.mean_keys_seen(12, window=4) == (1 + 2 + 3 + 4 + 8 * 4) / 12
+    assert counts.mean_keys_seen(12, window=100) == 6.5
 
 
 DEVICE_KINDS = {  # device_kind as JAX reports it -> dense bf16 peak

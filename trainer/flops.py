@@ -1,20 +1,15 @@
-"""Model FLOPs per token and each device's peak FLOP/s, for MFU."""
+"""Each device's peak FLOP/s, for MFU (the model's FLOPs per token are trainer.scaling.counts')."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import re
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-from models.transformer import ModelConfig
 
 # Dense bf16 peak FLOP/s per device, from the vendors' datasheets. Each name is matched against
 # `device.device_kind` (lower-cased) as whole words, most specific first: 'l4' must not match 'NVIDIA
@@ -40,36 +35,6 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ('tpu v6 lite', 918e12),  # v6e (Trillium)
     ('tpu v6e', 918e12),
 )
-# Parameters that are looked up rather than multiplied: the token and position tables. The
-# unembedding (its own matrix, or the token table when tied) is a matmul of D x V per token.
-_LOOKUP_TABLES = ('embedding_VD', 'position_embedding_PD')
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamCounts:
-    """A model's parameter count, with and without its embedding tables (Kaplan et al.'s N)."""
-
-    total: int
-    non_embedding: int  # without the token and position tables and the (untied) unembedding
-
-
-def param_counts(params: Any) -> ParamCounts:
-    """Counts a params tree (arrays or shapes)."""
-    sizes = {key: sum(math.prod(x.shape) for x in jax.tree.leaves(sub)) for key, sub in params.items()}
-    embedding = sum(sizes.get(key, 0) for key in (*_LOOKUP_TABLES, 'unembedding_DV'))
-    return ParamCounts(total=sum(sizes.values()), non_embedding=sum(sizes.values()) - embedding)
-
-
-def flops_per_token(model_cfg: ModelConfig, counts: ParamCounts, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * (N + D*V) + 12*L*H*Q*T (PaLM appendix B, lookups not counted).
-
-    N counts the non-embedding parameters and D*V the unembedding matmul (tied or not): the token and
-    position tables are looked up, which is no matmul. L layers, H heads, Q head dimension, T sequence
-    length. 6 is forward plus backward of the weight matmuls; 12*L*H*Q*T the same for attention
-    scores and values (counted for the full T x T square, as PaLM does).
-    """
-    matmul_params = counts.non_embedding + model_cfg.d_model * model_cfg.vocab_size
-    return 6.0 * matmul_params + 12.0 * model_cfg.num_layers * model_cfg.num_heads * model_cfg.head_dim * seq_len
 
 
 def table_peak_flops(device_kind: str) -> float | None:

@@ -20,6 +20,7 @@ from trainer.data import pipeline, tokenizers
 from trainer.errors import ConfigError, StoppedBySignal, TrainingDivergedError
 from trainer.hf import config as hf_config
 from trainer.hf import tensors as hf_tensors
+from trainer.scaling import counts as scaling_counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +169,7 @@ def _evaluate(ctx: _RunContext, params: Any) -> tuple[float, float]:
 def _announce(
     progress: reporting.Progress,
     mesh,
-    counts: flops.ParamCounts,
+    counts: scaling_counts.Counts,
     flops_per_token: float,
     peak: float | None,
     peak_source: str,
@@ -180,7 +181,7 @@ def _announce(
     )
     progress.message(f'mesh: {mesh_lib.describe(mesh)}')
     progress.message(
-        f'parameters: {counts.total:,} ({counts.non_embedding:,} without embeddings) | '
+        f'parameters: {counts.params:,} ({counts.non_embedding_params:,} without embeddings) | '
         f'FLOPs per token: {reporting.format_count(flops_per_token)}'
     )
     if peak:
@@ -214,8 +215,8 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
         cleanup.callback(train_data.close)
         eval_batches = pipeline.eval_batches(config, tokenizer, setup.batch_sharding) if config.data.eval_files else []
 
-        counts = flops.param_counts(setup.sharded.abstract.params)
-        flops_per_token = flops.flops_per_token(setup.model_cfg, counts, config.data.seq_len)
+        counts = scaling_counts.count(setup.model_cfg, setup.sharded.abstract.params, config.data.seq_len)
+        flops_per_token = counts.train_flops_per_token
         peak, peak_source = flops.peak_flops_per_device(mesh, config.model.dtype, config.train.peak_flops_per_device)
         checkpointer = checkpoints.Checkpointer(
             workdir / 'checkpoints', config.checkpoint, config.to_json_best_effort()

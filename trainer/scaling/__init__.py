@@ -1,0 +1,1 @@
+"""Scaling-law experiments: exact counts, sweeps, collection, fits and plots (`python -m trainer.scaling`)."""

@@ -1,0 +1,260 @@
+"""python -m trainer.scaling <verb> [flags]: scaling-law experiments from sweep to compute-optimal answer.
+
+counts   parameters and training FLOPs per token of a config:  --config configs/small_lm.py [--set K=V]
+sweep    plan, then run (or emit) a grid of runs:  --config C --out DIR --widths 64,128 --flops 1e13,3e13
+         [--tokens ...] [--lrs 3e-3] [--seeds 0] [--emit run|commands|slurm] [--set model.dtype=float32]
+collect  one CSV of a sweep's runs:  --sweep DIR --out runs.csv [--per_eval]
+fit      Chinchilla approaches 3 and 2 on a CSV (params, tokens, loss[, flops]):  --csv F --out fit.json
+         [--budget C] [--bootstrap 200]
+plot     the figures of a CSV and its fit:  --csv F --fit fit.json --out DIR
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import json
+import pathlib
+import sys
+from typing import NoReturn
+
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_dict
+
+from trainer.errors import ConfigError
+from trainer.train import model_config
+
+_CONFIG = flags.DEFINE_string('config', None, 'counts, sweep: the base config file (file.py or file.py:ARG).')
+_SET = flags.DEFINE_multi_string('set', [], 'counts, sweep: a config field for every run, e.g. model.dtype=float32.')
+_OUT = flags.DEFINE_string('out', None, 'sweep: its folder; collect: the CSV; fit: the JSON; plot: the folder.')
+_WIDTHS = flags.DEFINE_list('widths', [], 'sweep: model widths (d_model); depth and heads follow the rule.')
+_TOKENS = flags.DEFINE_list('tokens', [], 'sweep: token budgets (each run of each size trains on each).')
+_FLOPS = flags.DEFINE_list('flops', [], 'sweep: FLOP budgets, for IsoFLOP curves (tokens = budget / FLOPs per token).')
+_LRS = flags.DEFINE_list('lrs', [], "sweep: peak learning rates; default the config's.")
+_SEEDS = flags.DEFINE_list('seeds', ['0'], 'sweep: seeds.')
+_ASPECT = flags.DEFINE_integer('aspect', 32, 'sweep: width / depth.')
+_HEAD_DIM = flags.DEFINE_integer('head_dim', 32, 'sweep: width of each attention head.')
+_FF_RATIO = flags.DEFINE_float('ff_ratio', 3.0, 'sweep: d_ff / d_model.')
+_KV_RATIO = flags.DEFINE_integer('kv_ratio', 1, 'sweep: query heads per key/value head.')
+_WARMUP = flags.DEFINE_float('warmup_fraction', 0.05, "sweep: warmup steps as a fraction of each run's steps.")
+_EMIT = flags.DEFINE_enum(
+    'emit', 'run', ['run', 'commands', 'slurm'], 'sweep: run here, or write commands / a SLURM array.'
+)
+_SWEEP = flags.DEFINE_string('sweep', None, 'collect: the sweep folder.')
+_PER_EVAL = flags.DEFINE_bool('per_eval', False, 'collect: a row per eval instead of per run.')
+_CSV = flags.DEFINE_string('csv', None, 'fit, plot: a CSV with columns params, tokens, loss (optional: flops, budget).')
+_FIT = flags.DEFINE_string('fit', None, "plot: fit's JSON.")
+_BUDGET = flags.DEFINE_float('budget', None, 'fit: a FLOP budget to allocate: "train N parameters on D tokens".')
+_BOOTSTRAP = flags.DEFINE_integer('bootstrap', 200, 'fit: bootstrap resamples for the standard errors.')
+_LOSS = flags.DEFINE_string('loss_column', 'loss', "fit, plot: the CSV column to fit ('loss' or 'eval_loss').")
+
+
+def _fail(message: str) -> NoReturn:
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+def _require(flag, verb: str):
+    if flag.value in (None, []):
+        _fail(f'{verb} needs --{flag.name}.')
+    return flag.value
+
+
+def load_config(spec: str, settings: list[str]) -> config_dict.ConfigDict:
+    """A config file's get_config() (with its ':ARG'), then --set fields, typed like the fields they replace."""
+    path, _, argument = spec.partition(':')
+    if not pathlib.Path(path).is_file():
+        raise ConfigError(f'--config={spec} is not a file: give a config such as configs/small_lm.py.')
+    module_spec = importlib.util.spec_from_file_location('sweep_base_config', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(argument) if argument else module.get_config()
+    for setting in settings:
+        key, _, value = setting.partition('=')
+        section, _, name = key.rpartition('.')
+        holder = config[section] if section else config
+        if name not in holder:
+            raise ConfigError(f'--set {setting}: {key} names no field of the config.')
+        old = holder[name]
+        holder[name] = value.lower() in ('1', 'true') if isinstance(old, bool) else type(old)(value)
+    return config
+
+
+def _numbers(values: list[str], kind=float) -> list:
+    try:
+        return [kind(float(v)) if kind is int else kind(v) for v in values]
+    except ValueError as error:
+        raise ConfigError(f'not a number: {error}') from None
+
+
+def read_csv(path: str, loss_column: str) -> dict[str, np.ndarray]:
+    """The columns fit and plot use; rows not 'done' (from collect) are left out."""
+    try:
+        with open(path, newline='') as f:
+            rows = list(csv.DictReader(f))
+    except OSError as error:
+        raise ConfigError(f'cannot read --csv={path}: {error.strerror}.') from None
+    rows = [r for r in rows if r.get('state', 'done') in ('done', '')]
+    needed = ('params', 'tokens', loss_column)
+    missing = [c for c in needed if not rows or c not in rows[0]]
+    if missing:
+        raise ConfigError(
+            f'--csv={path} lacks the column(s) {", ".join(missing)}: it needs params, tokens and {loss_column}.'
+        )
+    columns = {}
+    for name in ('params', 'tokens', loss_column, 'flops', 'budget'):
+        if name in rows[0] and all(r[name] not in ('', None) for r in rows):
+            try:
+                columns[name] = np.array([float(r[name]) for r in rows])
+            except ValueError as error:
+                raise ConfigError(f'--csv={path}, column {name}: {error}.') from None
+    columns['loss'] = columns.pop(loss_column)
+    return columns
+
+
+def flops_per_param_token(columns: dict[str, np.ndarray]) -> float:
+    """k in C = k N D: the data's own, from a flops column, else 6 (the convention)."""
+    if 'flops' in columns:
+        return float(np.median(columns['flops'] / (columns['params'] * columns['tokens'])))
+    return 6.0
+
+
+def do_counts() -> None:
+    from trainer.scaling import counts
+
+    config = load_config(_require(_CONFIG, 'counts'), _SET.value)
+    found = counts.count_config(model_config(config), config.data.seq_len)
+    print(json.dumps(dataclasses.asdict(found) | {'train_flops_per_token': found.train_flops_per_token}, indent=2))
+
+
+def do_sweep() -> int:
+    from trainer.scaling import sweep
+
+    config_file = _require(_CONFIG, 'sweep')
+    folder = pathlib.Path(_require(_OUT, 'sweep'))
+    base = load_config(config_file, _SET.value)
+    shape = sweep.Shape(_ASPECT.value, _HEAD_DIM.value, _FF_RATIO.value, _KV_RATIO.value)
+    points = sweep.plan(
+        base,
+        _numbers(_require(_WIDTHS, 'sweep'), int),
+        shape,
+        token_budgets=_numbers(_TOKENS.value),
+        flop_budgets=_numbers(_FLOPS.value),
+        learning_rates=_numbers(_LRS.value),
+        seeds=_numbers(_SEEDS.value, int),
+        warmup_fraction=_WARMUP.value,
+    )
+    extra = [f'--config.{setting}' for setting in _SET.value]
+    commands = sweep.write(folder, config_file, points, extra)
+    total = sum(p.flops for p in points)
+    print(f'{len(points)} points, {total:.2e} training FLOPs in all; plan in {folder / "sweep.json"}')
+    if _EMIT.value != 'run':
+        print(f'wrote {sweep.emit(folder, commands, _EMIT.value)}')
+        return 0
+    done, failed = sweep.run(folder, commands, points)
+    print(f'{done} done, {failed} failed; collect with: python -m trainer.scaling collect --sweep {folder} --out ...')
+    return 1 if failed else 0
+
+
+def do_collect() -> None:
+    from trainer.scaling import collect
+
+    folder = pathlib.Path(_require(_SWEEP, 'collect'))
+    if not (folder / 'sweep.json').is_file():
+        raise ConfigError(f'--sweep={folder} holds no sweep.json: give the folder a sweep wrote.')
+    table = collect.rows(folder, _PER_EVAL.value)
+    out = pathlib.Path(_require(_OUT, 'collect'))
+    collect.write_csv(table, out)
+    states = [row['state'] for row in table]
+    print(f'{len(table)} rows ({states.count("done")} done) in {out}')
+
+
+def do_fit() -> None:
+    from trainer.scaling import fit
+
+    columns = read_csv(_require(_CSV, 'fit'), _LOSS.value)
+    k = flops_per_param_token(columns)
+    fit3 = fit.approach3(columns['params'], columns['tokens'], columns['loss'], bootstraps=_BOOTSTRAP.value)
+    law = fit3.law
+    result = {
+        'approach3': dataclasses.asdict(law) | {'standard_errors': fit3.standard_errors, 'objective': fit3.objective},
+        'points': fit3.points,
+        'flops_per_param_token': k,
+        'compute_optimal': {
+            'params_exponent': law.beta / (law.alpha + law.beta),
+            'tokens_exponent': law.alpha / (law.alpha + law.beta),
+        },
+    }
+    print(
+        f'L(N, D) = {law.E:.3f} + {law.A:.4g} / N^{law.alpha:.3f} + {law.B:.4g} / D^{law.beta:.3f}  '
+        f'(standard errors: alpha {fit3.standard_errors["alpha"]:.3f}, beta {fit3.standard_errors["beta"]:.3f}, '
+        f'E {fit3.standard_errors["E"]:.3f}; {fit3.points} points)'
+    )
+    print(
+        f'compute-optimal: N* ~ C^{result["compute_optimal"]["params_exponent"]:.3f}, '
+        f'D* ~ C^{result["compute_optimal"]["tokens_exponent"]:.3f} (C = {k:.2f} N D)'
+    )
+    if 'flops' in columns:
+        try:
+            fit2 = fit.approach2(columns['params'], columns['flops'], columns['loss'], k, columns.get('budget'))
+            result['approach2'] = dataclasses.asdict(fit2)
+            print(f'IsoFLOP (approach 2): N* ~ C^{fit2.params_exponent:.3f} over {len(fit2.curves)} budgets')
+        except ConfigError as error:
+            print(f'IsoFLOP (approach 2) left out: {error}')
+    if _BUDGET.value:
+        n, d = law.optimal(_BUDGET.value, k)
+        result['budget'] = {'flops': _BUDGET.value, 'params': n, 'tokens': d, 'loss': float(law.loss(n, d))}
+        print(
+            f'for {_BUDGET.value:.2e} FLOPs: train {n:,.0f} parameters on {d:,.0f} tokens (loss {law.loss(n, d):.3f})'
+        )
+    out = pathlib.Path(_require(_OUT, 'fit'))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + '\n')
+    print(f'wrote {out}')
+
+
+def do_plot() -> None:
+    from trainer.scaling import fit, plot
+
+    columns = read_csv(_require(_CSV, 'plot'), _LOSS.value)
+    saved = json.loads(pathlib.Path(_require(_FIT, 'plot')).read_text())
+    k = saved.get('flops_per_param_token', 6.0)
+    law = {name: saved['approach3'][name] for name in ('E', 'A', 'B', 'alpha', 'beta')}
+    fit3 = fit.Approach3(
+        fit.Law(**law), saved['approach3']['standard_errors'], saved['approach3']['objective'], saved['points'], 0
+    )
+    fit2 = None
+    if 'approach2' in saved:
+        curves = [fit.IsoFlop(**{**c, 'parabola': tuple(c['parabola'])}) for c in saved['approach2']['curves']]
+        fit2 = fit.Approach2(**{**saved['approach2'], 'curves': curves})
+    written = plot.all_figures(
+        pathlib.Path(_require(_OUT, 'plot')),
+        columns['params'],
+        columns['tokens'],
+        columns.get('flops'),
+        columns['loss'],
+        fit3,
+        fit2,
+        k,
+    )
+    print('wrote ' + ', '.join(str(p) for p in written))
+
+
+VERBS = {'counts': do_counts, 'sweep': do_sweep, 'collect': do_collect, 'fit': do_fit, 'plot': do_plot}
+
+
+def main(argv: list[str]) -> int:
+    if not flags.FLAGS['verbosity'].present:
+        logging.set_verbosity(logging.WARNING)
+    if len(argv) != 2 or argv[1] not in VERBS:
+        _fail(f'give one verb: {", ".join(VERBS)} (python -m trainer.scaling --help).')
+    try:
+        return VERBS[argv[1]]() or 0
+    except ConfigError as error:
+        _fail(str(error))
+
+
+if __name__ == '__main__':
+    app.run(main)

@@ -1,0 +1,109 @@
+"""The figures of a scaling-law fit, as PNG files (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use('Agg')  # files only: no screen on a cluster node or in CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from trainer.scaling.fit import Approach2, Approach3  # noqa: E402
+
+
+def loss_against_flops(path, params, flops, loss, fit3: Approach3 | None, k: float) -> None:
+    """Each run's loss against its FLOPs, colored by size, with the law's compute-optimal frontier."""
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    scatter = axes.scatter(flops, loss, c=np.log10(params), cmap='viridis', s=25)
+    figure.colorbar(scatter, label='log10 parameters')
+    if fit3 is not None:
+        budgets = np.geomspace(flops.min(), flops.max() * 10, 100)
+        frontier = [fit3.law.loss(*fit3.law.optimal(c, k)) for c in budgets]
+        axes.plot(budgets, frontier, 'k--', label='fitted compute-optimal frontier')
+        axes.legend()
+    axes.set(xscale='log', xlabel='training FLOPs', ylabel='loss (nats per token)', title='Loss against compute')
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def isoflop_curves(path, fit2: Approach2) -> None:
+    """Loss against parameters per budget, the fitted parabolas and their minima."""
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    colors = plt.cm.plasma(np.linspace(0, 0.85, len(fit2.curves)))
+    for curve, color in zip(fit2.curves, colors, strict=True):
+        params = np.array(curve.params)
+        axes.scatter(params, curve.losses, color=color, label=f'{curve.flops:.1e} FLOPs')
+        grid = np.geomspace(params.min() / 1.5, params.max() * 1.5, 100)
+        axes.plot(grid, np.polyval(curve.parabola, np.log(grid)), color=color)
+        axes.axvline(curve.optimal_params, color=color, linestyle=':')
+    axes.set(xscale='log', xlabel='parameters', ylabel='loss (nats per token)', title='IsoFLOP curves')
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def optimal_allocation(path, fit2: Approach2 | None, fit3: Approach3 | None, flops_range, k: float) -> None:
+    """N*(C) and D*(C): approach 2's minima and power laws, approach 3's prediction."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    budgets = np.geomspace(flops_range[0], flops_range[1] * 10, 50)
+    if fit2 is not None:
+        points = np.array([c.flops for c in fit2.curves])
+        optimal = np.array([c.optimal_params for c in fit2.curves])
+        left.scatter(points, optimal, color='C0', label='IsoFLOP minima')
+        right.scatter(points, points / (k * optimal), color='C0')
+        left.plot(budgets, fit2.params_coefficient * budgets**fit2.params_exponent, 'C0', label='approach 2')
+        right.plot(budgets, fit2.tokens_coefficient * budgets**fit2.tokens_exponent, 'C0')
+    if fit3 is not None:
+        n, d = zip(*(fit3.law.optimal(c, k) for c in budgets), strict=True)
+        left.plot(budgets, n, 'C1--', label='approach 3')
+        right.plot(budgets, d, 'C1--')
+    left.set(xscale='log', yscale='log', xlabel='FLOPs', ylabel='optimal parameters N*')
+    right.set(xscale='log', yscale='log', xlabel='FLOPs', ylabel='optimal tokens D*')
+    left.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def residuals(path, params, tokens, loss, fit3: Approach3) -> None:
+    """log(loss) - log(fitted loss) per run, against parameters and tokens."""
+    residual = np.log(loss) - np.log(fit3.law.loss(params, tokens))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    left.scatter(params, residual)
+    right.scatter(tokens, residual)
+    for axes, label in ((left, 'parameters'), (right, 'tokens')):
+        axes.axhline(0, color='k', linewidth=0.8)
+        axes.set(xscale='log', xlabel=label)
+    left.set(ylabel='log loss - log fitted loss')
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def all_figures(out: pathlib.Path, params, tokens, flops, loss, fit3, fit2, k: float) -> list[pathlib.Path]:
+    """Writes the figures the data allows; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if flops is not None:
+        loss_against_flops(out / 'loss_vs_flops.png', params, flops, loss, fit3, k)
+        written.append(out / 'loss_vs_flops.png')
+    if fit2 is not None:
+        isoflop_curves(out / 'isoflop.png', fit2)
+        written.append(out / 'isoflop.png')
+    if fit2 is not None or fit3 is not None:
+        reach = (
+            (flops.min(), flops.max())
+            if flops is not None
+            else (6 * (params * tokens).min(), 6 * (params * tokens).max())
+        )
+        optimal_allocation(out / 'optimal_allocation.png', fit2, fit3, reach, k)
+        written.append(out / 'optimal_allocation.png')
+    if fit3 is not None:
+        residuals(out / 'residuals.png', params, tokens, loss, fit3)
+        written.append(out / 'residuals.png')
+    return written
