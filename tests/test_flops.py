@@ -31,7 +31,7 @@ ATTENTION = 3 * 4 * 4 * 6 * 6.5  # layers * 4 * heads * H * mean keys
     ],
 )
 def test_counts_by_hand(family, total, non_embedding, matmul):
-    found = counts.count_config(model_config(tiny_config(family)), seq_len=12)
+    found = counts.count(model_config(tiny_config(family)), seq_len=12)
     assert (found.params, found.non_embedding_params, found.matmul_params) == (total, non_embedding, matmul)
     assert found.attention_flops_per_token == ATTENTION
     assert found.train_flops_per_token == 3 * (2 * matmul + ATTENTION)
@@ -52,7 +52,7 @@ def test_gpt2_124m():
         tie_embeddings=True,
         use_bias=True,
     )
-    found = counts.count_config(model_config(config), seq_len=1024)
+    found = counts.count(model_config(config), seq_len=1024)
     assert found.params == 124_439_808
     assert found.non_embedding_params == 124_439_808 - 50257 * 768 - 1024 * 768
     # Per layer 768 x 2304 (qkv) + 768 x 768 + 2 x 768 x 3072 multiplied, and the 768 x 50257 unembedding.

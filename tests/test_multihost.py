@@ -127,6 +127,7 @@ def test_a_one_process_checkpoint_resumes_in_two_processes(tmp_path, one_process
     assert_close(losses_by_step(tmp_path), losses_by_step(one_process), range(21, STEPS + 1))
 
 
+@pytest.mark.slow  # 25 s: two processes run, stop, and run again
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, one_process):
     # Saves every 0.6 s as well: the processes must agree on those steps too, or the saves would hang.
     processes = spawn_two_processes(tmp_path, '--config.checkpoint.every_minutes=0.01')

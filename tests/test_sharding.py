@@ -37,6 +37,7 @@ def test_sharded_losses_equal_the_single_device_loss(family):
         )
 
 
+@pytest.mark.slow  # gpt2's parameters sharded are also checked by test_hf.py's sharded import
 def test_gpt2_sharded_over_every_axis_equals_one_device():
     """The gpt2 family on the (2, 2, 2) mesh alone; all meshes in the slow test above."""
     reference_losses, reference_params = two_steps(tiny_config('gpt2'))

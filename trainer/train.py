@@ -215,7 +215,7 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
         cleanup.callback(train_data.close)
         eval_batches = pipeline.eval_batches(config, tokenizer, setup.batch_sharding) if config.data.eval_files else []
 
-        counts = scaling_counts.count(setup.model_cfg, setup.sharded.abstract.params, config.data.seq_len)
+        counts = scaling_counts.count(setup.model_cfg, config.data.seq_len)
         flops_per_token = counts.train_flops_per_token
         peak, peak_source = flops.peak_flops_per_device(mesh, config.model.dtype, config.train.peak_flops_per_device)
         checkpointer = checkpoints.Checkpointer(

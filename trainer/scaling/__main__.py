@@ -45,7 +45,7 @@ _EMIT = flags.DEFINE_enum(
 _SWEEP = flags.DEFINE_string('sweep', None, 'collect: the sweep folder.')
 _PER_EVAL = flags.DEFINE_bool('per_eval', False, 'collect: a row per eval instead of per run.')
 _CSV = flags.DEFINE_string('csv', None, 'fit, plot: a CSV with columns params, tokens, loss (optional: flops, budget).')
-_FIT = flags.DEFINE_string('fit', None, "plot: fit's JSON.")
+_FIT = flags.DEFINE_string('fit', None, "plot: fit's JSON (without it, the runs alone).")
 _BUDGET = flags.DEFINE_float('budget', None, 'fit: a FLOP budget to allocate: "train N parameters on D tokens".')
 _BOOTSTRAP = flags.DEFINE_integer('bootstrap', 200, 'fit: bootstrap resamples for the standard errors.')
 _LOSS = flags.DEFINE_string('loss_column', 'loss', "fit, plot: the CSV column to fit ('loss' or 'eval_loss').")
@@ -125,7 +125,7 @@ def do_counts() -> None:
     from trainer.scaling import counts
 
     config = load_config(_require(_CONFIG, 'counts'), _SET.value)
-    found = counts.count_config(model_config(config), config.data.seq_len)
+    found = counts.count(model_config(config), config.data.seq_len)
     print(json.dumps(dataclasses.asdict(found) | {'train_flops_per_token': found.train_flops_per_token}, indent=2))
 
 
@@ -219,16 +219,17 @@ def do_plot() -> None:
     from trainer.scaling import fit, plot
 
     columns = read_csv(_require(_CSV, 'plot'), _LOSS.value)
-    saved = json.loads(pathlib.Path(_require(_FIT, 'plot')).read_text())
-    k = saved.get('flops_per_param_token', 6.0)
-    law = {name: saved['approach3'][name] for name in ('E', 'A', 'B', 'alpha', 'beta')}
-    fit3 = fit.Approach3(
-        fit.Law(**law), saved['approach3']['standard_errors'], saved['approach3']['objective'], saved['points'], 0
-    )
-    fit2 = None
-    if 'approach2' in saved:
-        curves = [fit.IsoFlop(**{**c, 'parabola': tuple(c['parabola'])}) for c in saved['approach2']['curves']]
-        fit2 = fit.Approach2(**{**saved['approach2'], 'curves': curves})
+    k = flops_per_param_token(columns)
+    fit3 = fit2 = None
+    if _FIT.value:  # the fitted law's frontier, allocation and residuals
+        saved = json.loads(pathlib.Path(_FIT.value).read_text())
+        law = fit.Law(**{name: saved['approach3'][name] for name in ('E', 'A', 'B', 'alpha', 'beta')})
+        fit3 = fit.Approach3(
+            law, saved['approach3']['standard_errors'], saved['approach3']['objective'], saved['points'], 0
+        )
+        if 'approach2' in saved:
+            curves = [fit.IsoFlop(**{**c, 'parabola': tuple(c['parabola'])}) for c in saved['approach2']['curves']]
+            fit2 = fit.Approach2(**{**saved['approach2'], 'curves': curves})
     written = plot.all_figures(
         pathlib.Path(_require(_OUT, 'plot')),
         columns['params'],

@@ -77,7 +77,7 @@ def rows(sweep: pathlib.Path, per_eval: bool = False) -> list[dict[str, Any]]:
             table.append(common | {'params': point['params']})
             continue
         config = config_dict.ConfigDict(json.loads(config_file.read_text()))
-        found = counts.count_config(model_config(config), config.data.seq_len)
+        found = counts.count(model_config(config), config.data.seq_len)
         tokens_per_step = config.train.global_batch_size * config.data.seq_len
 
         measured = common | {

@@ -1,8 +1,8 @@
 """A model's parameters and training FLOPs per token, counted from its own parameter shapes.
 
 The weight matrices are found in the model's parameter tree (`jax.eval_shape` of models/transformer.py),
-not written out as a formula that could drift from the model: every array with two or more axes per
-layer is multiplied once by each token. Then, per token:
+not written out as a formula that could drift from the model: every parameter whose logical axes hold
+'embed' and another axis is a matrix that each token is multiplied by once. Then, per token:
 
   forward matmul FLOPs   = 2 x (those matrices' parameters + d_model x vocab_size for the unembedding,
                            tied or not); the token and position tables are looked up: 0 FLOPs
@@ -55,20 +55,26 @@ def mean_keys_seen(seq_len: int, window: int = 0) -> float:
     return (span * (span + 1) / 2 + (seq_len - span) * span) / seq_len
 
 
-def _sizes(params: Any) -> dict[str, tuple[int, ...]]:
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {jax.tree_util.keystr(path, simple=True, separator='/'): tuple(leaf.shape) for path, leaf in leaves}
+def _flat(tree: Any, is_leaf=None) -> dict[str, Any]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+    return {jax.tree_util.keystr(path, simple=True, separator='/'): leaf for path, leaf in leaves}
 
 
-def count(cfg: ModelConfig, params: Any, seq_len: int) -> Counts:
-    """Counts for a model whose parameter tree (arrays or shapes) is `params`, at `seq_len` tokens per sequence."""
-    sizes = _sizes(params)
-    total = sum(math.prod(shape) for shape in sizes.values())
-    embedding = sum(math.prod(sizes[name]) for name in (*_LOOKUPS, _UNEMBEDDING) if name in sizes)
+def count(cfg: ModelConfig, seq_len: int) -> Counts:
+    """Counts for a model config at `seq_len` tokens per sequence, from the shapes of the model it builds.
+
+    A weight matrix is a parameter whose logical axes hold 'embed' and another one besides 'layers': every
+    token is multiplied by it once. Biases and norm scales (one axis of their own) are added, not multiplied.
+    """
+    _, shapes, logical = abstract_model(cfg)  # jax.eval_shape: nothing is allocated
+    sizes = {name: math.prod(leaf.shape) for name, leaf in _flat(shapes).items()}
+    axes = _flat(logical, is_leaf=lambda x: isinstance(x, tuple))
+    total = sum(sizes.values())
+    embedding = sum(sizes[name] for name in (*_LOOKUPS, _UNEMBEDDING) if name in sizes)
     matrices = sum(
-        math.prod(shape)
-        for name, shape in sizes.items()
-        if name.startswith('blocks/') and len(shape) >= 3  # a layer axis, then two or more
+        size
+        for name, size in sizes.items()
+        if name not in (*_LOOKUPS, _UNEMBEDDING) and 'embed' in axes[name] and len(set(axes[name]) - {'layers'}) >= 2
     )
     matmul = matrices + cfg.d_model * cfg.vocab_size
     attention = 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * mean_keys_seen(seq_len, cfg.sliding_window)
@@ -79,8 +85,3 @@ def count(cfg: ModelConfig, params: Any, seq_len: int) -> Counts:
         forward_flops_per_token=2.0 * matmul + attention,
         attention_flops_per_token=attention,
     )
-
-
-def count_config(cfg: ModelConfig, seq_len: int) -> Counts:
-    """Counts for a model config, from the shapes of the model it builds (nothing is allocated)."""
-    return count(cfg, abstract_model(cfg)[1], seq_len)

@@ -88,7 +88,7 @@ def plan(
         for key, value in sizes.items():
             section, name = key.split('.')
             config[section][name] = value
-        found = counts.count_config(model_config(config), config.data.seq_len)
+        found = counts.count(model_config(config), config.data.seq_len)
         for budget, lr, seed in itertools.product(token_budgets or flop_budgets, learning_rates or [None], seeds):
             tokens = budget if token_budgets else budget / found.train_flops_per_token
             steps = max(1, math.ceil(tokens / tokens_per_step))
