@@ -181,6 +181,15 @@ def test_fit_and_plot_a_csv_of_isoflop_runs(tmp_path):
     assert figures == {'loss_vs_flops.png', 'isoflop.png', 'optimal_allocation.png', 'residuals.png'}
 
 
+def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path):
+    failing = [arg for arg in SWEEP if 'widths' not in arg] + ['--widths=32', '--set=train.global_batch_size=7']
+    result = scaling('sweep', f'--out={tmp_path}', *failing)
+    assert result.returncode == 1 and '0 done, 2 failed' in result.stdout, result.stdout[-2000:]
+    statuses = [json.loads(p.read_text()) for p in tmp_path.glob('runs/*/status.json')]
+    assert len(statuses) == 2 and all(s['state'] == 'failed' and s['exit_code'] == 2 for s in statuses)
+    assert all('global_batch_size=7' in s['error'] for s in statuses)
+
+
 def test_a_sweep_emits_commands_and_a_slurm_array(tmp_path):
     result = scaling('sweep', f'--out={tmp_path}', *SWEEP, '--emit=slurm')
     assert result.returncode == 0, result.stderr[-2000:]

@@ -10,23 +10,17 @@ with a notice.
 from __future__ import annotations
 
 import sys
-from typing import NoReturn
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from trainer import chat_template, generation_flags
+from trainer import chat_template, cli, generation_flags
 from trainer.data.tokenizers import Tokenizer
 from trainer.decoding import Generator
 from trainer.errors import ConfigError
 from trainer.streaming import Streamer, cut_at_stop
 
 _SYSTEM = flags.DEFINE_string('system', None, 'A system message that opens (and survives trimming of) the chat.')
-
-
-def _fail(message: str) -> NoReturn:
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
 
 
 def conversation_ids(
@@ -48,16 +42,13 @@ def conversation_ids(
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        _fail(f'unexpected arguments: {" ".join(argv[1:])}')
-    if not flags.FLAGS['verbosity'].present:
-        logging.set_verbosity(logging.WARNING)
+    cli.start(argv)
     try:
         sampling = generation_flags.sampling()
         loaded = generation_flags.load_model()
         template = chat_template.for_tokenizer(loaded.config.data.tokenizer)
     except ConfigError as error:
-        _fail(str(error))
+        cli.fail(str(error))
     tokenizer = loaded.tokenizer
     generator = Generator(loaded.graphdef, loaded.params, loaded.model_cfg, loaded.mesh)
     max_new = generation_flags.MAX_NEW.value

@@ -12,16 +12,14 @@ import dataclasses
 import functools
 import json
 import math
-import sys
-from typing import NoReturn
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-from absl import app, flags, logging
+from absl import app, flags
 
-from trainer import loading, steps
+from trainer import cli, loading, steps
 from trainer import mesh as mesh_lib
 from trainer.data import pipeline
 from trainer.errors import ConfigError
@@ -72,16 +70,8 @@ def score(loaded: loading.LoadedModel, files: str, seq_len: int, batch_size: int
     return Scores(loss, math.exp(loss), loss_sum / math.log(2) / max(text_bytes, 1.0), int(tokens), int(text_bytes))
 
 
-def _fail(message: str) -> NoReturn:
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        _fail(f'unexpected arguments: {" ".join(argv[1:])}')
-    if not flags.FLAGS['verbosity'].present:
-        logging.set_verbosity(logging.WARNING)
+    cli.start(argv)
     try:
         loaded = loading.load(MODEL.value)
         if loaded.tokenizer is None:
@@ -95,7 +85,7 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f'--batch_size={batch_size} must be a multiple of the {split} batch shards of the mesh.')
         scores = score(loaded, _FILES.value, seq_len, batch_size, progress=not _JSON.value)
     except ConfigError as error:
-        _fail(str(error))
+        cli.fail(str(error))
     if _JSON.value:
         print(json.dumps(dataclasses.asdict(scores) | {'model': loaded.source, 'files': _FILES.value}))
     else:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import NoReturn
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from trainer import generation_flags
+from trainer import cli, generation_flags
 from trainer.decoding import Generator
 from trainer.errors import ConfigError
 from trainer.streaming import Streamer, cut_at_stop, ids_of
@@ -25,13 +24,6 @@ _PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'A file of prompts, on
 _STOP = flags.DEFINE_multi_string('stop', [], 'Stop a completion where this text appears (left out); repeatable.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object per prompt instead of text.')
 
-EXIT_BAD_INPUT = 2
-
-
-def _fail(message: str) -> NoReturn:
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
-
 
 def prompts_from_flags() -> list[str]:
     prompts = list(_PROMPT.value)
@@ -40,25 +32,22 @@ def prompts_from_flags() -> list[str]:
             with open(_PROMPTS_FILE.value, encoding='utf-8') as f:
                 prompts += [line.rstrip('\n') for line in f if line.strip()]
         except OSError as error:
-            _fail(f'cannot read --prompts_file={_PROMPTS_FILE.value}: {error.strerror}.')
+            cli.fail(f'cannot read --prompts_file={_PROMPTS_FILE.value}: {error.strerror}.')
     if not prompts:
-        _fail('give a prompt: --prompt TEXT (repeatable) or --prompts_file FILE.')
+        cli.fail('give a prompt: --prompt TEXT (repeatable) or --prompts_file FILE.')
     if any(not prompt for prompt in prompts):
-        _fail('a prompt is empty: give some text to continue.')
+        cli.fail('a prompt is empty: give some text to continue.')
     return prompts
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        _fail(f'unexpected arguments: {" ".join(argv[1:])} (put a prompt in --prompt "...")')
-    if not flags.FLAGS['verbosity'].present:
-        logging.set_verbosity(logging.WARNING)
+    cli.start(argv, ' (put a prompt in --prompt "...")')
     prompts = prompts_from_flags()
     try:
         sampling = generation_flags.sampling()
         loaded = generation_flags.load_model()
     except ConfigError as error:
-        _fail(str(error))
+        cli.fail(str(error))
     generator = Generator(loaded.graphdef, loaded.params, loaded.model_cfg, loaded.mesh)
     max_new = generation_flags.MAX_NEW.value
     tokenizer, room = loaded.tokenizer, generator.max_prompt_tokens(max_new)

@@ -16,13 +16,12 @@ import dataclasses
 import importlib.util
 import json
 import pathlib
-import sys
-from typing import NoReturn
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_dict
 
+from trainer import cli
 from trainer.errors import ConfigError
 from trainer.train import model_config
 
@@ -51,14 +50,9 @@ _BOOTSTRAP = flags.DEFINE_integer('bootstrap', 200, 'fit: bootstrap resamples fo
 _LOSS = flags.DEFINE_string('loss_column', 'loss', "fit, plot: the CSV column to fit ('loss' or 'eval_loss').")
 
 
-def _fail(message: str) -> NoReturn:
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
-
-
 def _require(flag, verb: str):
     if flag.value in (None, []):
-        _fail(f'{verb} needs --{flag.name}.')
+        cli.fail(f'{verb} needs --{flag.name}.')
     return flag.value
 
 
@@ -182,9 +176,11 @@ def do_fit() -> None:
         'approach3': dataclasses.asdict(law) | {'standard_errors': fit3.standard_errors, 'objective': fit3.objective},
         'points': fit3.points,
         'flops_per_param_token': k,
-        'compute_optimal': {
+        'compute_optimal': {  # N*(C) = params_coefficient * C^params_exponent, D*(C) = C / (k N*(C))
             'params_exponent': law.beta / (law.alpha + law.beta),
             'tokens_exponent': law.alpha / (law.alpha + law.beta),
+            'params_coefficient': law.optimal(1.0, k)[0],
+            'tokens_coefficient': law.optimal(1.0, k)[1],
         },
     }
     print(
@@ -247,14 +243,13 @@ VERBS = {'counts': do_counts, 'sweep': do_sweep, 'collect': do_collect, 'fit': d
 
 
 def main(argv: list[str]) -> int:
-    if not flags.FLAGS['verbosity'].present:
-        logging.set_verbosity(logging.WARNING)
+    cli.start(argv[:1])
     if len(argv) != 2 or argv[1] not in VERBS:
-        _fail(f'give one verb: {", ".join(VERBS)} (python -m trainer.scaling --help).')
+        cli.fail(f'give one verb: {", ".join(VERBS)} (python -m trainer.scaling --help).')
     try:
         return VERBS[argv[1]]() or 0
     except ConfigError as error:
-        _fail(str(error))
+        cli.fail(str(error))
 
 
 if __name__ == '__main__':
