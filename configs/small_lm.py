@@ -49,13 +49,33 @@ def get_config() -> config_dict.ConfigDict:
     model.norm_eps = 1e-5  # epsilon inside RMSNorm/LayerNorm
     model.init_std = 0.02  # std of normal weight init; output projections get std / sqrt(2 * num_layers)
     model.attention_impl = 'xla'  # 'xla' (any backend) or 'cudnn' (NVIDIA GPU flash attention)
+    model.head = 'lm'  # 'lm' (next-token logits) or 'classify' (a label per sequence; data.format='classify')
+    model.num_classes = 0  # head='classify': how many labels
+    model.pool = 'last'  # head='classify': classify from the 'last' token's state or the 'mean' over the text
+
+    # LoRA (Hu et al. 2021): low-rank adapters beside the chosen projections; only they (and a classifier
+    # head) are trained and have optimizer state. rank 0 = full fine-tuning.
+    config.lora = lora = config_dict.ConfigDict()
+    lora.rank = 0  # adapter rank r; 0 = no adapters
+    lora.alpha = 16.0  # adapter updates are scaled by alpha / rank
+    lora.dropout = 0.0  # dropout on the adapters' inputs while training
+    lora.targets = 'q,k,v,o'  # comma-separated projections: q, k, v, o (attention), gate, up, down (MLP)
+    lora.base_dtype = 'bfloat16'  # storage dtype of the frozen base weights ('' = model.param_dtype)
 
     config.data = data = config_dict.ConfigDict()
     data.train_files = sample_file('train/*.txt')  # comma-separated paths, globs or fsspec URLs (gs://, s3://, hf://)
     data.eval_files = sample_file('eval/*.txt')  # the same; '' disables eval
     data.mixture = ()  # ((pattern, weight), ...): weighted sources instead of train_files; () = train_files
-    data.format = 'auto'  # 'auto' (by extension), 'text', 'jsonl', 'parquet' or 'arrayrecord' (pre-tokenized)
+    # 'auto' (by extension), 'text', 'jsonl', 'parquet' or 'arrayrecord' (pre-tokenized) for language modeling;
+    # 'sft': JSON lines of {prompt, completion} or {messages: [{role, content}, ...]}, the loss on the answers only;
+    # 'classify': JSON lines of {text, label} for model.head='classify'
+    data.format = 'auto'
     data.text_field = 'text'  # JSON-lines field / Parquet column holding the text
+    data.prompt_field = 'prompt'  # 'sft': the field the model reads
+    data.completion_field = 'completion'  # 'sft': the field it learns to write
+    data.messages_field = 'messages'  # 'sft': the field of a chat (rendered with the tokenizer's chat template)
+    data.label_field = 'label'  # 'classify': the field holding the label, a class index or a name
+    data.class_names = ''  # 'classify': comma-separated names of the classes, in index order ('' = indices)
     data.sample_by = (
         'paragraph'  # text files: a document is a 'line', a 'paragraph' (blank-line separated) or a 'document' (file)
     )
@@ -82,6 +102,10 @@ def get_config() -> config_dict.ConfigDict:
     train.wsd_decay_fraction = 0.2  # wsd only: fraction of steps spent in the final linear decay
     train.weight_decay = 0.1  # AdamW decoupled weight decay; never on norms and biases
     train.decay_embeddings = False  # apply weight decay to the token and position embeddings too
+    # Parameter roles: ((regex, trainable, lr_multiplier, weight_decay_multiplier), ...). The first regex found
+    # in a parameter's path ('blocks/attention/wq_DNH', 'embedding_VD', ...) decides; these come before the
+    # built-in roles (no decay on norms, biases and embeddings; LoRA trains its adapters and freezes the rest).
+    train.param_roles = ()
     train.b1 = 0.9  # AdamW first-moment decay
     train.b2 = 0.95  # AdamW second-moment decay
     train.eps = 1e-8  # AdamW epsilon

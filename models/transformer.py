@@ -3,7 +3,7 @@
 Shape suffixes name every array's axes:
   B batch, T sequence (queries), S sequence (keys), D model width, F feed-forward width,
   N query heads, K key/value heads, G query heads per key/value head, H head dimension,
-  V vocabulary (padded to vocab_multiple), L layers, P positions (max_seq_len).
+  V vocabulary (padded to vocab_multiple), L layers, P positions (max_seq_len), C classes.
 
 Attention builds every mask from query and key positions and segment ids (`attention_mask`): the same
 code serves training on packed rows, the prefill of a prompt and decoding one token at a time against
@@ -17,6 +17,7 @@ too, resolved by the same rules against the mesh set with `jax.set_mesh`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,6 +27,18 @@ import jax.numpy as jnp
 from flax import linen, nnx, struct
 
 FAMILIES = ('llama', 'gpt2')
+HEADS = ('lm', 'classify')  # next-token logits, or one label per sequence
+POOLINGS = ('last', 'mean')  # which positions a classifier reads: the last token, or the mean of all
+# Projections that LoRA can adapt, and the parameter each one updates.
+LORA_TARGETS = {
+    'q': 'attention/wq_DNH',
+    'k': 'attention/wk_DKH',
+    'v': 'attention/wv_DKH',
+    'o': 'attention/wo_NHD',
+    'gate': 'mlp/w_gate_DF',
+    'up': 'mlp/w_up_DF',
+    'down': 'mlp/w_down_FD',
+}
 ATTENTION_IMPLS = ('xla', 'cudnn')
 ROPE_SCALINGS = ('none', 'linear', 'llama3')
 # Which intermediates to keep for the backward pass; the rest is recomputed.
@@ -70,6 +83,14 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     attention_impl: str = 'xla'
+    head: str = 'lm'  # 'classify': class logits at every position instead of next-token logits
+    num_classes: int = 0  # head='classify'
+    pool: str = 'last'  # head='classify': the loss reads the last token's logits or the mean over the text
+    lora_rank: int = 0  # low-rank adapters (Hu et al. 2021) beside the projections in lora_targets; 0 = none
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on the adapters' input, in training
+    lora_targets: tuple[str, ...] = ('q', 'k', 'v', 'o')  # keys of LORA_TARGETS
+    lora_base_dtype: str = ''  # with LoRA, the frozen weights are stored in this dtype; '' = param_dtype
     sharding_rules: Rules = ()
 
     def __post_init__(self):
@@ -82,9 +103,11 @@ class ModelConfig:
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
 
-def _param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: tuple, cfg: ModelConfig):
+def _param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: tuple, cfg: ModelConfig, trained=False):
+    """A parameter; under LoRA, those not `trained` (the frozen base) are stored in lora_base_dtype."""
+    frozen = cfg.lora_rank and not trained and cfg.lora_base_dtype
     # eager_sharding=False: parameters are laid out by the trainer's jitted init, not here.
-    value = init(rngs.params(), tuple(shape), jnp.dtype(cfg.param_dtype))
+    value = init(rngs.params(), tuple(shape), jnp.dtype(cfg.lora_base_dtype if frozen else cfg.param_dtype))
     return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
@@ -201,6 +224,39 @@ class _LayerKeys:
     index: jax.Array
 
 
+class LoRA(nnx.Module):
+    """A low-rank update (x @ a @ b) * alpha / rank beside a frozen projection (Hu et al. 2021); b starts at 0."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, inputs: tuple, outputs: tuple):
+        """`inputs` and `outputs`: the projection's (size, logical name) pairs on each side."""
+        self.cfg, self.num_inputs = cfg, len(inputs)
+        fan_in = math.prod(size for size, _ in inputs)
+        in_shape, in_names = zip(*inputs, strict=True)
+        out_shape, out_names = zip(*outputs, strict=True)
+        r, zeros = cfg.lora_rank, jax.nn.initializers.zeros
+        self.a = _param(rngs, _normal(fan_in**-0.5), (*in_shape, r), (*in_names, 'lora_rank'), cfg, trained=True)
+        self.b = _param(rngs, zeros, (r, *out_shape), ('lora_rank', *out_names), cfg, trained=True)
+
+    def __call__(self, x: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
+        dt = self.cfg.dtype
+        x = _dropout(x, self.cfg.lora_dropout, dropout_rng)
+        low = jnp.tensordot(x, self.a[...].astype(dt), axes=self.num_inputs)
+        return jnp.tensordot(low, self.b[...].astype(dt), axes=1) * (self.cfg.lora_alpha / self.cfg.lora_rank)
+
+
+def _adapters(cfg: ModelConfig, rngs: nnx.Rngs, shapes: dict[str, tuple[tuple, tuple]]) -> nnx.Dict | None:
+    """The LoRA adapters of this module's projections named in cfg.lora_targets (None without LoRA)."""
+    chosen = {name: shape for name, shape in shapes.items() if cfg.lora_rank and name in cfg.lora_targets}
+    return nnx.Dict(**{name: LoRA(cfg, rngs, *shape) for name, shape in chosen.items()}) if chosen else None
+
+
+def _adapted(adapters: nnx.Dict | None, name: str, x: jax.Array, rng: jax.Array | None) -> jax.Array | int:
+    """The named adapter's update for input x, or 0 where there is none."""
+    if adapters is None or name not in adapters:
+        return 0
+    return adapters[name](x, None if rng is None else jax.random.fold_in(rng, list(LORA_TARGETS).index(name)))
+
+
 class Attention(nnx.Module):
     """Multi-head attention with grouped key/value heads (num_kv_heads <= num_heads)."""
 
@@ -221,15 +277,25 @@ class Attention(nnx.Module):
         if cfg.use_bias:
             biases['o_D'] = _param(rngs, zeros, (D,), ('embed',), cfg)
         self.biases = nnx.Dict(**biases) if biases else None
+        d, n, k = ((D, 'embed'),), ((N, 'heads'), (H, 'head_dim')), ((K, 'kv_heads'), (H, 'head_dim'))
+        self.lora = _adapters(cfg, rngs, {'q': (d, n), 'k': (d, k), 'v': (d, k), 'o': (n, d)})
 
     def __call__(
-        self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array, keys: _LayerKeys | None
+        self,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        segment_ids_BT: jax.Array,
+        keys: _LayerKeys | None,
+        lora_rng: jax.Array | None = None,
     ) -> tuple[jax.Array, _LayerKeys | None]:
         """Attends to the new tokens themselves (training, keys=None) or to a cache they are written into."""
         cfg, dt = self.cfg, self.cfg.dtype
         q_BTNH = jnp.einsum('btd,dnh->btnh', x_BTD, self.wq_DNH[...].astype(dt))
         k_BTKH = jnp.einsum('btd,dkh->btkh', x_BTD, self.wk_DKH[...].astype(dt))
         v_BTKH = jnp.einsum('btd,dkh->btkh', x_BTD, self.wv_DKH[...].astype(dt))
+        q_BTNH += _adapted(self.lora, 'q', x_BTD, lora_rng)
+        k_BTKH += _adapted(self.lora, 'k', x_BTD, lora_rng)
+        v_BTKH += _adapted(self.lora, 'v', x_BTD, lora_rng)
         if self.biases is not None:
             q_BTNH += self.biases['q_NH'][...].astype(dt)[None, None]
             k_BTKH += self.biases['k_KH'][...].astype(dt)[None, None]
@@ -255,6 +321,7 @@ class Attention(nnx.Module):
             q_BTNH, k_BSKH.astype(dt), v_BSKH.astype(dt), mask=mask_B1TS, implementation=cfg.attention_impl
         )
         out_BTD = jnp.einsum('btnh,nhd->btd', out_BTNH, self.wo_NHD[...].astype(dt))
+        out_BTD += _adapted(self.lora, 'o', out_BTNH, lora_rng)
         if self.biases is not None and 'o_D' in self.biases:
             out_BTD += self.biases['o_D'][...].astype(dt)[None, None]
         return out_BTD, keys
@@ -276,18 +343,24 @@ class Mlp(nnx.Module):
             if cfg.use_bias
             else None
         )
+        d, f = ((D, 'embed'),), ((F, 'mlp'),)
+        gate = {'gate': (d, f)} if cfg.family == 'llama' else {}
+        self.lora = _adapters(cfg, rngs, {**gate, 'up': (d, f), 'down': (f, d)})
 
-    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array, lora_rng: jax.Array | None = None) -> jax.Array:
         dt = self.cfg.dtype
         h_BTF = jnp.einsum('btd,df->btf', x_BTD, self.w_up_DF[...].astype(dt))
+        h_BTF += _adapted(self.lora, 'up', x_BTD, lora_rng)
         if self.biases is not None:
             h_BTF += self.biases['up_F'][...].astype(dt)[None, None]
         if self.w_gate_DF is not None:
-            h_BTF = jax.nn.silu(jnp.einsum('btd,df->btf', x_BTD, self.w_gate_DF[...].astype(dt))) * h_BTF
+            gate_BTF = jnp.einsum('btd,df->btf', x_BTD, self.w_gate_DF[...].astype(dt))
+            h_BTF = jax.nn.silu(gate_BTF + _adapted(self.lora, 'gate', x_BTD, lora_rng)) * h_BTF
         else:
             h_BTF = jax.nn.gelu(h_BTF, approximate=True)
         h_BTF = constrain(h_BTF, ('activation_batch', 'activation_length', 'activation_mlp'), self.cfg.sharding_rules)
         out_BTD = jnp.einsum('btf,fd->btd', h_BTF, self.w_down_FD[...].astype(dt))
+        out_BTD += _adapted(self.lora, 'down', h_BTF, lora_rng)
         if self.biases is not None:
             out_BTD += self.biases['down_D'][...].astype(dt)[None, None]
         return out_BTD
@@ -303,9 +376,11 @@ class Block(nnx.Module):
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, dropout_rng, keys=None):
         rngs = (None, None) if dropout_rng is None else tuple(jax.random.split(dropout_rng))
-        attended_BTD, keys = self.attention(self.attention_norm(x_BTD), positions_BT, segment_ids_BT, keys)
+        lora_rng = jax.random.fold_in(dropout_rng, 1) if dropout_rng is not None and self.cfg.lora_dropout else None
+        normed_BTD = self.attention_norm(x_BTD)
+        attended_BTD, keys = self.attention(normed_BTD, positions_BT, segment_ids_BT, keys, lora_rng)
         x_BTD += _dropout(attended_BTD, self.cfg.dropout, rngs[0])
-        x_BTD += _dropout(self.mlp(self.mlp_norm(x_BTD)), self.cfg.dropout, rngs[1])
+        x_BTD += _dropout(self.mlp(self.mlp_norm(x_BTD), lora_rng), self.cfg.dropout, rngs[1])
         x_BTD = constrain(x_BTD, ('activation_batch', 'activation_length', 'activation_embed'), self.cfg.sharding_rules)
         return x_BTD, keys
 
@@ -332,9 +407,16 @@ class Decoder(nnx.Module):
 
         self.blocks = make_blocks(rngs)
         self.final_norm = Norm(cfg, rngs)
+        lm = cfg.head == 'lm'
         self.unembedding_DV = (
-            None if cfg.tie_embeddings else _param(rngs, _normal(cfg.init_std), (D, V), ('embed', 'vocab'), cfg)
+            None
+            if cfg.tie_embeddings or not lm
+            else _param(rngs, _normal(cfg.init_std), (D, V), ('embed', 'vocab'), cfg)
         )
+        C, zeros = cfg.num_classes, jax.nn.initializers.zeros
+        # A classifier's head is new to any pre-trained model: it starts at 0 (every class equally likely).
+        self.classifier_DC = None if lm else _param(rngs, zeros, (D, C), ('embed', 'classes'), cfg, trained=True)
+        self.classifier_bias_C = None if lm else _param(rngs, zeros, (C,), ('classes',), cfg, trained=True)
 
     def __call__(
         self,
@@ -343,7 +425,7 @@ class Decoder(nnx.Module):
         segment_ids_BT: jax.Array | None = None,
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
-        """Returns float32 logits; `dropout_rng=None` means deterministic (no dropout)."""
+        """Float32 logits (of the next token, or of the classes); `dropout_rng=None` means no dropout."""
         return self._run(tokens_BT, positions_BT, segment_ids_BT, dropout_rng, None)[0]
 
     def extend(
@@ -394,6 +476,9 @@ class Decoder(nnx.Module):
             new_kv = None if cache is None else jax.tree.map(lambda *layers: jnp.stack(layers), *per_layer)
 
         x_BTD = self.final_norm(x_BTD)
+        if self.classifier_DC is not None:
+            logits_BTC = jnp.einsum('btd,dc->btc', x_BTD, self.classifier_DC[...].astype(cfg.dtype))
+            return (logits_BTC + self.classifier_bias_C[...].astype(cfg.dtype)[None, None]).astype(jnp.float32), None
         if self.unembedding_DV is None:
             logits_BTV = jnp.einsum('btd,vd->btv', x_BTD, self.embedding_VD[...].astype(cfg.dtype))
         else:

@@ -3,7 +3,8 @@
 Usage:
   python scripts/export_params.py --checkpoint runs/small_lm/checkpoints --output exported/small_lm [--dtype bfloat16]
 
---checkpoint is a checkpoint (.../checkpoints/600) or a folder of them (its newest is used). The output
+--checkpoint is a checkpoint (.../checkpoints/600) or a folder of them (its newest is used); a LoRA
+run's adapters are merged into the weights (the config says rank 0). The output
 folder gets `params/` (an orbax checkpoint of the parameter tree alone, about a third of the training
 checkpoint: no optimizer moments) and `config.json` (the run's config, for rebuilding the model).
 Load it with `orbax.checkpoint.StandardCheckpointer().restore(output / 'params')`.
@@ -19,9 +20,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
-from trainer import checkpoints  # noqa: E402
+from trainer import checkpoints, lora, train  # noqa: E402
 from trainer.errors import ConfigError  # noqa: E402
 
 
@@ -29,7 +31,10 @@ def export(checkpoint: str, output: pathlib.Path, dtype: str) -> pathlib.Path:
     """Exports the parameters of `checkpoint` into `output`; returns the checkpoint folder used."""
     folder = checkpoints.find_checkpoint(checkpoint, '--checkpoint')
     config, params = checkpoints.read_params(folder)  # whole, on the host: whatever mesh trained it
-    params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+    params, _ = lora.merge(jax.tree.map(np.asarray, params), train.model_config(config))
+    if config.get('lora'):
+        config.lora.rank = 0  # merged: a plain model
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(dtype)), params)
     output.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as saver:
         saver.save((output / 'params').absolute(), params, force=True)

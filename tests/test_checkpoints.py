@@ -363,7 +363,7 @@ def test_restoring_parameters_alone_holds_no_second_copy_of_them(tmp_path):
         ):
             tuned_checkpointer.restore_other_run(str(tmp_path / 'source'), tuned.sharded, params_only=False)
         before = live_bytes()  # ...but its parameters can
-        state, _ = tuned_checkpointer.restore_other_run(str(tmp_path / 'source'), tuned.sharded, params_only=True)
+        state, _, _ = tuned_checkpointer.restore_other_run(str(tmp_path / 'source'), tuned.sharded, params_only=True)
         state_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tuned.sharded.abstract))
         assert live_bytes() - before == state_bytes  # the new state and nothing else
         assert 'state' not in vars(tuned.sharded), 'a fresh state was initialized'

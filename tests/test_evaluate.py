@@ -32,7 +32,8 @@ def test_scoring_a_file_gives_the_training_eval_loss(tmp_path):
         setup = train.build(config, mesh, tokenizer)
         params = setup.sharded.state.params
         (batch,) = pipeline.eval_batches(config, tokenizer, setup.batch_sharding)
-        loss_sum, count, text_bytes = jax.device_get(setup.compiled.eval(params, batch))
+        sums = jax.device_get(setup.compiled.eval(params, batch))
+        loss_sum, count, text_bytes = sums['loss'], sums['count'], sums['bytes']
     loaded = loading.LoadedModel(config, setup.model_cfg, setup.sharded.graphdef, params, tokenizer, mesh, 'test')
     scores = evaluate.score(loaded, str(tmp_path / 'text.txt'), seq_len=11, batch_size=8)
     assert scores.loss == pytest.approx(loss_sum / count, rel=1e-6)

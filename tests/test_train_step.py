@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import BATCH, mesh_for, random_batch, tiny_config
 
-from trainer import optimizer, train
+from trainer import optimizer, param_roles, train
 
 GOLDEN_LOSS = 3.6234543
 GOLDEN_GRAD_NORM = 0.7354351
@@ -112,8 +112,10 @@ def test_one_step_golden_loss():
 def test_weight_decay_skips_norms_biases_and_optionally_embeddings(decay_embeddings):
     from trainer.state import abstract_model
 
-    _, shapes, _ = abstract_model(train.model_config(tiny_config('gpt2')))
-    mask = optimizer.decay_mask(shapes, decay_embeddings)
+    config = tiny_config('gpt2')
+    config.train.decay_embeddings = decay_embeddings
+    _, shapes, _ = abstract_model(train.model_config(config))
+    mask = jax.tree.map(lambda r: r.weight_decay_multiplier > 0, param_roles.partition(config, shapes).roles)
     assert mask['blocks']['mlp']['w_up_DF'] and mask['blocks']['attention']['wq_DNH']
     assert not mask['blocks']['attention_norm']['scale'] and not mask['final_norm']['bias']
     assert not mask['blocks']['mlp']['biases']['up_F'] and not mask['blocks']['attention']['biases']['o_D']
@@ -124,10 +126,10 @@ def test_weight_decay_leaves_norm_scales_alone():
     """With zero gradients, AdamW moves exactly the decayed parameters."""
     config = tiny_config('llama', fsdp=8)
     config.train.update(weight_decay=0.5, learning_rate=0.1, warmup_steps=0, grad_clip=0.0)
-    tx, _ = optimizer.make_optimizer(config.train)
     from trainer.state import abstract_model
 
     _, shapes, _ = abstract_model(train.model_config(config))
+    tx, _ = optimizer.make_optimizer(config.train, param_roles.partition(config, shapes).roles)
     params = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes)
     updates, _ = tx.update(jax.tree.map(np.zeros_like, params), tx.init(params), params)
     assert np.all(np.asarray(updates['blocks']['mlp_norm']['scale']) == 0)

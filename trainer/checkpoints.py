@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from ml_collections import config_dict
 
+from trainer import param_roles
 from trainer.data.pipeline import GlobalBatches
 from trainer.errors import ConfigError
 from trainer.state import ShardedState, TrainState
@@ -171,6 +172,8 @@ def _check_matches(
     wanted = _leaf_shapes(target)
     checkpoint = directory / str(step)
     for name in sorted(set(saved) | set(wanted)):
+        if params_only and name.removeprefix('params/') in new_in_fine_tuning(set(saved), set(wanted)):
+            continue  # started fresh: LoRA adapters, a classifier head (and the LM head it replaces)
         if name.startswith('params/') and saved.get(name) != wanted.get(name):
             raise ConfigError(
                 f'{checkpoint} holds another model: parameter {name.removeprefix("params/")} is '
@@ -187,6 +190,17 @@ def _check_matches(
             f"{checkpoint} holds an optimizer state of another structure than this config's ({why}): set the "
             f'config back to match it, or {optimizer_fix}.'
         )
+
+
+def new_in_fine_tuning(saved: set[str], wanted: set[str]) -> set[str]:
+    """Parameter paths a fine-tuning run may start fresh or leave behind: adapters and a classifier head that a
+    pre-trained model lacks, and the language-model head a classifier does not use. Either set may carry
+    'params/' prefixes; the result does not."""
+    saved = {name.removeprefix('params/') for name in saved}
+    wanted = {name.removeprefix('params/') for name in wanted}
+    fresh = {name for name in wanted - saved if re.search(param_roles.ADAPTER_PATTERN, name)}
+    dropped = {'unembedding_DV'} & saved - wanted if 'classifier_DC' in wanted else set()
+    return fresh | dropped
 
 
 def _reason(error: Exception) -> str:
@@ -303,6 +317,11 @@ def read_params(folder: pathlib.Path) -> tuple[config_dict.ConfigDict, Any]:
     return config_dict.ConfigDict(json.loads(saved['config'])), restore_params(folder, abstract)
 
 
+def _keep_paths(tree: Any, keep: Any) -> Any:
+    """A tree of bools shaped like `tree`: keep(path name) for each leaf."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: keep(param_roles.path_name(path)), tree)
+
+
 class Checkpointer:
     """Saves every N steps and/or minutes into workdir/checkpoints/<step>, keeping the newest few.
 
@@ -415,8 +434,11 @@ class Checkpointer:
             multihost_utils.sync_global_devices(f'shardtrain: moved checkpoint {step} aside')
         return destination if jax.process_index() == 0 else None
 
-    def restore_other_run(self, path: str, target: ShardedState, params_only: bool) -> tuple[TrainState, str]:
-        """A new run's start from another run's checkpoint: its params with a fresh optimizer, or its whole state.
+    def restore_other_run(
+        self, path: str, target: ShardedState, params_only: bool
+    ) -> tuple[TrainState, str, list[str]]:
+        """A new run's start from another run's checkpoint: its params with a fresh optimizer, or its whole state;
+        the checkpoint used, and the params initialized anew (LoRA adapters, a classifier head).
 
         `path` is a checkpoint (.../checkpoints/600) or a folder of them (its newest is used). Params alone
         are read alone: the other run's optimizer may differ, and nothing else is held in memory.
@@ -428,9 +450,15 @@ class Checkpointer:
             fix = 'restore its parameters alone with --config.checkpoint.restore_params_only=True'
             _check_matches(other, folder.parent, step, target.abstract, self._config_json, fix, params_only)
             if params_only:
-                return target.start_from(restore_params(folder, target.abstract.params)), str(folder)
+                saved = set(_leaf_shapes(other.item_metadata(step)['state']['params']))
+                fresh = new_in_fine_tuning(saved, set(_leaf_shapes(target.abstract.params)))
+                abstract = param_roles.select(
+                    target.abstract.params, _keep_paths(target.abstract.params, lambda name: name not in fresh)
+                )
+                fresh_params = sorted(name for name in fresh if name in _leaf_shapes(target.abstract.params))
+                return target.start_from(restore_params(folder, abstract)), str(folder), fresh_params
             restored = other.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target.abstract)))
-            return restored['state'], str(folder)
+            return restored['state'], str(folder), []
         finally:
             other.close()
 

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_dict
 
-from models.transformer import ATTENTION_IMPLS, FAMILIES, REMAT_POLICIES, ROPE_SCALINGS
-from trainer.data import pipeline, sources, tokenizers
+from models.transformer import ATTENTION_IMPLS, FAMILIES, HEADS, LORA_TARGETS, POOLINGS, REMAT_POLICIES, ROPE_SCALINGS
+from trainer.data import examples, pipeline, sources, tokenizers
 from trainer.errors import ConfigError
 from trainer.mesh import MESH_AXES, resolve_mesh_shape
 
@@ -92,6 +92,46 @@ def check_model(model: config_dict.ConfigDict) -> None:
     )
 
 
+def check_head(config: config_dict.ConfigDict) -> None:
+    """A classifier head goes with labeled data, and the other way round."""
+    model, data = config.model, config.data
+    _one_of(model.head, HEADS, 'config.model.head')
+    _one_of(model.pool, POOLINGS, 'config.model.pool')
+    classify = model.head == 'classify'
+    _require(
+        classify == (data.format == 'classify'),
+        "config.model.head='classify' and config.data.format='classify' go together: set both or neither.",
+    )
+    if not classify:
+        return
+    _require(model.num_classes >= 2, f'config.model.num_classes={model.num_classes}: a classifier needs 2 or more.')
+    names = examples.class_names(data)
+    _require(
+        not names or len(names) == model.num_classes,
+        f'config.data.class_names has {len(names)} names but config.model.num_classes={model.num_classes}: '
+        'give a name for every class, or none.',
+    )
+
+
+def check_lora(config: config_dict.ConfigDict) -> None:
+    """Adapter rank, scale, dropout, targets and the frozen weights' dtype."""
+    lora = config.get('lora')
+    if not lora or not lora.rank:
+        _require(not lora or lora.rank == 0, f'config.lora.rank={lora and lora.rank} must be 0 (off) or positive.')
+        return
+    _require(lora.alpha > 0, f'config.lora.alpha={lora.alpha} must be positive.')
+    _require(0.0 <= lora.dropout < 1.0, f'config.lora.dropout={lora.dropout} must be in [0, 1).')
+    _one_of(lora.base_dtype, ('', *DTYPES), 'config.lora.base_dtype')
+    targets = [t.strip() for t in lora.targets.split(',') if t.strip()]
+    _require(bool(targets), "config.lora.targets is empty: name projections such as 'q,k,v,o'.")
+    for target in targets:
+        _one_of(target, tuple(LORA_TARGETS), 'a projection in config.lora.targets')
+    _require(
+        'gate' not in targets or config.model.family == 'llama',
+        "config.lora.targets names 'gate', which only the llama family has: leave it out.",
+    )
+
+
 def check_data(config: config_dict.ConfigDict) -> None:
     """Tokenizer, sequence length, pipeline settings and files (which must exist and suit the format)."""
     data = config.data
@@ -123,6 +163,14 @@ def check_data(config: config_dict.ConfigDict) -> None:
     )
     train_sources = pipeline.train_sources(data)
     eval_sources = [pipeline.eval_source(data)] if data.eval_files else []
+    if data.format in examples.FORMATS:  # read (and count) the examples now: a bad file fails before compiling
+        _require(
+            not data.mixture, f'config.data.mixture is not supported with format {data.format!r}: use train_files.'
+        )
+        examples.read(train_sources[0].files, data, tokenizer, config.model.num_classes, 'config.data.train_files')
+        for src in eval_sources:
+            examples.read(src.files, data, tokenizer, config.model.num_classes, 'config.data.eval_files')
+        return
     pipeline.check_sources(train_sources + eval_sources, data, config.model.vocab_size)
 
 
@@ -217,6 +265,8 @@ def _divisors_near(n: int, target: int) -> str:
 def validate(config: config_dict.ConfigDict, num_devices: int) -> None:
     """Raises ConfigError for the first impossible setting in `config`."""
     check_model(config.model)
+    check_head(config)
+    check_lora(config)
     check_data(config)
     check_train(config.train)
     check_checkpoint(config.checkpoint)

@@ -3,7 +3,9 @@
 Scores a model on whole files (every document, read once, not a sample): loss per token, perplexity, and
 bits per byte (comparable between tokenizers). PATH is a run's workdir, a checkpoint folder or a Hugging
 Face model folder; the files are read with the model's data settings and tokenizer, packed into rows as
-in training, and the batches are sharded over the model config's mesh.
+in training, and the batches are sharded over the model config's mesh. For a model fine-tuned on
+instructions (data.format 'sft') the loss is over the answers only. A classifier (model.head 'classify')
+gets its accuracy and confusion matrix on labeled JSON lines instead.
 """
 
 from __future__ import annotations
@@ -12,16 +14,19 @@ import dataclasses
 import functools
 import json
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import tqdm
 from absl import app, flags
+from flax import nnx
 
 from trainer import cli, loading, steps
 from trainer import mesh as mesh_lib
-from trainer.data import pipeline
+from trainer.data import examples, pipeline
 from trainer.errors import ConfigError
 from trainer.model_flag import MODEL
 from trainer.train import token_bytes
@@ -55,19 +60,77 @@ def score(loaded: loading.LoadedModel, files: str, seq_len: int, batch_size: int
     rows = pipeline.make_dataset([source], data_cfg, loaded.tokenizer, 0, batch_size, shuffle=False, repeat=False)
     sharding = mesh_lib.batch_sharding(loaded.mesh, loaded.model_cfg.sharding_rules)
     byte_lengths = jnp.asarray(token_bytes(loaded.tokenizer, loaded.model_cfg), jnp.float32)
-    evaluate = jax.jit(functools.partial(steps.eval_step, graphdef=loaded.graphdef, byte_lengths=byte_lengths))
+    evaluate = jax.jit(
+        functools.partial(
+            steps.eval_step, graphdef=loaded.graphdef, model_cfg=loaded.model_cfg, byte_lengths=byte_lengths
+        )
+    )
     totals = np.zeros(3)
     with jax.set_mesh(loaded.mesh):
         for batch in tqdm.tqdm(rows, unit='batch', desc='scoring', disable=not progress or None):
             missing = batch_size - len(batch['inputs'])  # the last batch: rows of padding, which count nothing
             batch = {name: np.pad(array, [(0, missing), (0, 0)]) for name, array in batch.items()}
             placed = {name: jax.device_put(array, sharding) for name, array in batch.items()}
-            totals += np.asarray(jax.device_get(evaluate(loaded.params, placed)), np.float64)
+            sums = jax.device_get(evaluate(loaded.params, placed))
+            totals += np.array([sums['loss'], sums['count'], sums['bytes']], np.float64)
     loss_sum, tokens, text_bytes = totals
     if not tokens:
         raise ConfigError(f'--files={files} holds no text to score.')
     loss = loss_sum / tokens
     return Scores(loss, math.exp(loss), loss_sum / math.log(2) / max(text_bytes, 1.0), int(tokens), int(text_bytes))
+
+
+@dataclasses.dataclass(frozen=True)
+class Accuracy:
+    """A classifier's scores on labeled examples."""
+
+    loss: float  # nats per example
+    accuracy: float
+    examples: int
+    confusion: list[list[int]]  # [true class][predicted class]
+    class_names: list[str]
+
+
+def _predict(params: Any, batch: steps.Batch, graphdef: Any, pool: str) -> tuple[jax.Array, jax.Array]:
+    model = nnx.merge(graphdef, params)
+    logits_BTC = model(batch['inputs'], batch['positions'], batch['segment_ids'])
+    logits_BC = steps.pooled_logits(logits_BTC, batch['weights'], pool)
+    losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BC, batch['targets'][:, 0])
+    return jnp.argmax(logits_BC, -1), losses_B
+
+
+def classify(loaded: loading.LoadedModel, files: str, batch_size: int, progress: bool = False) -> Accuracy:
+    """A classifier's accuracy and confusion matrix on every example of `files`, read once."""
+    data_cfg, cfg = loaded.config.data, loaded.model_cfg
+    data_cfg.update(eval_files=files)
+    source = pipeline.eval_source(data_cfg, '--files')
+    found = examples.read(source.files, data_cfg, loaded.tokenizer, cfg.num_classes, '--files')
+    rows = examples.make_dataset(found, data_cfg, 0, batch_size, shuffle=False, repeat=False)
+    sharding = mesh_lib.batch_sharding(loaded.mesh, cfg.sharding_rules)
+    predict = jax.jit(functools.partial(_predict, graphdef=loaded.graphdef, pool=cfg.pool))
+    confusion = np.zeros((cfg.num_classes, cfg.num_classes), np.int64)
+    loss_sum = 0.0
+    with jax.set_mesh(loaded.mesh):
+        for batch in tqdm.tqdm(rows, unit='batch', desc='classifying', disable=not progress or None):
+            real = len(batch['inputs'])
+            batch = {name: np.pad(array, [(0, batch_size - real), (0, 0)]) for name, array in batch.items()}
+            placed = {name: jax.device_put(array, sharding) for name, array in batch.items()}
+            predicted, losses = jax.device_get(predict(loaded.params, placed))
+            np.add.at(confusion, (batch['targets'][:real, 0], predicted[:real]), 1)
+            loss_sum += float(losses[:real].sum())
+    total = int(confusion.sum())
+    names = examples.class_names(data_cfg) or [str(i) for i in range(cfg.num_classes)]
+    return Accuracy(loss_sum / total, float(np.trace(confusion)) / total, total, confusion.tolist(), names)
+
+
+def confusion_table(scores: Accuracy) -> str:
+    """The confusion matrix as text: a row per true class, a column per predicted class (by number)."""
+    width = max(4, len(str(max(max(row) for row in scores.confusion))) + 1)
+    label = max(len(name) for name in scores.class_names) + 4
+    lines = ['true \\ predicted'.ljust(label) + ''.join(f'{i:>{width}}' for i in range(len(scores.class_names)))]
+    for i, (name, row) in enumerate(zip(scores.class_names, scores.confusion, strict=True)):
+        lines.append(f'{i:>2} {name}'.ljust(label) + ''.join(f'{count:>{width}}' for count in row))
+    return '\n'.join(lines)
 
 
 def main(argv: list[str]) -> int:
@@ -83,9 +146,23 @@ def main(argv: list[str]) -> int:
         )
         if batch_size % split:
             raise ConfigError(f'--batch_size={batch_size} must be a multiple of the {split} batch shards of the mesh.')
-        scores = score(loaded, _FILES.value, seq_len, batch_size, progress=not _JSON.value)
+        if loaded.model_cfg.head == 'classify':
+            accuracy = classify(loaded, _FILES.value, batch_size, progress=not _JSON.value)
+        else:
+            scores = score(loaded, _FILES.value, seq_len, batch_size, progress=not _JSON.value)
     except ConfigError as error:
         cli.fail(str(error))
+    if loaded.model_cfg.head == 'classify':
+        if _JSON.value:
+            print(json.dumps(dataclasses.asdict(accuracy) | {'model': loaded.source, 'files': _FILES.value}))
+        else:
+            chance = 1 / len(accuracy.class_names)
+            print(
+                f'accuracy {accuracy.accuracy:.3f} ({accuracy.examples:,} examples; chance {chance:.3f}) | '
+                f'loss {accuracy.loss:.4f} nats/example | model {loaded.source}'
+            )
+            print(confusion_table(accuracy))
+        return 0
     if _JSON.value:
         print(json.dumps(dataclasses.asdict(scores) | {'model': loaded.source, 'files': _FILES.value}))
     else:

@@ -30,6 +30,11 @@ def load_model() -> loading.LoadedModel:
     loaded = loading.load(MODEL.value, {'data': 1, 'fsdp': 1, 'tensor': TENSOR.value}, DTYPE.value)
     if loaded.tokenizer is None:
         raise ConfigError(f'{MODEL.value} has no tokenizer.json: text cannot be turned into its ids.')
+    if loaded.model_cfg.head != 'lm':
+        raise ConfigError(
+            f'{MODEL.value} is a classifier, which writes no text: score it with python -m trainer.evaluate '
+            f'--model {MODEL.value} --files LABELED.jsonl.'
+        )
     if not 0 < MAX_NEW.value < loaded.model_cfg.max_seq_len:
         raise ConfigError(
             f'--max_new_tokens={MAX_NEW.value} must be between 1 and the context length minus one '

@@ -13,7 +13,7 @@ from flax import nnx
 from ml_collections import config_dict
 
 from models.transformer import ModelConfig
-from trainer import checkpoints
+from trainer import checkpoints, train
 from trainer import mesh as mesh_lib
 from trainer import state as state_lib
 from trainer.data import tokenizers
@@ -73,7 +73,7 @@ def load(path: str, mesh_sizes: dict[str, int] | None = None, dtype: str | None 
     sizes = {axis: config.mesh[axis] for axis in mesh_lib.MESH_AXES}
     devices = jax.devices()[: max(1, _device_count(sizes))]
     mesh = mesh_lib.make_mesh(sizes, devices)
-    model_cfg = ModelConfig(**config.model.to_dict(), sharding_rules=tuple(config.mesh.rules))
+    model_cfg = train.model_config(config)
     graphdef, shapes, logical = state_lib.abstract_model(model_cfg)
     shardings = state_lib.param_shardings(shapes, logical, mesh, model_cfg.sharding_rules)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)

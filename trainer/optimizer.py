@@ -1,4 +1,4 @@
-"""AdamW with a learning-rate schedule, global-norm clipping and a weight-decay mask."""
+"""AdamW with a learning-rate schedule, global-norm clipping, and each parameter's multipliers from its role."""
 
 from __future__ import annotations
 
@@ -7,10 +7,6 @@ from typing import Any
 import jax
 import optax
 from ml_collections import config_dict
-
-# Parameter-path keys that are never decayed: norm scales and biases.
-_NO_DECAY_KEYS = ('scale', 'bias', 'biases')
-_EMBEDDING_KEYS = ('embedding_VD', 'position_embedding_PD')
 
 
 def warmup_steps(train: config_dict.ConfigDict) -> int:
@@ -43,29 +39,33 @@ def make_schedule(train: config_dict.ConfigDict) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after_warmup], [warmup])
 
 
-def decay_mask(params: Any, decay_embeddings: bool) -> Any:
-    """True for the parameters that get weight decay: matrices, not norms, biases or (by choice) embeddings."""
+def make_optimizer(train: config_dict.ConfigDict, roles: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer of the trainable params (`roles`: their Role tree) and its schedule (logged as `learning_rate`).
 
-    def decays(path, _) -> bool:
-        keys = [getattr(entry, 'key', None) for entry in path]
-        if any(key in _NO_DECAY_KEYS for key in keys):
-            return False
-        return decay_embeddings or keys[-1] not in _EMBEDDING_KEYS
-
-    return jax.tree_util.tree_map_with_path(decays, params)
-
-
-def make_optimizer(train: config_dict.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optimizer and its schedule (the schedule is also logged as `learning_rate`)."""
+    Every multiplier 1 (weight decay on or off): one AdamW with a decay mask. Otherwise each group of
+    parameters with the same multipliers gets its own AdamW (optax.multi_transform), sharing the clipping.
+    """
     schedule = make_schedule(train)
-    adamw = optax.adamw(
-        schedule,
-        b1=train.b1,
-        b2=train.b2,
-        eps=train.eps,
-        weight_decay=train.weight_decay,
-        mask=lambda params: decay_mask(params, train.decay_embeddings),
-    )
+    leaves = jax.tree.leaves(roles)
+    plain = all(r.lr_multiplier == 1.0 and r.weight_decay_multiplier in (0.0, 1.0) for r in leaves)
+
+    def adamw(lr_multiplier: float, decay: Any) -> optax.GradientTransformation:
+        learning_rate = schedule if lr_multiplier == 1.0 else (lambda step: lr_multiplier * schedule(step))
+        if isinstance(decay, float):  # one group's decay
+            return optax.adamw(learning_rate, b1=train.b1, b2=train.b2, eps=train.eps, weight_decay=decay)
+        return optax.adamw(
+            learning_rate, b1=train.b1, b2=train.b2, eps=train.eps, weight_decay=train.weight_decay, mask=decay
+        )
+
+    if plain:
+        tx = adamw(1.0, jax.tree.map(lambda r: r.weight_decay_multiplier > 0, roles))
+    else:
+        groups = sorted({(r.lr_multiplier, r.weight_decay_multiplier) for r in leaves})
+        label = {group: f'lr{group[0]:g}_wd{group[1]:g}' for group in groups}
+        tx = optax.multi_transform(
+            {label[(lr, wd)]: adamw(lr, train.weight_decay * wd) for lr, wd in groups},
+            jax.tree.map(lambda r: label[(r.lr_multiplier, r.weight_decay_multiplier)], roles),
+        )
     if train.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(train.grad_clip), adamw), schedule
-    return adamw, schedule
+        return optax.chain(optax.clip_by_global_norm(train.grad_clip), tx), schedule
+    return tx, schedule

@@ -15,6 +15,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 
 from models.transformer import Decoder, ModelConfig
+from trainer import param_roles
 from trainer.errors import ConfigError
 from trainer.mesh import logical_sharding, replicated
 
@@ -40,6 +41,7 @@ class ShardedState:
     shardings: TrainState  # same tree, NamedSharding leaves
     graphdef: nnx.GraphDef  # merged with params to rebuild the model inside a step
     logical_axes: dict[str, Any]  # params tree of logical axis-name tuples
+    partition: param_roles.Partition  # which params train (and have optimizer state)
     _init: Callable[[], TrainState]
     _init_around: Callable[[Any], TrainState]
 
@@ -49,8 +51,18 @@ class ShardedState:
         return self._init()
 
     def start_from(self, params: Any) -> TrainState:
-        """A state at step 0 around given params (donated: no second copy) with a fresh optimizer."""
+        """A state at step 0 around given params (donated: no second copy) with a fresh optimizer.
+
+        Parameters missing from `params` (LoRA adapters, a classifier head new to a pre-trained model) are
+        initialized as in a fresh run; the initialization of the given ones is never computed (XLA drops it).
+        """
         return self._init_around(params)
+
+    def missing(self, params: Any) -> list[str]:
+        """Paths of the model's parameters that `params` lacks."""
+        given = {param_roles.path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+        wanted = jax.tree_util.tree_flatten_with_path(self.abstract.params)[0]
+        return [name for name in (param_roles.path_name(path) for path, _ in wanted) if name not in given]
 
 
 def abstract_model(model_cfg: ModelConfig) -> tuple[nnx.GraphDef, dict[str, Any], dict[str, Any]]:
@@ -91,23 +103,52 @@ def param_shardings(shapes: Any, logical: Any, mesh: Mesh, rules) -> Any:
     return jax.tree_util.tree_map_with_path(sharding, shapes, logical, is_leaf=lambda x: isinstance(x, tuple))
 
 
-def create_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int) -> ShardedState:
-    """The state's layout; `.state` initializes params and optimizer state inside jit, into their shardings."""
+def _missing_mask(fresh: Any, given: Any) -> Any:
+    """True for the leaves of `fresh` that the nested dict `given` lacks."""
+    if not isinstance(fresh, dict):
+        return given is None
+    return {key: _missing_mask(value, (given or {}).get(key)) for key, value in fresh.items()}
+
+
+def create_train_state(
+    model_cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    seed: int,
+    partition: param_roles.Partition | None = None,
+) -> ShardedState:
+    """The state's layout; `.state` initializes params and optimizer state inside jit, into their shardings.
+
+    Only the params `partition` calls trainable have optimizer state (all of them by default).
+    """
     graphdef, shapes, logical = abstract_model(model_cfg)
     params_sharding = param_shardings(shapes, logical, mesh, model_cfg.sharding_rules)
+    partition = partition or param_roles.Partition(jax.tree.map(lambda _: param_roles.Role(), shapes))
+
+    def fresh_params() -> Any:
+        return nnx.to_pure_dict(nnx.state(Decoder(model_cfg, nnx.Rngs(seed)), nnx.Param))
 
     def init_around(params: Any) -> TrainState:
+        fresh = fresh_params()
+        params = param_roles.merge(params, param_roles.select(fresh, _missing_mask(fresh, params)))
         rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+        opt_state = tx.init(partition.trainable(params))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=rng)
 
     def init() -> TrainState:
-        return init_around(nnx.to_pure_dict(nnx.state(Decoder(model_cfg, nnx.Rngs(seed)), nnx.Param)))
+        return init_around(fresh_params())
 
     abstract_state = jax.eval_shape(init)
     # Optimizer moments follow their parameters; scalars such as Adam's count are replicated
     # (left to jit, they may land on one device and break the next step).
+    # Parameter groups of their own (optax.multi_transform) leave MaskedNode placeholders, which hold nothing.
     opt_sharding = optax.tree_map_params(
-        tx, lambda _, s: s, abstract_state.opt_state, params_sharding, transform_non_params=lambda _: replicated(mesh)
+        tx,
+        lambda value, s: value if isinstance(value, optax.MaskedNode) else s,
+        abstract_state.opt_state,
+        partition.trainable(params_sharding),
+        transform_non_params=lambda _: replicated(mesh),
+        is_leaf=lambda value: isinstance(value, optax.MaskedNode),
     )
     shardings = TrainState(step=replicated(mesh), params=params_sharding, opt_state=opt_sharding, rng=replicated(mesh))
     abstract = jax.tree.map(
@@ -120,6 +161,8 @@ def create_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation,
         shardings=shardings,
         graphdef=graphdef,
         logical_axes=logical,
+        partition=partition,
         _init=jax.jit(init, out_shardings=shardings),
-        _init_around=jax.jit(init_around, in_shardings=(params_sharding,), out_shardings=shardings, donate_argnums=0),
+        # Given params keep the shardings they arrive in (those of `abstract`, or a subset of them).
+        _init_around=jax.jit(init_around, out_shardings=shardings, donate_argnums=0),
     )

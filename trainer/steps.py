@@ -15,6 +15,8 @@ from jax.sharding import Mesh
 
 from models.transformer import ModelConfig, constrain
 from trainer.mesh import batch_sharding, replicated
+from trainer.param_roles import Partition
+from trainer.param_roles import merge as merge_params
 from trainer.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -22,12 +24,38 @@ Batch = dict[str, jax.Array]
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
 
 
-def summed_loss(params: Any, batch: Batch, graphdef: nnx.GraphDef, dropout_rng: jax.Array | None) -> jax.Array:
-    """Sum over the batch of weighted next-token losses; packed documents do not attend to each other."""
+def pooled_logits(logits_BTC: jax.Array, weights_BT: jax.Array, pool: str) -> jax.Array:
+    """A classifier's logits per row: at the last counted position, or their mean over the counted positions."""
+    if pool == 'mean':  # the head is linear: the mean of the logits is the logits of the mean state
+        return (logits_BTC * weights_BT[..., None]).sum(1) / jnp.maximum(weights_BT.sum(1), 1.0)[:, None]
+    last_B = weights_BT.shape[1] - 1 - jnp.argmax(weights_BT[:, ::-1] > 0, axis=1)
+    return jnp.take_along_axis(logits_BTC, last_B[:, None, None], axis=1)[:, 0]
+
+
+def counted(batch: Batch, model_cfg: ModelConfig) -> jax.Array:
+    """What the loss is a mean over: counted tokens, or (a classifier) rows holding an example."""
+    if model_cfg.head == 'classify':
+        return (batch['weights'].sum(1) > 0).sum().astype(jnp.float32)
+    return batch['weights'].sum()
+
+
+def summed_loss(
+    params: Any, batch: Batch, graphdef: nnx.GraphDef, model_cfg: ModelConfig, dropout_rng: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """Sum over the batch of weighted next-token losses (or per-example class losses), and the correct labels.
+
+    Packed documents do not attend to each other. A classifier's label is each row's first target.
+    """
     model = nnx.merge(graphdef, params)
-    logits_BTV = model(batch['inputs'], batch['positions'], batch['segment_ids'], dropout_rng=dropout_rng)
-    losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch['targets'])
-    return (losses_BT * batch['weights']).sum()
+    logits = model(batch['inputs'], batch['positions'], batch['segment_ids'], dropout_rng=dropout_rng)
+    if model_cfg.head == 'classify':
+        logits_BC = pooled_logits(logits, batch['weights'], model_cfg.pool)
+        labels_B, has_example_B = batch['targets'][:, 0], batch['weights'].sum(1) > 0
+        losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BC, labels_B)
+        correct_B = jnp.argmax(logits_BC, -1) == labels_B
+        return jnp.where(has_example_B, losses_B, 0.0).sum(), (correct_B & has_example_B).sum().astype(jnp.float32)
+    losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+    return (losses_BT * batch['weights']).sum(), jnp.zeros((), jnp.float32)
 
 
 def split_micro_batches(batch: Batch, num_micro: int, rules) -> Batch:
@@ -50,22 +78,29 @@ def train_step(
     *,
     graphdef: nnx.GraphDef,
     model_cfg: ModelConfig,
+    partition: Partition,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     grad_accum_steps: int,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step over the global batch, accumulating gradients over micro-batches."""
+    """One optimizer step over the global batch, accumulating gradients over micro-batches.
+
+    Only the trainable params are differentiated and updated; the frozen ones (LoRA's base) pass through.
+    """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     # Each micro-batch's summed loss is divided by the whole batch's weight, so the accumulated
     # gradient is exactly that of the mean over all counted tokens of the global batch.
-    total_weight = jnp.maximum(batch['weights'].sum(), 1.0)
+    total_weight = jnp.maximum(counted(batch, model_cfg), 1.0)
+    trainable, frozen = partition.trainable(state.params), partition.frozen(state.params)
+    uses_rng = model_cfg.dropout > 0 or (model_cfg.lora_rank > 0 and model_cfg.lora_dropout > 0)
 
-    def micro_loss(params: Any, micro: Batch, dropout_rng: jax.Array | None) -> jax.Array:
-        return summed_loss(params, micro, graphdef, dropout_rng) / total_weight
+    def micro_loss(trained: Any, micro: Batch, dropout_rng: jax.Array | None) -> jax.Array:
+        params = merge_params(trained, frozen)
+        return summed_loss(params, micro, graphdef, model_cfg, dropout_rng)[0] / total_weight
 
     def micro_step(i: jax.Array, micro: Batch) -> tuple[jax.Array, Any]:
-        dropout_rng = jax.random.fold_in(rng, i) if model_cfg.dropout > 0 else None
-        return jax.value_and_grad(micro_loss)(state.params, micro, dropout_rng)
+        dropout_rng = jax.random.fold_in(rng, i) if uses_rng else None
+        return jax.value_and_grad(micro_loss)(trainable, micro, dropout_rng)
 
     if grad_accum_steps == 1:
         loss, grads = micro_step(jnp.int32(0), batch)
@@ -77,23 +112,26 @@ def train_step(
             return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
         micro_batches = split_micro_batches(batch, grad_accum_steps, model_cfg.sharding_rules)
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
         (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro_batches))
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(
-        step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
-    )
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    new_params = merge_params(optax.apply_updates(trainable, updates), frozen)
+    new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state)
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'learning_rate': schedule(state.step)}
     return new_state, metrics
 
 
 def eval_step(
-    params: Any, batch: Batch, *, graphdef: nnx.GraphDef, byte_lengths: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Summed loss, counted tokens, and the UTF-8 bytes those tokens stand for, of one batch, without dropout."""
-    text_bytes = (byte_lengths[batch['targets']] * batch['weights']).sum()
-    return summed_loss(params, batch, graphdef, dropout_rng=None), batch['weights'].sum(), text_bytes
+    params: Any, batch: Batch, *, graphdef: nnx.GraphDef, model_cfg: ModelConfig, byte_lengths: jax.Array
+) -> dict[str, jax.Array]:
+    """One batch's sums, without dropout: loss, what it counted (tokens or examples), and the UTF-8 bytes of
+    those tokens (language models) or the correctly labeled examples (classifiers)."""
+    loss, correct = summed_loss(params, batch, graphdef, model_cfg, dropout_rng=None)
+    sums = {'loss': loss, 'count': counted(batch, model_cfg)}
+    if model_cfg.head == 'classify':
+        return sums | {'correct': correct}
+    return sums | {'bytes': (byte_lengths[batch['targets']] * batch['weights']).sum()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,12 +139,13 @@ class CompiledSteps:
     """The jitted steps, their layouts fixed by the mesh."""
 
     train: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
-    eval: Callable[[Any, Batch], tuple[jax.Array, jax.Array, jax.Array]]
+    eval: Callable[[Any, Batch], dict[str, jax.Array]]
 
 
 def jit_steps(
     graphdef: nnx.GraphDef,
     model_cfg: ModelConfig,
+    partition: Partition,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     grad_accum_steps: int,
@@ -121,6 +160,7 @@ def jit_steps(
             train_step,
             graphdef=graphdef,
             model_cfg=model_cfg,
+            partition=partition,
             tx=tx,
             schedule=schedule,
             grad_accum_steps=grad_accum_steps,
@@ -130,7 +170,9 @@ def jit_steps(
         donate_argnums=0,
     )
     evaluate = jax.jit(
-        functools.partial(eval_step, graphdef=graphdef, byte_lengths=jnp.asarray(byte_lengths, jnp.float32)),
+        functools.partial(
+            eval_step, graphdef=graphdef, model_cfg=model_cfg, byte_lengths=jnp.asarray(byte_lengths, jnp.float32)
+        ),
         in_shardings=(state_shardings.params, batch),
         out_shardings=replicated(mesh),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import pathlib
 from typing import Any
 
@@ -13,10 +14,20 @@ import numpy as np
 from ml_collections import config_dict
 
 from models.transformer import ModelConfig
-from trainer import checkpoints, config_checks, distributed, flops, optimizer, reporting, steps, stop_signals
+from trainer import (
+    checkpoints,
+    config_checks,
+    distributed,
+    flops,
+    optimizer,
+    param_roles,
+    reporting,
+    steps,
+    stop_signals,
+)
 from trainer import mesh as mesh_lib
 from trainer import state as state_lib
-from trainer.data import pipeline, tokenizers
+from trainer.data import examples, pipeline, sources, tokenizers
 from trainer.errors import ConfigError, StoppedBySignal, TrainingDivergedError
 from trainer.hf import config as hf_config
 from trainer.hf import tensors as hf_tensors
@@ -33,8 +44,18 @@ class TrainResult:
 
 
 def model_config(config: config_dict.ConfigDict) -> ModelConfig:
-    """The model's frozen config: `config.model` plus the mesh rules for its activations."""
-    return ModelConfig(**config.model.to_dict(), sharding_rules=tuple(config.mesh.rules))
+    """The model's frozen config: `config.model`, `config.lora` and the mesh rules for its activations."""
+    lora = config.get('lora') or {}  # runs saved before LoRA existed have no such section
+    adapters = {}
+    if lora and lora.rank:
+        adapters = {
+            'lora_rank': lora.rank,
+            'lora_alpha': lora.alpha,
+            'lora_dropout': lora.dropout,
+            'lora_targets': tuple(t.strip() for t in lora.targets.split(',') if t.strip()),
+            'lora_base_dtype': lora.base_dtype,
+        }
+    return ModelConfig(**config.model.to_dict(), **adapters, sharding_rules=tuple(config.mesh.rules))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +81,16 @@ def build(
 ) -> Setup:
     """Creates the sharded state and jits the steps; call and run the steps under `jax.set_mesh(mesh)`."""
     model_cfg = model_config(config)
-    tx, schedule = optimizer.make_optimizer(config.train)
-    sharded = state_lib.create_train_state(model_cfg, tx, mesh, config.seed)
+    partition = param_roles.partition(config, state_lib.abstract_model(model_cfg)[1])
+    if not jax.tree.leaves(partition.trainable_roles()):
+        raise ConfigError('config.train.param_roles freeze every parameter: let some train.')
+    tx, schedule = optimizer.make_optimizer(config.train, partition.trainable_roles())
+    sharded = state_lib.create_train_state(model_cfg, tx, mesh, config.seed, partition)
     tokenizer = tokenizer or tokenizers.make_tokenizer(config.data.tokenizer, config.data.eos_token)
     compiled = steps.jit_steps(
         sharded.graphdef,
         model_cfg,
+        partition,
         tx,
         schedule,
         config.train.grad_accum_steps,
@@ -159,11 +184,22 @@ def _summarize(
     return summary
 
 
-def _evaluate(ctx: _RunContext, params: Any) -> tuple[float, float]:
-    """Mean loss per counted token over the fixed eval batches, and the bits per byte of text it makes."""
+def _evaluate(ctx: _RunContext, params: Any) -> dict[str, float]:
+    """Over the fixed eval batches: mean loss per counted token (or example), and the bits per byte of text it
+    makes (language models) or the share of examples labeled right (classifiers)."""
     results = jax.device_get([ctx.compiled.eval(params, batch) for batch in ctx.eval_batches])
-    loss_sum, count, text_bytes = (float(np.sum(column)) for column in zip(*results, strict=True))
-    return loss_sum / max(count, 1.0), loss_sum / np.log(2) / max(text_bytes, 1.0)
+    sums = {name: float(np.sum([r[name] for r in results])) for name in results[0]}
+    count = max(sums['count'], 1.0)
+    if 'correct' in sums:
+        return {'eval_loss': sums['loss'] / count, 'eval_accuracy': sums['correct'] / count}
+    return {'eval_loss': sums['loss'] / count, 'eval_bits_per_byte': sums['loss'] / np.log(2) / max(sums['bytes'], 1.0)}
+
+
+def describe_eval(done: int, scores: dict[str, float]) -> str:
+    """'step 600: eval_loss 1.8350 (2.671 bits per byte)', or with the accuracy of a classifier."""
+    if 'eval_accuracy' in scores:
+        return f'step {done}: eval_loss {scores["eval_loss"]:.4f} (accuracy {scores["eval_accuracy"]:.3f})'
+    return f'step {done}: eval_loss {scores["eval_loss"]:.4f} ({scores["eval_bits_per_byte"]:.3f} bits per byte)'
 
 
 def _announce(
@@ -186,6 +222,25 @@ def _announce(
     )
     if peak:
         progress.message(f'peak per device: {reporting.format_count(peak)}FLOP/s ({peak_source})')
+
+
+def _fine_tuning_lines(config: config_dict.ConfigDict, setup: Setup, tokenizer: tokenizers.Tokenizer) -> list[str]:
+    """What a fine-tuning run trains: the share of trainable parameters, the examples read and cut."""
+    lines = []
+    partition = setup.sharded.partition
+    if not partition.everything_trains:
+        trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(partition.trainable(setup.sharded.abstract.params)))
+        total = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.sharded.abstract.params))
+        lines.append(f'trainable: {trainable:,} of {total:,} parameters ({trainable / total:.2%})')
+    if config.data.format in examples.FORMATS:
+        row = config.data.seq_len + (config.data.format == 'sft')
+        for field, files in (('train', config.data.train_files), ('eval', config.data.eval_files)):
+            if files:
+                name = f'config.data.{field}_files'
+                paths = tuple(sources.resolve_files(files, name))
+                found = examples.read(paths, config.data, tokenizer, config.model.num_classes, name)
+                lines.append(found.summary(field, row))
+    return lines
 
 
 def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
@@ -230,6 +285,8 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
         progress = reporting.Progress(int(state.step), config.train.steps, enabled=is_chief, hosts=jax.process_count())
         cleanup.callback(progress.close)
         _announce(progress, mesh, counts, flops_per_token, peak, peak_source)
+        for line in _fine_tuning_lines(config, setup, tokenizer):
+            progress.message(line)
         if how:
             progress.message(how)
         writer = reporting.MetricsWriter(workdir) if is_chief else None
@@ -256,8 +313,9 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
 
 def _start_from_hugging_face(
     config: config_dict.ConfigDict, sharded: state_lib.ShardedState, model_cfg: ModelConfig
-) -> state_lib.TrainState:
-    """A fresh train state around the weights of a Hugging Face folder, each read into its sharding."""
+) -> tuple[state_lib.TrainState, list[str]]:
+    """A fresh train state around the weights of a Hugging Face folder, each read into its sharding, and the
+    parameters the folder did not have."""
     folder = config.checkpoint.restore_from
     if not config.checkpoint.restore_params_only:
         raise ConfigError(
@@ -265,7 +323,19 @@ def _start_from_hugging_face(
             'config.checkpoint.restore_params_only=True.'
         )
     hf_config.check_matches(config.model.to_dict(), folder)
-    return sharded.start_from(hf_tensors.load(folder, model_cfg, sharded.abstract.params))
+    params = hf_tensors.load(folder, model_cfg, sharded.abstract.params)
+    fresh = sharded.missing(params)
+    return sharded.start_from(params), fresh
+
+
+def _fresh_note(fresh: list[str]) -> str:
+    """'; initialized anew: classifier_DC, classifier_bias_C' (adapters and heads a pre-trained model lacks)."""
+    if not fresh:
+        return ''
+    adapters = [name for name in fresh if '/lora/' in name]
+    others = [name for name in fresh if '/lora/' not in name]
+    parts = ([f'{len(adapters)} LoRA adapter arrays'] if adapters else []) + others
+    return '; initialized anew: ' + ', '.join(parts)
 
 
 def _starting_state(
@@ -287,14 +357,13 @@ def _starting_state(
             )
         return restored.state, how
     if config.checkpoint.restore_from and hf_config.is_model_folder(config.checkpoint.restore_from):
-        return _start_from_hugging_face(config, sharded, setup.model_cfg), (
-            f'started from {config.checkpoint.restore_from} (Hugging Face weights)'
-        )
+        state, fresh = _start_from_hugging_face(config, sharded, setup.model_cfg)
+        return state, f'started from {config.checkpoint.restore_from} (Hugging Face weights{_fresh_note(fresh)})'
     if config.checkpoint.restore_from:  # a new run from another run's checkpoint (fine-tuning)
         params_only = config.checkpoint.restore_params_only
-        state, folder = checkpointer.restore_other_run(config.checkpoint.restore_from, sharded, params_only)
+        state, folder, fresh = checkpointer.restore_other_run(config.checkpoint.restore_from, sharded, params_only)
         what = 'parameters' if params_only else f'whole state, step {int(state.step)}'
-        return state, f'started from {folder} ({what})'
+        return state, f'started from {folder} ({what}{_fresh_note(fresh)})'
     return sharded.state, ''
 
 
@@ -350,10 +419,11 @@ def _loop(ctx: _RunContext, state: state_lib.TrainState) -> TrainResult:
         if eval_due and not stopping:
             report(*ready)
             ready = None
-            eval_loss, bits_per_byte = _evaluate(ctx, state.params)
-            ctx.progress.message(f'step {done}: eval_loss {eval_loss:.4f} ({bits_per_byte:.3f} bits per byte)')
+            scores = _evaluate(ctx, state.params)
+            eval_loss = scores['eval_loss']
+            ctx.progress.message(describe_eval(done, scores))
             if ctx.writer is not None:
-                ctx.writer.write(done, {'eval_loss': eval_loss, 'eval_bits_per_byte': bits_per_byte})
+                ctx.writer.write(done, scores)
             timer.lap()  # eval time is not training time
         if stopping or ctx.save_by_time or ctx.checkpointer.due(done) or done == total:
             # A diverged state never becomes a checkpoint: every step's loss up to this one is checked first.

@@ -16,6 +16,7 @@ processes that divides the stream count.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from typing import Any
 
@@ -26,7 +27,8 @@ from absl import flags
 from jax.sharding import NamedSharding
 from ml_collections import config_dict
 
-from trainer.data import sources
+from trainer import distributed
+from trainer.data import examples, sources
 from trainer.data.interleave import SizeBalancedInterleave
 from trainer.data.tokenizers import Tokenizer, fingerprint
 from trainer.errors import ConfigError
@@ -174,11 +176,17 @@ def make_dataset(
     stream: int = 0,
     num_streams: int = 1,
     repeat: bool = True,
+    num_classes: int = 0,
 ) -> grain.IterDataset:
     """One data stream's pipeline up to batches of `local_batch` rows, before prefetching.
 
     Read once (`repeat=False`), the last batch may have fewer rows, the last row padding (segment 0).
+    Fine-tuning examples (format 'sft' or 'classify') come from trainer.data.examples.
     """
+    if data_cfg.format in examples.FORMATS:
+        (src,) = srcs
+        found = examples.read(src.files, data_cfg, tokenizer, num_classes, ', '.join(src.files[:2]))
+        return examples.make_dataset(found, data_cfg, seed, local_batch, shuffle, stream, num_streams, repeat)
     per_source = [
         _documents(src, data_cfg, tokenizer, seed + i, shuffle, stream, num_streams, repeat)
         for i, src in enumerate(srcs)
@@ -294,7 +302,18 @@ def _stream_batches(
     num_streams, mine = data_streams(config.data.num_streams, sharding, shape)
     rows = shape[0] // num_streams
     datasets = {
-        stream: make_dataset(srcs, config.data, tokenizer, config.seed, rows, shuffle, stream, num_streams)
+        stream: make_dataset(
+            srcs,
+            config.data,
+            tokenizer,
+            config.seed,
+            rows,
+            shuffle,
+            stream,
+            num_streams,
+            True,
+            config.model.num_classes,
+        )
         for stream in mine
     }
     return datasets, num_streams, shape
@@ -308,7 +327,43 @@ def train_batches(config: config_dict.ConfigDict, tokenizer: Tokenizer, sharding
 
 
 def eval_batches(config: config_dict.ConfigDict, tokenizer: Tokenizer, sharding: NamedSharding) -> list[Batch]:
-    """The same `eval_steps` batches every time: the eval files in order, unshuffled."""
+    """The same `eval_steps` batches every time: the eval files in order, unshuffled.
+
+    Fine-tuning examples are read once, not repeated: fewer batches when they run out, the last padded
+    with rows that count nothing, so each example counts once.
+    """
     datasets, num_streams, shape = _stream_batches(config, [eval_source(config.data)], tokenizer, sharding, False)
-    batches = GlobalBatches(datasets, num_streams, sharding, shape)
-    return [next(batches) for _ in range(config.train.eval_steps)]
+    if config.data.format not in examples.FORMATS:
+        batches = GlobalBatches(datasets, num_streams, sharding, shape)
+        return [next(batches) for _ in range(config.train.eval_steps)]
+    rows = shape[0] // num_streams
+    once = {
+        stream: make_dataset(
+            [eval_source(config.data)],
+            config.data,
+            tokenizer,
+            config.seed,
+            rows,
+            False,
+            stream,
+            num_streams,
+            repeat=False,
+            num_classes=config.model.num_classes,
+        )
+        for stream in datasets
+    }
+    per_stream = {stream: list(itertools.islice(dataset, config.train.eval_steps)) for stream, dataset in once.items()}
+    count = distributed.every_process([max(len(b) for b in per_stream.values())]).max()  # the same on every process
+    result = []
+    for i in range(int(count)):
+        parts = []
+        for stream_batches in per_stream.values():
+            part = stream_batches[i] if i < len(stream_batches) else examples.empty_batch(config.data.seq_len)
+            parts.append({k: np.pad(v, [(0, rows - len(v)), (0, 0)]) for k, v in part.items()})
+        result.append(
+            {
+                name: jax.make_array_from_process_local_data(sharding, np.concatenate([p[name] for p in parts]), shape)
+                for name in parts[0]
+            }
+        )
+    return result

@@ -20,7 +20,7 @@ import numpy as np
 
 from trainer.errors import ConfigError
 
-FORMATS = ('auto', 'text', 'jsonl', 'parquet', 'arrayrecord')
+FORMATS = ('auto', 'text', 'jsonl', 'parquet', 'arrayrecord', 'sft', 'classify')
 SAMPLE_BY = ('document', 'paragraph', 'line')
 _EXTENSIONS = {
     '.jsonl': 'jsonl',

@@ -156,10 +156,12 @@ class Checkpoint:
         return tuple(self.slice(name).get_shape())
 
 
-def check(checkpoint: Checkpoint, cfg: ModelConfig, table: dict[str, Place], shapes: dict, folder: str) -> None:
-    """Names a missing, unexpected or misshapen tensor in one line."""
+def check(
+    checkpoint: Checkpoint, cfg: ModelConfig, table: dict[str, Place], shapes: dict, folder: str, unused=frozenset()
+) -> None:
+    """Names a missing, unexpected or misshapen tensor in one line; `unused` tensors are known and left alone."""
     expected = expected_shapes(cfg, table, shapes)
-    extra = {n for n in checkpoint.names - set(expected) if not n.endswith(_BUFFERS)}
+    extra = {n for n in checkpoint.names - set(expected) - unused if not n.endswith(_BUFFERS)}
     if cfg.tie_embeddings:
         extra.discard('lm_head.weight')  # some tied checkpoints store the shared matrix twice
     for name in sorted(expected):
@@ -216,11 +218,18 @@ def read_slice(tensor: Any, place: Place, shape: tuple[int, ...], index: tuple[s
 
 
 def load(folder: str, cfg: ModelConfig, abstract_params: Any) -> Any:
-    """The folder's weights as our params tree, each array read straight into its sharding and dtype."""
+    """The folder's weights as our params tree, each array read straight into its sharding and dtype.
+
+    Parameters no Hugging Face model of the family has (LoRA adapters, a classifier head) are left out of
+    the tree; a classifier leaves the folder's language-model head unread.
+    """
     checkpoint = Checkpoint(folder)
     shapes = flat_shapes(abstract_params)
-    table = places(cfg, checkpoint.names)
-    check(checkpoint, cfg, table, shapes, folder)
+    known = places(cfg, checkpoint.names)
+    table = {path: place for path, place in known.items() if path in shapes}
+    unused = {place.name for path, place in known.items() if path not in shapes}
+    check(checkpoint, cfg, table, shapes, folder, unused)
+    abstract_params = _only(abstract_params, set(table))
 
     def load_one(path, leaf: jax.ShapeDtypeStruct) -> jax.Array:
         key = jax.tree_util.keystr(path, simple=True, separator='/')
@@ -267,6 +276,20 @@ def tensors(params: dict[str, np.ndarray], cfg: ModelConfig, dtype: str) -> Iter
             else:
                 out[..., place.columns[0] : place.columns[1]] = view
         yield name, np.ascontiguousarray(out.astype(target))
+
+
+def _only(tree: dict, paths: set[str], prefix: str = '') -> dict:
+    """The nested dict `tree` with only the leaves at `paths` ('blocks/mlp/w_up_DF')."""
+    out = {}
+    for key, value in tree.items():
+        name = f'{prefix}{key}'
+        if isinstance(value, dict):
+            part = _only(value, paths, name + '/')
+            if part:
+                out[key] = part
+        elif name in paths:
+            out[key] = value
+    return out
 
 
 def _lookup(params: dict, path: str) -> Any:

@@ -1,0 +1,120 @@
+"""The parameter-role table: which parameters train, and their learning-rate and weight-decay multipliers.
+
+One mechanism instead of special cases in the optimizer: a list of (regex, Role) searched in order in
+each parameter's path ('blocks/attention/wq_DNH', 'final_norm/scale', 'blocks/attention/lora/q/a'); the
+first match decides. config.train.param_roles come first, then LoRA's roles, then the built-in ones.
+Frozen parameters get no gradient and no optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import jax
+from ml_collections import config_dict
+
+from trainer.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Role:
+    """How one parameter is trained."""
+
+    trainable: bool = True
+    lr_multiplier: float = 1.0
+    weight_decay_multiplier: float = 1.0
+
+
+NO_DECAY = Role(weight_decay_multiplier=0.0)
+FROZEN = Role(trainable=False)
+# Adapters and a classifier head: what a LoRA run trains.
+ADAPTER_PATTERN = r'(^|/)lora/|^classifier_'
+
+
+def table(config: config_dict.ConfigDict) -> list[tuple[str, Role]]:
+    """The run's roles, in the order they are tried."""
+    rules = []
+    for i, entry in enumerate(config.train.param_roles):
+        field = f'config.train.param_roles[{i}]'
+        if len(entry) != 4 or not isinstance(entry[0], str):
+            raise ConfigError(f'{field}={entry!r} must be (regex, trainable, lr_multiplier, weight_decay_multiplier).')
+        pattern, trainable, lr, decay = entry
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ConfigError(f'{field}: {pattern!r} is not a regular expression ({error}).') from None
+        if lr < 0 or decay < 0:
+            raise ConfigError(f'{field}={entry!r}: the multipliers must not be negative.')
+        rules.append((pattern, Role(bool(trainable), float(lr), float(decay))))
+    lora = config.get('lora')
+    if lora and lora.rank:
+        rules += [(ADAPTER_PATTERN, Role()), ('', FROZEN)]
+    rules.append((r'(^|/)(scale|bias|biases)(/|$)|^classifier_bias', NO_DECAY))  # norms and biases
+    if not config.train.decay_embeddings:
+        rules.append((r'^(embedding_VD|position_embedding_PD)$', NO_DECAY))
+    return rules
+
+
+def path_name(path: tuple) -> str:
+    """'blocks/attention/wq_DNH' for a key path into the params dict."""
+    return '/'.join(str(getattr(entry, 'key', entry)) for entry in path)
+
+
+def assign(params: Any, rules: list[tuple[str, Role]]) -> Any:
+    """Each parameter's Role (a tree shaped like `params`, arrays or shapes)."""
+
+    def role(path, _) -> Role:
+        name = path_name(path)
+        return next((r for pattern, r in rules if re.search(pattern, name)), Role())
+
+    return jax.tree_util.tree_map_with_path(role, params)
+
+
+def select(tree: Any, keep: Any) -> dict[str, Any]:
+    """The nested dict `tree` with only the leaves whose `keep` (same structure, bools) is True; empty dicts dropped."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            part = select(value, keep[key])
+            if part:
+                out[key] = part
+        elif keep[key]:
+            out[key] = value
+    return out
+
+
+def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two nested dicts with disjoint leaves as one."""
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = merge(out[key], value) if key in out else value
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """The params split into what trains and what stays frozen, by each parameter's Role."""
+
+    roles: Any  # tree of Role, shaped like the params
+
+    def trainable(self, params: dict[str, Any]) -> dict[str, Any]:
+        return select(params, jax.tree.map(lambda r: r.trainable, self.roles))
+
+    def frozen(self, params: dict[str, Any]) -> dict[str, Any]:
+        return select(params, jax.tree.map(lambda r: not r.trainable, self.roles))
+
+    def trainable_roles(self) -> dict[str, Any]:
+        return select(self.roles, jax.tree.map(lambda r: r.trainable, self.roles))
+
+    @property
+    def everything_trains(self) -> bool:
+        return all(r.trainable for r in jax.tree.leaves(self.roles))
+
+
+def partition(config: config_dict.ConfigDict, params: Any) -> Partition:
+    """The run's partition of `params` (arrays or shapes)."""
+    return Partition(roles=assign(params, table(config)))
