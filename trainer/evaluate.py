@@ -1,10 +1,10 @@
-"""python -m trainer.evaluate --model PATH --files PATTERN [--seq_len N] [--batch_size B] [--json]
+"""python -m trainer.evaluate --model PATH --files PATTERN [--seq_len N] [--batch_size B] [--format sft] [--json]
 
 Scores a model on whole files (every document, read once, not a sample): loss per token, perplexity, and
 bits per byte (comparable between tokenizers). PATH is a run's workdir, a checkpoint folder or a Hugging
 Face model folder; the files are read with the model's data settings and tokenizer, packed into rows as
 in training, and the batches are sharded over the model config's mesh. For a model fine-tuned on
-instructions (data.format 'sft') the loss is over the answers only. A classifier (model.head 'classify')
+instructions (data.format 'sft', or --format sft for any model) the loss is over the answers only. A classifier (model.head 'classify')
 gets its accuracy and confusion matrix on labeled JSON lines instead.
 """
 
@@ -26,7 +26,7 @@ from flax import nnx
 
 from trainer import cli, loading, steps
 from trainer import mesh as mesh_lib
-from trainer.data import examples, pipeline
+from trainer.data import examples, pipeline, sources
 from trainer.errors import ConfigError
 from trainer.model_flag import MODEL
 from trainer.train import token_bytes
@@ -35,6 +35,9 @@ _FILES = flags.DEFINE_string('files', None, 'Comma-separated paths, globs or URL
 _SEQ_LEN = flags.DEFINE_integer('seq_len', None, "Tokens per row; default: the model's training seq_len.")
 _BATCH = flags.DEFINE_integer('batch_size', None, "Rows per batch; default: the model's global_batch_size.")
 _JSON = flags.DEFINE_bool('json', False, 'Print the scores as one JSON object.')
+_FORMAT = flags.DEFINE_string(
+    'format', None, "The files' config.data.format, if not the model's: 'sft' scores the answers of instruction data."
+)
 flags.mark_flags_as_required(['files'])
 
 
@@ -139,6 +142,10 @@ def main(argv: list[str]) -> int:
         loaded = loading.load(MODEL.value)
         if loaded.tokenizer is None:
             raise ConfigError(f'{MODEL.value} has no tokenizer.json: text cannot be turned into its ids.')
+        if _FORMAT.value:
+            if _FORMAT.value not in sources.FORMATS or _FORMAT.value == 'classify':
+                raise ConfigError(f'--format={_FORMAT.value!r} is not a format a language model reads.')
+            loaded.config.data.format = _FORMAT.value
         seq_len = _SEQ_LEN.value or loaded.config.data.seq_len
         batch_size = _BATCH.value or loaded.config.train.global_batch_size
         split = pipeline.batch_shards(
