@@ -52,6 +52,13 @@ def get_config() -> config_dict.ConfigDict:
     model.head = 'lm'  # 'lm' (next-token logits) or 'classify' (a label per sequence; data.format='classify')
     model.num_classes = 0  # head='classify': how many labels
     model.pool = 'last'  # head='classify': classify from the 'last' token's state or the 'mean' over the text
+    # 'sp' (standard) or 'mup' (maximal update parametrization, for Adam): hyperparameters tuned at base_width
+    # transfer to wider models. muP scales hidden matrices' init by 1/sqrt(m) and learning rate by 1/m, the
+    # logits by 1/m (m = d_model / base_width), and attention by sqrt(base_head_dim) / head_dim.
+    model.parametrization = 'sp'
+    model.base_width = 0  # muP: the d_model where the hyperparameters were tuned (0 = d_model: muP equals SP)
+    model.base_head_dim = 0  # muP: the head_dim of the base model (0 = head_dim)
+    model.mup_zero_readout = False  # muP: start the output layer at zero (its 1/m multiplier is kept)
 
     # LoRA (Hu et al. 2021): low-rank adapters beside the chosen projections; only they (and a classifier
     # head) are trained and have optimizer state. rank 0 = full fine-tuning.

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import linen, nnx, struct
 
 FAMILIES = ('llama', 'gpt2')
+PARAMETRIZATIONS = ('sp', 'mup')  # standard, or maximal update (Yang et al. 2022, Tensor Programs V)
 HEADS = ('lm', 'classify')  # next-token logits, or one label per sequence
 POOLINGS = ('last', 'mean')  # which positions a classifier reads: the last token, or the mean of all
 # Projections that LoRA can adapt, and the parameter each one updates.
@@ -91,11 +92,30 @@ class ModelConfig:
     lora_dropout: float = 0.0  # dropout on the adapters' input, in training
     lora_targets: tuple[str, ...] = ('q', 'k', 'v', 'o')  # keys of LORA_TARGETS
     lora_base_dtype: str = ''  # with LoRA, the frozen weights are stored in this dtype; '' = param_dtype
+    # muP: the forward multipliers live here (logits / width multiplier, attention by 1/head_dim); the init and
+    # learning-rate multipliers of the hidden matrices are roles in the trainer's parameter-role table.
+    parametrization: str = 'sp'
+    base_width: int = 0  # muP: the d_model where muP equals SP (0 = d_model)
+    base_head_dim: int = 0  # muP: the head_dim where attention scales as in SP (0 = head_dim)
+    mup_zero_readout: bool = False  # muP: start the output layer at 0 (its multiplier is kept)
     sharding_rules: Rules = ()
 
     def __post_init__(self):
         if not self.head_dim:
             object.__setattr__(self, 'head_dim', self.d_model // self.num_heads)
+
+    @property
+    def width_multiplier(self) -> float:
+        """muP's m = d_model / base_width (1 under SP)."""
+        return self.d_model / (self.base_width or self.d_model) if self.parametrization == 'mup' else 1.0
+
+    @property
+    def attention_scale(self) -> float:
+        """Query-key scale: 1/sqrt(head_dim) (SP); sqrt(base_head_dim)/head_dim under muP, the same at the base."""
+        base = self.base_head_dim or self.head_dim
+        if self.parametrization == 'mup' and base != self.head_dim:
+            return base**0.5 / self.head_dim
+        return self.head_dim**-0.5
 
     @property
     def padded_vocab(self) -> int:
@@ -318,7 +338,12 @@ class Attention(nnx.Module):
             v_BSKH = constrain(v_BSKH, heads, cfg.sharding_rules)
         mask_B1TS = attention_mask(positions_BT, k_positions_BS, segment_ids_BT, k_segments_BS, cfg.sliding_window)
         out_BTNH = jax.nn.dot_product_attention(
-            q_BTNH, k_BSKH.astype(dt), v_BSKH.astype(dt), mask=mask_B1TS, implementation=cfg.attention_impl
+            q_BTNH,
+            k_BSKH.astype(dt),
+            v_BSKH.astype(dt),
+            mask=mask_B1TS,
+            scale=cfg.attention_scale,
+            implementation=cfg.attention_impl,
         )
         out_BTD = jnp.einsum('btnh,nhd->btd', out_BTNH, self.wo_NHD[...].astype(dt))
         out_BTD += _adapted(self.lora, 'o', out_BTNH, lora_rng)
@@ -434,16 +459,41 @@ class Decoder(nnx.Module):
         """Logits of T new tokens that see the cached ones, and the cache holding them too (prefill, decode)."""
         return self._run(tokens_BT, positions_BT, segment_ids_BT, None, cache)
 
+    def embed(self, tokens_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
+        """The first layer's input: token embeddings (plus learned positions for gpt2)."""
+        x_BTD = jnp.take(self.embedding_VD[...], tokens_BT, axis=0).astype(self.cfg.dtype)
+        if self.position_embedding_PD is not None:
+            # Padding has position -1: any row will do, attention never looks at it.
+            positions = jnp.maximum(positions_BT, 0)
+            x_BTD += jnp.take(self.position_embedding_PD[...], positions, axis=0).astype(self.cfg.dtype)
+        return x_BTD
+
+    def logits(self, x_BTD: jax.Array) -> jax.Array:
+        """The final norm and the output layer: float32 next-token (or class) logits of the last layer's states."""
+        cfg = self.cfg
+        x_BTD = self.final_norm(x_BTD)
+        if self.classifier_DC is not None:
+            logits_BTC = jnp.einsum('btd,dc->btc', x_BTD, self.classifier_DC[...].astype(cfg.dtype))
+            logits_BTC += self.classifier_bias_C[...].astype(cfg.dtype)[None, None]
+            return logits_BTC.astype(jnp.float32) / cfg.width_multiplier
+        if self.unembedding_DV is None:
+            logits_BTV = jnp.einsum('btd,vd->btv', x_BTD, self.embedding_VD[...].astype(cfg.dtype))
+        else:
+            logits_BTV = jnp.einsum('btd,dv->btv', x_BTD, self.unembedding_DV[...].astype(cfg.dtype))
+        logits_BTV = constrain(
+            logits_BTV, ('activation_batch', 'activation_length', 'activation_vocab'), cfg.sharding_rules
+        ).astype(jnp.float32)
+        if cfg.parametrization == 'mup':  # muP's readout multiplier: 1 / width multiplier
+            logits_BTV /= cfg.width_multiplier
+        return logits_BTV
+
     def _run(self, tokens_BT, positions_BT, segment_ids_BT, dropout_rng, cache):
         cfg = self.cfg
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
-        x_BTD = jnp.take(self.embedding_VD[...], tokens_BT, axis=0).astype(cfg.dtype)
-        if self.position_embedding_PD is not None:
-            # Padding has position -1: any row will do, attention never looks at it.
-            x_BTD += jnp.take(self.position_embedding_PD[...], jnp.maximum(positions_BT, 0), axis=0).astype(cfg.dtype)
+        x_BTD = self.embed(tokens_BT, positions_BT)
         embed_rng, layer_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
         x_BTD = _dropout(x_BTD, cfg.dropout, embed_rng)
         x_BTD = constrain(x_BTD, ('activation_batch', 'activation_length', 'activation_embed'), cfg.sharding_rules)
@@ -475,17 +525,9 @@ class Decoder(nnx.Module):
                 per_layer.append(kv)
             new_kv = None if cache is None else jax.tree.map(lambda *layers: jnp.stack(layers), *per_layer)
 
-        x_BTD = self.final_norm(x_BTD)
-        if self.classifier_DC is not None:
-            logits_BTC = jnp.einsum('btd,dc->btc', x_BTD, self.classifier_DC[...].astype(cfg.dtype))
-            return (logits_BTC + self.classifier_bias_C[...].astype(cfg.dtype)[None, None]).astype(jnp.float32), None
-        if self.unembedding_DV is None:
-            logits_BTV = jnp.einsum('btd,vd->btv', x_BTD, self.embedding_VD[...].astype(cfg.dtype))
-        else:
-            logits_BTV = jnp.einsum('btd,dv->btv', x_BTD, self.unembedding_DV[...].astype(cfg.dtype))
-        logits_BTV = constrain(
-            logits_BTV, ('activation_batch', 'activation_length', 'activation_vocab'), cfg.sharding_rules
-        ).astype(jnp.float32)
+        logits_BTV = self.logits(x_BTD)
+        if cfg.head != 'lm':
+            return logits_BTV, None
         if cfg.padded_vocab > cfg.vocab_size:  # padding rows exist for the mesh only: never predict them
             is_real_V = jnp.arange(cfg.padded_vocab)[None, None, :] < cfg.vocab_size
             logits_BTV = jnp.where(is_real_V, logits_BTV, -jnp.inf)

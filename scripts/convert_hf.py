@@ -10,7 +10,8 @@ from DIR). export writes DIR, a folder that transformers' AutoModelForCausalLM.f
 config.json (Llama, Mistral, Qwen2 or GPT-2, whichever computes the same), model.safetensors (split
 into files of at most --max_shard_gb with an index above that), generation_config.json, and the
 tokenizer files when the run used a Hugging Face tokenizer. A LoRA run's adapters are merged into the
-weights; with --adapter they are written alone instead, as a PEFT folder (adapter_config.json,
+weights, and a muP model's multipliers folded into them (the same logits from a standard model); with
+--adapter the adapters are written alone instead, as a PEFT folder (adapter_config.json,
 adapter_model.safetensors) for the base model. CKPT is a checkpoint (.../checkpoints/600) or a folder of
 them (its newest is used). Both write under a temporary name and rename at the end.
 """
@@ -69,6 +70,7 @@ def export_checkpoint(
         lora.write_peft(host_params, model_cfg, base, out)
         return folder
     host_params, model_cfg = lora.merge(host_params, model_cfg)
+    host_params, model_cfg = hf_folder.fold_mup(host_params, model_cfg)
     try:
         tokenizer = tokenizers.make_tokenizer(config.data.tokenizer, config.data.eos_token)
     except ConfigError:  # the run's tokenizer file is not on this machine: no ids in config.json

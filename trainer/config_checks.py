@@ -9,7 +9,16 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_dict
 
-from models.transformer import ATTENTION_IMPLS, FAMILIES, HEADS, LORA_TARGETS, POOLINGS, REMAT_POLICIES, ROPE_SCALINGS
+from models.transformer import (
+    ATTENTION_IMPLS,
+    FAMILIES,
+    HEADS,
+    LORA_TARGETS,
+    PARAMETRIZATIONS,
+    POOLINGS,
+    REMAT_POLICIES,
+    ROPE_SCALINGS,
+)
 from trainer.data import examples, pipeline, sources, tokenizers
 from trainer.errors import ConfigError
 from trainer.mesh import MESH_AXES, resolve_mesh_shape
@@ -85,6 +94,9 @@ def check_model(model: config_dict.ConfigDict) -> None:
         f'config.model.sliding_window={model.sliding_window} must be 0 (attend to all) or positive.',
     )
     _require(0.0 <= model.dropout < 1.0, f'config.model.dropout={model.dropout} must be in [0, 1).')
+    _one_of(model.parametrization, PARAMETRIZATIONS, 'config.model.parametrization')
+    for name in ('base_width', 'base_head_dim'):
+        _require(model[name] >= 0, f"config.model.{name}={model[name]} must be 0 (the model's own) or positive.")
     _require(
         model.attention_impl != 'cudnn' or jax.default_backend() == 'gpu',
         f"config.model.attention_impl='cudnn' needs an NVIDIA GPU, but the backend is "

@@ -4,8 +4,8 @@ Scores a model on whole files (every document, read once, not a sample): loss pe
 bits per byte (comparable between tokenizers). PATH is a run's workdir, a checkpoint folder or a Hugging
 Face model folder; the files are read with the model's data settings and tokenizer, packed into rows as
 in training, and the batches are sharded over the model config's mesh. For a model fine-tuned on
-instructions (data.format 'sft', or --format sft for any model) the loss is over the answers only. A classifier (model.head 'classify')
-gets its accuracy and confusion matrix on labeled JSON lines instead.
+instructions (data.format 'sft', or --format sft for any model) the loss is over the answers only. A
+classifier (model.head 'classify') gets its accuracy and confusion matrix on labeled JSON lines instead.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""The parameter-role table: which parameters train, and their learning-rate and weight-decay multipliers.
+"""The parameter-role table: which parameters train, and their learning-rate, weight-decay and init multipliers.
 
 One mechanism instead of special cases in the optimizer: a list of (regex, Role) searched in order in
 each parameter's path ('blocks/attention/wq_DNH', 'final_norm/scale', 'blocks/attention/lora/q/a'); the
-first match decides. config.train.param_roles come first, then LoRA's roles, then the built-in ones.
+first match decides. config.train.param_roles come first, then LoRA's roles, muP's, then the built-in ones.
 Frozen parameters get no gradient and no optimizer state.
 """
 
@@ -25,12 +25,30 @@ class Role:
     trainable: bool = True
     lr_multiplier: float = 1.0
     weight_decay_multiplier: float = 1.0
+    init_multiplier: float = 1.0  # a fresh parameter's initial values are scaled by this (0: starts at zero)
 
 
 NO_DECAY = Role(weight_decay_multiplier=0.0)
 FROZEN = Role(trainable=False)
 # Adapters and a classifier head: what a LoRA run trains.
 ADAPTER_PATTERN = r'(^|/)lora/|^classifier_'
+# muP's hidden matrices: both their fan-in and fan-out grow with the width.
+HIDDEN_PATTERN = r'^blocks/(attention/(wq_DNH|wk_DKH|wv_DKH|wo_NHD)|mlp/(w_up_DF|w_gate_DF|w_down_FD))$'
+READOUT_PATTERN = r'^(unembedding_DV|classifier_DC)$'
+
+
+def mup_roles(model: config_dict.ConfigDict) -> list[tuple[str, Role]]:
+    """muP for Adam (Yang et al. 2022, Tensor Programs V, Table 3), with m = d_model / base_width.
+
+    Hidden matrices: init std / sqrt(m), learning rate / m. Embeddings, norms and biases: unchanged. The
+    readout keeps its init and learning rate (its output is multiplied by 1/m in the model), or starts at
+    zero with mup_zero_readout. Weight decay stays coupled to the learning rate, as AdamW's is.
+    """
+    if model.get('parametrization', 'sp') != 'mup':
+        return []
+    m = model.d_model / (model.base_width or model.d_model)
+    readout = Role(init_multiplier=0.0) if model.mup_zero_readout else Role()
+    return [(HIDDEN_PATTERN, Role(lr_multiplier=1 / m, init_multiplier=m**-0.5)), (READOUT_PATTERN, readout)]
 
 
 def table(config: config_dict.ConfigDict) -> list[tuple[str, Role]]:
@@ -38,19 +56,23 @@ def table(config: config_dict.ConfigDict) -> list[tuple[str, Role]]:
     rules = []
     for i, entry in enumerate(config.train.param_roles):
         field = f'config.train.param_roles[{i}]'
-        if len(entry) != 4 or not isinstance(entry[0], str):
-            raise ConfigError(f'{field}={entry!r} must be (regex, trainable, lr_multiplier, weight_decay_multiplier).')
-        pattern, trainable, lr, decay = entry
+        if len(entry) not in (4, 5) or not isinstance(entry[0], str):
+            raise ConfigError(
+                f'{field}={entry!r} must be (regex, trainable, lr_multiplier, weight_decay_multiplier'
+                '[, init_multiplier]).'
+            )
+        pattern, trainable, *multipliers = entry
         try:
             re.compile(pattern)
         except re.error as error:
             raise ConfigError(f'{field}: {pattern!r} is not a regular expression ({error}).') from None
-        if lr < 0 or decay < 0:
+        if any(value < 0 for value in multipliers):
             raise ConfigError(f'{field}={entry!r}: the multipliers must not be negative.')
-        rules.append((pattern, Role(bool(trainable), float(lr), float(decay))))
+        rules.append((pattern, Role(bool(trainable), *map(float, multipliers))))
     lora = config.get('lora')
     if lora and lora.rank:
         rules += [(ADAPTER_PATTERN, Role()), ('', FROZEN)]
+    rules += mup_roles(config.model)
     rules.append((r'(^|/)(scale|bias|biases)(/|$)|^classifier_bias', NO_DECAY))  # norms and biases
     if not config.train.decay_embeddings:
         rules.append((r'^(embedding_VD|position_embedding_PD)$', NO_DECAY))

@@ -126,7 +126,13 @@ def create_train_state(
     partition = partition or param_roles.Partition(jax.tree.map(lambda _: param_roles.Role(), shapes))
 
     def fresh_params() -> Any:
-        return nnx.to_pure_dict(nnx.state(Decoder(model_cfg, nnx.Rngs(seed)), nnx.Param))
+        params = nnx.to_pure_dict(nnx.state(Decoder(model_cfg, nnx.Rngs(seed)), nnx.Param))
+        # Roles may scale a fresh init (muP's hidden matrices, a zero readout); restored params are never scaled.
+        return jax.tree.map(
+            lambda p, role: p if role.init_multiplier == 1.0 else (p * role.init_multiplier).astype(p.dtype),
+            params,
+            partition.roles,
+        )
 
     def init_around(params: Any) -> TrainState:
         fresh = fresh_params()

@@ -6,6 +6,7 @@ interrupted export leaves nothing that looks like a model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -47,6 +48,31 @@ def _copy_tokenizer(spec: str, out: pathlib.Path) -> None:
                 shutil.copyfile(os.path.join(spec, name), out / name)
     elif spec.endswith('.json') and os.path.isfile(spec):
         shutil.copyfile(spec, out / 'tokenizer.json')
+
+
+def fold_mup(params: dict[str, Any], cfg: ModelConfig) -> tuple[dict[str, Any], ModelConfig]:
+    """muP's forward multipliers folded into the weights (host arrays), so a standard model computes the same:
+    the logits' 1/m into the unembedding, the attention's sqrt(base_head_dim / head_dim) into the queries."""
+    if cfg.parametrization != 'mup':
+        return params, cfg
+    m, q_scale = cfg.width_multiplier, cfg.attention_scale * cfg.head_dim**0.5
+    if m != 1.0 and cfg.tie_embeddings:
+        raise ConfigError(
+            f'this muP model ties its embeddings and multiplies its logits by 1/{m:g}: a standard model cannot '
+            'compute that with one shared matrix, so it does not export to Hugging Face (train it untied).'
+        )
+    folded = dict(params)
+    if m != 1.0:
+        folded['unembedding_DV'] = np.asarray(params['unembedding_DV'], np.float32) / m
+    if q_scale != 1.0:
+        attention = dict(params['blocks']['attention'])
+        attention['wq_DNH'] = np.asarray(attention['wq_DNH'], np.float32) * q_scale
+        if 'biases' in attention:
+            attention['biases'] = dict(
+                attention['biases'], q_NH=np.asarray(attention['biases']['q_NH'], np.float32) * q_scale
+            )
+        folded['blocks'] = dict(params['blocks'], attention=attention)
+    return folded, dataclasses.replace(cfg, parametrization='sp', base_width=0, base_head_dim=0)
 
 
 def write(

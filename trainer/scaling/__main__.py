@@ -7,6 +7,9 @@ collect  one CSV of a sweep's runs:  --sweep DIR --out runs.csv [--per_eval]
 fit      Chinchilla approaches 3 and 2 on a CSV (params, tokens, loss[, flops]):  --csv F --out fit.json
          [--budget C] [--bootstrap 200]
 plot     the figures of a CSV and its fit:  --csv F --fit fit.json --out DIR
+coord_check  muP's coordinate check, SP beside muP:  --config C --out DIR [--widths 64,...,1024] [--steps 5]
+lr_transfer  a learning-rate sweep at several widths, SP and muP:  --config C --out DIR --widths 32,64,128,256
+         --lrs 1e-3,3e-3,... --tokens 2e5 [--depth 2] [--set ...]
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ _FIT = flags.DEFINE_string('fit', None, "plot: fit's JSON (without it, the runs 
 _BUDGET = flags.DEFINE_float('budget', None, 'fit: a FLOP budget to allocate: "train N parameters on D tokens".')
 _BOOTSTRAP = flags.DEFINE_integer('bootstrap', 200, 'fit: bootstrap resamples for the standard errors.')
 _LOSS = flags.DEFINE_string('loss_column', 'loss', "fit, plot: the CSV column to fit ('loss' or 'eval_loss').")
+_STEPS = flags.DEFINE_integer('steps', 5, 'coord_check: training steps to follow.')
+_LR = flags.DEFINE_float('lr', 1e-2, 'coord_check: the learning rate of every width.')
+_DEPTH = flags.DEFINE_integer('depth', 2, 'lr_transfer: layers of every width (muP transfers across width).')
 
 
 def _require(flag, verb: str):
@@ -239,7 +245,67 @@ def do_plot() -> None:
     print('wrote ' + ', '.join(str(p) for p in written))
 
 
-VERBS = {'counts': do_counts, 'sweep': do_sweep, 'collect': do_collect, 'fit': do_fit, 'plot': do_plot}
+def do_coord_check() -> None:
+    from trainer.scaling import coord_check
+
+    base = load_config(_require(_CONFIG, 'coord_check'), _SET.value)
+    folder = pathlib.Path(_require(_OUT, 'coord_check'))
+    widths = tuple(_numbers(_WIDTHS.value or ['64', '128', '256', '512', '1024'], int))
+    setting = coord_check.Setting(widths, _HEAD_DIM.value, _FF_RATIO.value, _STEPS.value, _LR.value)
+    results = coord_check.run(base, setting)
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = {name: coord_check.growth(results, name, setting.steps) for name in results}
+    record = {'setting': dataclasses.asdict(setting), 'sizes': results, 'growth_after_last_step': summary}
+    (folder / 'coord_check.json').write_text(json.dumps(record, indent=2) + '\n')
+    coord_check.plot(results, str(folder / 'coord_check.png'))
+    for name, ratios in summary.items():
+        worst = max(ratios, key=ratios.get)
+        print(f'{name}: across widths {widths[0]}-{widths[-1]}, the {worst} size varies {ratios[worst]:.1f}x')
+    print(f'wrote {folder / "coord_check.json"}, {folder / "coord_check.png"}')
+
+
+def do_lr_transfer() -> int:
+    from trainer.scaling import lr_transfer, sweep
+
+    config_file = _require(_CONFIG, 'lr_transfer')
+    folder = pathlib.Path(_require(_OUT, 'lr_transfer'))
+    widths = _numbers(_require(_WIDTHS, 'lr_transfer'), int)
+    shape = sweep.Shape(_ASPECT.value, _HEAD_DIM.value, _FF_RATIO.value, _KV_RATIO.value, _DEPTH.value)
+    failed = 0
+    for parametrization in ('sp', 'mup'):
+        settings = [*_SET.value, f'model.parametrization={parametrization}', f'model.base_width={min(widths)}']
+        settings.append(f'model.base_head_dim={_HEAD_DIM.value}')
+        base = load_config(config_file, settings)
+        points = sweep.plan(
+            base,
+            widths,
+            shape,
+            token_budgets=_numbers(_require(_TOKENS, 'lr_transfer')),
+            learning_rates=_numbers(_require(_LRS, 'lr_transfer')),
+            warmup_fraction=_WARMUP.value,
+        )
+        commands = sweep.write(folder / parametrization, config_file, points, [f'--config.{s}' for s in settings])
+        print(f'{parametrization}: {len(points)} runs in {folder / parametrization}')
+        failed += sweep.run(folder / parametrization, commands, points)[1]
+    table = lr_transfer.collect(folder)
+    lr_transfer.plot(table, str(folder / 'lr_transfer.png'))
+    (folder / 'lr_transfer.json').write_text(json.dumps(table, indent=2) + '\n')
+    for parametrization, by_width in table.items():
+        best = ', '.join(f'{w}: {row["best_lr"]:.2g}' for w, row in by_width.items())
+        print(f'{parametrization}: best learning rate by width: {best}')
+    print(f'wrote {folder / "lr_transfer.json"}, {folder / "lr_transfer.png"}')
+    return 1 if failed else 0
+
+
+VERBS = {
+    'counts': do_counts,
+    'sweep': do_sweep,
+    'collect': do_collect,
+    'fit': do_fit,
+    'plot': do_plot,
+    'coord_check': do_coord_check,
+    'lr_transfer': do_lr_transfer,
+}
 
 
 def main(argv: list[str]) -> int:

@@ -36,6 +36,7 @@ class Shape:
     head_dim: int = 32
     ff_ratio: float = 3.0
     kv_ratio: int = 1  # query heads per key/value head
+    depth: int = 0  # a fixed depth for every width instead of width / aspect (muP's width transfer)
 
     def overrides(self, width: int) -> dict[str, Any]:
         heads = max(1, width // self.head_dim)
@@ -43,7 +44,7 @@ class Shape:
             raise ConfigError(f'width {width} does not split into heads of {self.head_dim}: use a multiple of it.')
         return {
             'model.d_model': width,
-            'model.num_layers': max(1, round(width / self.aspect)),
+            'model.num_layers': self.depth or max(1, round(width / self.aspect)),
             'model.num_heads': heads,
             'model.num_kv_heads': heads // self.kv_ratio,
             'model.head_dim': 0,

@@ -1,0 +1,137 @@
+"""muP: its roles in the parameter-role table, equality with SP at the base width, the coordinate check, export."""
+
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import mesh_for, random_batch, tiny_config
+from flax import nnx
+
+from trainer import checkpoints, loading, param_roles, train
+from trainer.scaling import coord_check
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / 'scripts'))
+import convert_hf  # noqa: E402
+
+
+def mup_config(width: int = 48, base_width: int = 24, **mesh_sizes):
+    config = tiny_config('llama', **mesh_sizes)
+    config.model.update(d_model=width, d_ff=2 * width, parametrization='mup', base_width=base_width, base_head_dim=6)
+    return config
+
+
+def test_the_role_table_holds_mups_multipliers():
+    config = mup_config(width=96, base_width=24)  # m = 4
+    _, shapes, _ = train.state_lib.abstract_model(train.model_config(config))
+    roles = param_roles.partition(config, shapes).roles
+    hidden = param_roles.Role(lr_multiplier=0.25, init_multiplier=0.5)
+    for module, name in [('attention', 'wq_DNH'), ('attention', 'wo_NHD'), ('mlp', 'w_gate_DF'), ('mlp', 'w_down_FD')]:
+        assert roles['blocks'][module][name] == hidden, name
+    assert roles['embedding_VD'] == param_roles.NO_DECAY  # embeddings, norms: as in SP
+    assert roles['blocks']['mlp_norm']['scale'] == param_roles.NO_DECAY
+    assert roles['unembedding_DV'] == param_roles.Role()  # the readout's 1/m is a multiplier in the model
+    config.model.mup_zero_readout = True
+    roles = param_roles.partition(config, shapes).roles
+    assert roles['unembedding_DV'].init_multiplier == 0.0
+    assert train.model_config(config).width_multiplier == 4.0
+
+
+def test_mup_initializes_and_scales_as_its_roles_say():
+    sp, mup = tiny_config('llama', fsdp=8), mup_config(width=96, base_width=24, fsdp=8)
+    sp.model.update(d_model=96, d_ff=192)
+    params = {}
+    for name, config in (('sp', sp), ('mup', mup)):
+        mesh = mesh_for(config)
+        with jax.set_mesh(mesh):
+            params[name] = jax.device_get(train.build(config, mesh).sharded.state.params)
+    np.testing.assert_allclose(
+        params['mup']['blocks']['mlp']['w_up_DF'], 0.5 * params['sp']['blocks']['mlp']['w_up_DF'], rtol=1e-6
+    )
+    np.testing.assert_array_equal(params['mup']['embedding_VD'], params['sp']['embedding_VD'])
+    np.testing.assert_array_equal(params['mup']['unembedding_DV'], params['sp']['unembedding_DV'])
+
+
+def step_and_logits(config):
+    mesh = mesh_for(config)
+    with jax.set_mesh(mesh):
+        setup = train.build(config, mesh)
+        batch = random_batch(setup, config)
+        state = setup.sharded.state
+        logits = nnx.merge(setup.sharded.graphdef, state.params)(batch['inputs'])
+        logits = np.asarray(jax.device_get(logits))
+        state, metrics = setup.compiled.train(state, batch)
+        return logits, jax.device_get(metrics), jax.device_get(state.params)
+
+
+def test_mup_at_its_base_width_is_sp_exactly():
+    sp = tiny_config('llama', fsdp=4, tensor=2)
+    mup = tiny_config('llama', fsdp=4, tensor=2)
+    mup.model.update(parametrization='mup', base_width=mup.model.d_model, base_head_dim=6)
+    sp_logits, sp_metrics, sp_params = step_and_logits(sp)
+    mup_logits, mup_metrics, mup_params = step_and_logits(mup)
+    np.testing.assert_array_equal(mup_logits, sp_logits)
+    assert float(mup_metrics['loss']) == float(sp_metrics['loss'])
+    jax.tree.map(np.testing.assert_array_equal, mup_params, sp_params)
+
+
+def test_the_coordinate_check_stays_flat_under_mup_and_grows_under_sp():
+    base = tiny_config('llama')
+    base.model.update(num_layers=2, vocab_size=256, max_seq_len=32)
+    base.data.update(seq_len=32, shuffle_buffer=0)
+    setting = coord_check.Setting(widths=(64, 256, 512), head_dim=16, steps=3, learning_rate=1e-2)
+    results = coord_check.run(base, setting, echo=lambda _: None)
+    mup, sp = coord_check.growth(results, 'mup', 3), coord_check.growth(results, 'sp', 3)
+    assert max(mup.values()) < 2.0, mup  # every layer within a factor 2 from 1x to 8x the base width
+    assert sp['block 1'] > 4.0, sp  # SP's hidden states grow with the width
+    assert results['mup'][64] == results['sp'][64]  # the base width is the same model either way
+
+
+def test_a_mup_model_exports_to_a_standard_model_with_the_same_logits(tmp_path):
+    config = mup_config(width=48, base_width=12)  # m = 4; attention by 1/head_dim at head_dim 12, base 6
+    config.model.update(vocab_size=256, max_seq_len=16)
+    config.mesh.fsdp = 1
+    logits_before, _, params = step_and_logits(config)
+    assert not np.allclose(logits_before, 0)
+    mesh = mesh_for(config)
+    with jax.set_mesh(mesh):
+        setup = train.build(config, mesh)
+        placed = jax.device_put(params, setup.sharded.shardings.params)
+        tokens = np.random.default_rng(1).integers(0, 256, (2, 12)).astype(np.int32)
+        ours = np.asarray(nnx.merge(setup.sharded.graphdef, placed)(tokens))
+        checkpoints.save_params(tmp_path / 'ckpt', placed, config.to_json_best_effort())
+    convert_hf.export_checkpoint(str(tmp_path / 'ckpt'), tmp_path / 'hf', 'float32', 2**30)
+    exported = loading.load(str(tmp_path / 'hf'), {'data': 1, 'fsdp': 1, 'tensor': 1}, 'float32')
+    assert exported.model_cfg.parametrization == 'sp'
+    with jax.set_mesh(exported.mesh):
+        theirs = np.asarray(nnx.merge(exported.graphdef, exported.params)(tokens))
+    np.testing.assert_allclose(theirs, ours, rtol=2e-5, atol=2e-5)
+
+
+def test_a_tied_mup_model_does_not_export(tmp_path):
+    config = mup_config(width=48, base_width=12)
+    config.model.tie_embeddings = True
+    cfg = train.model_config(config)
+    from trainer.errors import ConfigError
+    from trainer.hf import folder
+
+    with pytest.raises(ConfigError, match='ties its embeddings'):
+        folder.fold_mup({}, cfg)
+
+
+def test_the_best_rate_is_refined_between_grid_points_and_plotted(tmp_path):
+    from trainer.scaling import lr_transfer
+
+    rates = [1e-3, 3e-3, 1e-2, 3e-2]
+    losses = [(np.log(r) - np.log(5e-3)) ** 2 + 2.0 for r in rates]  # a parabola in log rate, least at 5e-3
+    assert lr_transfer.best_rate(rates, losses) == pytest.approx(5e-3, rel=1e-6)
+    assert lr_transfer.best_rate(rates, losses[::-1]) == pytest.approx(1e-3 * 3e-2 / 5e-3, rel=1e-6)
+    assert lr_transfer.best_rate(rates, [1.0, 2.0, 3.0, 4.0]) == 1e-3  # at the edge: the edge
+    table = {
+        'sp': {32: {'lrs': rates, 'losses': losses, 'best_lr': 5e-3}},
+        'mup': {32: {'lrs': rates, 'losses': losses, 'best_lr': 5e-3}},
+    }
+    lr_transfer.plot(table, str(tmp_path / 'lr.png'))
+    assert (tmp_path / 'lr.png').stat().st_size > 10_000
