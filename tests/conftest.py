@@ -5,6 +5,8 @@ import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
@@ -79,6 +81,17 @@ def mesh_for(config: config_dict.ConfigDict) -> jax.sharding.Mesh:
     """The config's mesh over as many of the 8 devices as its axis sizes multiply to."""
     sizes = {axis: config.mesh[axis] for axis in mesh_lib.MESH_AXES}
     return mesh_lib.make_mesh(sizes, jax.devices()[: int(np.prod(list(sizes.values())))])
+
+
+def run_trainer_in(workdir: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m trainer --workdir workdir args...` from the repository root, its output captured."""
+    return subprocess.run(
+        [sys.executable, '-m', 'trainer', '--workdir', str(workdir), *args],
+        cwd=pathlib.Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def read_metrics(workdir: pathlib.Path) -> list[dict]:

@@ -4,13 +4,11 @@ import json
 import logging
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import losses_by_step, mesh_for, read_metrics, tiny_config
+from conftest import losses_by_step, mesh_for, read_metrics, run_trainer_in, tiny_config
 from flax import nnx
 
 from trainer import lora, param_roles, steps, train
@@ -354,16 +352,6 @@ def test_a_head_and_data_format_that_disagree_are_one_line(tmp_path):
         train.config_checks.validate(config, 8)
 
 
-def run_trainer(workdir: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, '-m', 'trainer', '--workdir', str(workdir), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 def test_instruction_tuning_a_hugging_face_model_resumes_bit_exactly(tmp_path):
     chats = [
         {'messages': [{'role': 'user', 'content': f'Say {w}'}, {'role': 'assistant', 'content': f'{w} {w}'}]}
@@ -386,14 +374,14 @@ def test_instruction_tuning_a_hugging_face_model_resumes_bit_exactly(tmp_path):
         '--config.lora.rank=4',
         '--config.lora.base_dtype=float32',
     ]
-    first = run_trainer(tmp_path / 'run', *args)
+    first = run_trainer_in(tmp_path / 'run', *args)
     assert first.returncode == 0, first.stderr[-3000:]
     assert 'initialized anew: 8 LoRA adapter arrays' in first.stdout  # q, k, v, o: a and b each
     assert 'train: 24 examples' in first.stdout
     uninterrupted = losses_by_step(tmp_path / 'run')
     assert uninterrupted[8] < uninterrupted[1]
     shutil.rmtree(tmp_path / 'run' / 'checkpoints' / '8')  # as if killed after the step-4 save
-    again = run_trainer(tmp_path / 'run', *args)
+    again = run_trainer_in(tmp_path / 'run', *args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert 'resumed from step 4' in again.stdout
     resumed = losses_by_step(tmp_path / 'run')

@@ -4,13 +4,12 @@ scripts/make_hf_fixtures.py; read here with safetensors alone)."""
 import json
 import pathlib
 import shutil
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import mesh_for, read_metrics
+from conftest import mesh_for, read_metrics, run_trainer_in
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
@@ -150,12 +149,12 @@ def test_bad_folders_are_named_in_one_line(tmp_path):
 
 
 def test_a_run_whose_model_differs_from_the_folder_names_the_field(tmp_path):
-    result = run_trainer(
+    result = run_trainer_in(
+        tmp_path,
         '--config=configs/small_lm.py',
         f'--config.checkpoint.restore_from={FIXTURES / "llama_gqa"}',
         f'--config.data.tokenizer={FIXTURES / "llama_gqa"}',
         '--config.model.vocab_size=99',
-        workdir=tmp_path,
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
@@ -165,7 +164,8 @@ def test_a_run_whose_model_differs_from_the_folder_names_the_field(tmp_path):
 
 
 def test_fine_tuning_an_imported_model_lowers_its_loss(tmp_path):
-    result = run_trainer(
+    result = run_trainer_in(
+        tmp_path,
         f'--config=configs/finetune_hf.py:{FIXTURES / "llama_gqa"}',
         '--config.train.steps=30',
         '--config.train.log_every=10',
@@ -174,7 +174,6 @@ def test_fine_tuning_an_imported_model_lowers_its_loss(tmp_path):
         '--config.train.global_batch_size=8',
         '--config.data.seq_len=64',
         '--config.data.eval_files=',
-        workdir=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f'started from {FIXTURES / "llama_gqa"} (Hugging Face weights)' in result.stdout
@@ -187,13 +186,3 @@ def test_a_vocabulary_the_tensor_axis_does_not_divide_asks_for_padding():
     config.model.vocab_multiple = 1  # 301 rows over 2 devices
     with pytest.raises(ConfigError, match='set config.model.vocab_multiple to a multiple of 2'):
         train.build(config, mesh_for(config))
-
-
-def run_trainer(*args: str, workdir: pathlib.Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, '-m', 'trainer', '--workdir', str(workdir), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
