@@ -127,9 +127,9 @@ def check_head(config: config_dict.ConfigDict) -> None:
 
 def check_lora(config: config_dict.ConfigDict) -> None:
     """Adapter rank, scale, dropout, targets and the frozen weights' dtype."""
-    lora = config.get('lora')
-    if not lora or not lora.rank:
-        _require(not lora or lora.rank == 0, f'config.lora.rank={lora and lora.rank} must be 0 (off) or positive.')
+    lora = config.lora
+    _require(lora.rank >= 0, f'config.lora.rank={lora.rank} must be 0 (off) or positive.')
+    if not lora.rank:
         return
     _require(lora.alpha > 0, f'config.lora.alpha={lora.alpha} must be positive.')
     _require(0.0 <= lora.dropout < 1.0, f'config.lora.dropout={lora.dropout} must be in [0, 1).')

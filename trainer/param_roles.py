@@ -44,7 +44,7 @@ def mup_roles(model: config_dict.ConfigDict) -> list[tuple[str, Role]]:
     readout keeps its init and learning rate (its output is multiplied by 1/m in the model), or starts at
     zero with mup_zero_readout. Weight decay stays coupled to the learning rate, as AdamW's is.
     """
-    if model.get('parametrization', 'sp') != 'mup':
+    if model.parametrization != 'mup':
         return []
     m = model.d_model / (model.base_width or model.d_model)
     readout = Role(init_multiplier=0.0) if model.mup_zero_readout else Role()
@@ -69,8 +69,7 @@ def table(config: config_dict.ConfigDict) -> list[tuple[str, Role]]:
         if any(value < 0 for value in multipliers):
             raise ConfigError(f'{field}={entry!r}: the multipliers must not be negative.')
         rules.append((pattern, Role(bool(trainable), *map(float, multipliers))))
-    lora = config.get('lora')
-    if lora and lora.rank:
+    if config.lora.rank:
         rules += [(ADAPTER_PATTERN, Role()), ('', FROZEN)]
     rules += mup_roles(config.model)
     rules.append((r'(^|/)(scale|bias|biases)(/|$)|^classifier_bias', NO_DECAY))  # norms and biases
