@@ -7,6 +7,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from trainer import config_checks
+from trainer.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p for p in (REPO / 'configs').glob('*.py') if p.name != '__init__.py')
@@ -26,4 +27,11 @@ def test_config_loads_overrides_and_validates(path):
     flag_values(argv)
     config = flag_values.config
     assert config.train.steps == 70
+    base_run = config.checkpoint.restore_from
+    if base_run.startswith('runs/'):  # a demo that starts from the default run, which a fresh clone has not trained
+        with config.unlocked():
+            config.checkpoint.restore_from = str(REPO / 'no_such_run' / 'checkpoints')
+        with pytest.raises(ConfigError, match='is not a folder: train that run first'):
+            config_checks.validate(config, num_devices=8)
+        config.checkpoint.restore_from = ''
     config_checks.validate(config, num_devices=8)

@@ -214,8 +214,9 @@ def check_checkpoint(ckpt: config_dict.ConfigDict) -> None:
         _require(ckpt[name] >= 0, f'config.checkpoint.{name}={ckpt[name]} must be 0 (off) or positive.')
     _require(
         not ckpt.restore_from or os.path.isdir(ckpt.restore_from),
-        f'config.checkpoint.restore_from={ckpt.restore_from!r} is not a folder: give a checkpoint such as '
-        'runs/NAME/checkpoints/600, or runs/NAME/checkpoints for its newest.',
+        f'config.checkpoint.restore_from={ckpt.restore_from!r} is not a folder: train that run first, or give a '
+        'checkpoint such as runs/NAME/checkpoints/600, runs/NAME/checkpoints for its newest, or a Hugging Face '
+        'model folder.',
     )
 
 
