@@ -49,6 +49,9 @@ def get_config() -> config_dict.ConfigDict:
     model.norm_eps = 1e-5  # epsilon inside RMSNorm/LayerNorm
     model.init_std = 0.02  # std of normal weight init; output projections get std / sqrt(2 * num_layers)
     model.attention_impl = 'xla'  # 'xla' (any backend) or 'cudnn' (NVIDIA GPU flash attention)
+    # The loss reads the logits this many vocabulary ids at a time, never the whole float32 (batch, seq, vocab)
+    # array (big vocabularies); 0 = all at once (fastest where the logits fit).
+    model.loss_vocab_chunk = 0
     model.head = 'lm'  # 'lm' (next-token logits) or 'classify' (a label per sequence; data.format='classify')
     model.num_classes = 0  # head='classify': how many labels
     model.pool = 'last'  # head='classify': classify from the 'last' token's state or the 'mean' over the text

@@ -98,6 +98,7 @@ class ModelConfig:
     base_width: int = 0  # muP: the d_model where muP equals SP (0 = d_model)
     base_head_dim: int = 0  # muP: the head_dim where attention scales as in SP (0 = head_dim)
     mup_zero_readout: bool = False  # muP: start the output layer at 0 (its multiplier is kept)
+    loss_vocab_chunk: int = 0  # the trainer's loss reads the logits this many vocabulary ids at a time; 0 = all
     sharding_rules: Rules = ()
 
     def __post_init__(self):
@@ -487,7 +488,23 @@ class Decoder(nnx.Module):
             logits_BTV /= cfg.width_multiplier
         return logits_BTV
 
-    def _run(self, tokens_BT, positions_BT, segment_ids_BT, dropout_rng, cache):
+    def states(
+        self,
+        tokens_BT: jax.Array,
+        positions_BT: jax.Array | None = None,
+        segment_ids_BT: jax.Array | None = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """The last layer's states, before the final norm and the output layer (for a loss over vocabulary blocks)."""
+        return self._run(tokens_BT, positions_BT, segment_ids_BT, dropout_rng, None, head=False)[0]
+
+    def output_matrix(self) -> jax.Array:
+        """The language-model head as a (D, V) matrix in the compute dtype (the embedding's transpose when tied)."""
+        if self.unembedding_DV is None:
+            return self.embedding_VD[...].astype(self.cfg.dtype).T
+        return self.unembedding_DV[...].astype(self.cfg.dtype)
+
+    def _run(self, tokens_BT, positions_BT, segment_ids_BT, dropout_rng, cache, head=True):
         cfg = self.cfg
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
@@ -525,6 +542,8 @@ class Decoder(nnx.Module):
                 per_layer.append(kv)
             new_kv = None if cache is None else jax.tree.map(lambda *layers: jnp.stack(layers), *per_layer)
 
+        if not head:
+            return x_BTD, None
         logits_BTV = self.logits(x_BTD)
         if cfg.head != 'lm':
             return logits_BTV, None

@@ -135,3 +135,29 @@ def test_weight_decay_leaves_norm_scales_alone():
     assert np.all(np.asarray(updates['blocks']['mlp_norm']['scale']) == 0)
     assert np.all(np.asarray(updates['embedding_VD']) == 0)
     assert np.all(np.asarray(updates['blocks']['mlp']['w_up_DF']) < 0)
+
+
+@pytest.mark.parametrize('chunk', [7, 16, 38])  # blocks that do not divide the vocabulary (38), and one block
+def test_the_vocabulary_chunked_loss_equals_the_plain_one_with_its_gradient(chunk):
+    from flax import nnx
+
+    from trainer import steps
+
+    config = tiny_config('llama', fsdp=4, tensor=2)
+    config.model.vocab_multiple = 8  # 38 ids in 40 rows: the padded rows (and a last block's excess) never count
+    mesh = mesh_for(config)
+    with jax.set_mesh(mesh):
+        setup = train.build(config, mesh)
+        batch = random_batch(setup, config)
+        params = setup.sharded.state.params
+        plain_cfg = setup.model_cfg
+        chunked_cfg = plain_cfg.__class__(**{**plain_cfg.__dict__, 'loss_vocab_chunk': chunk})
+        chunked_graphdef = nnx.graphdef(nnx.merge(setup.sharded.graphdef, params))
+
+        def loss(p, cfg, graphdef):
+            return steps.summed_loss(p, batch, graphdef, cfg, None)[0]
+
+        plain, plain_grads = jax.value_and_grad(loss)(params, plain_cfg, setup.sharded.graphdef)
+        chunked, chunked_grads = jax.value_and_grad(loss)(params, chunked_cfg, chunked_graphdef)
+    np.testing.assert_allclose(float(chunked), float(plain), rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), chunked_grads, plain_grads)

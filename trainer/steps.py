@@ -39,6 +39,42 @@ def counted(batch: Batch, model_cfg: ModelConfig) -> jax.Array:
     return batch['weights'].sum()
 
 
+def chunked_next_token_losses(model: Any, batch: Batch, dropout_rng: jax.Array | None, chunk: int) -> jax.Array:
+    """Per-token cross-entropy read over blocks of `chunk` vocabulary ids, never the whole (B, T, V) logits.
+
+    An online log-sum-exp runs over the blocks in a scan whose body is rematerialized, so the backward
+    pass recomputes each block's logits instead of keeping them: memory O(B x T x chunk), not x V.
+    (optax's softmax_cross_entropy needs the whole logits; this is the blockwise form of the same sum.)
+    """
+    cfg = model.cfg
+    x_BTD = model.final_norm(model.states(batch['inputs'], batch['positions'], batch['segment_ids'], dropout_rng))
+    w_DV = model.output_matrix()
+    blocks = -(-w_DV.shape[1] // chunk)
+    w_DV = jnp.pad(w_DV, ((0, 0), (0, blocks * chunk - w_DV.shape[1])))  # ids past the vocabulary: masked below
+    w_NDC = w_DV.reshape(w_DV.shape[0], blocks, chunk).transpose(1, 0, 2)
+    targets_BT = batch['targets']
+
+    @jax.checkpoint
+    def block(carry, inputs):
+        running_max_BT, sum_exp_BT, target_logit_BT = carry
+        w_DC, start = inputs
+        logits_BTC = jnp.einsum('btd,dc->btc', x_BTD, w_DC).astype(jnp.float32) / cfg.width_multiplier
+        ids_C = start + jnp.arange(chunk)
+        logits_BTC = jnp.where(ids_C < cfg.vocab_size, logits_BTC, -jnp.inf)
+        new_max_BT = jnp.maximum(running_max_BT, logits_BTC.max(-1))
+        sum_exp_BT = sum_exp_BT * jnp.exp(running_max_BT - new_max_BT) + jnp.exp(
+            logits_BTC - new_max_BT[..., None]
+        ).sum(-1)
+        inside_BT = (targets_BT >= start) & (targets_BT < start + chunk)
+        picked_BT = jnp.take_along_axis(logits_BTC, jnp.clip(targets_BT - start, 0, chunk - 1)[..., None], -1)[..., 0]
+        return (new_max_BT, sum_exp_BT, target_logit_BT + jnp.where(inside_BT, picked_BT, 0.0)), None
+
+    zeros = jnp.zeros(targets_BT.shape, jnp.float32)
+    init = (jnp.full(targets_BT.shape, -jnp.inf), zeros, zeros)
+    (max_BT, sum_exp_BT, target_BT), _ = jax.lax.scan(block, init, (w_NDC, jnp.arange(blocks) * chunk))
+    return max_BT + jnp.log(sum_exp_BT) - target_BT
+
+
 def summed_loss(
     params: Any, batch: Batch, graphdef: nnx.GraphDef, model_cfg: ModelConfig, dropout_rng: jax.Array | None
 ) -> tuple[jax.Array, jax.Array]:
@@ -47,6 +83,9 @@ def summed_loss(
     Packed documents do not attend to each other. A classifier's label is each row's first target.
     """
     model = nnx.merge(graphdef, params)
+    if model_cfg.head == 'lm' and model_cfg.loss_vocab_chunk:
+        losses_BT = chunked_next_token_losses(model, batch, dropout_rng, model_cfg.loss_vocab_chunk)
+        return (losses_BT * batch['weights']).sum(), jnp.zeros((), jnp.float32)
     logits = model(batch['inputs'], batch['positions'], batch['segment_ids'], dropout_rng=dropout_rng)
     if model_cfg.head == 'classify':
         logits_BC = pooled_logits(logits, batch['weights'], model_cfg.pool)
