@@ -33,7 +33,8 @@ def get_config() -> config_dict.ConfigDict:
     model.max_seq_len = 256  # longest sequence the model accepts (size of gpt2's position table)
     model.dtype = 'bfloat16'  # compute dtype: activations and matmul inputs ('float32' for exact comparisons)
     model.param_dtype = 'float32'  # storage dtype of parameters and optimizer state
-    model.remat = 'none'  # recompute in backward: 'none', 'full', 'dots', 'dots_no_batch'
+    # recompute in backward: 'none', 'full', 'dots', 'dots_no_batch', 'attention_mlp_outputs', 'attention_outputs'
+    model.remat = 'none'
     model.scan_layers = True  # run layers with lax.scan (fast compile) or an unrolled loop
     model.dropout = 0.0  # residual and embedding dropout rate during training
     model.tie_embeddings = False  # share the input embedding with the output projection

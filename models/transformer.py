@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen, nnx, struct
+from jax.ad_checkpoint import checkpoint_name
 
 FAMILIES = ('llama', 'gpt2')
 PARAMETRIZATIONS = ('sp', 'mup')  # standard, or maximal update (Yang et al. 2022, Tensor Programs V)
@@ -48,6 +49,9 @@ REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     'full': jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer
     'dots': jax.checkpoint_policies.dots_saveable,  # keep matmul outputs
     'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
+    # keep each block's attention and MLP outputs (named below), recompute what is inside them
+    'attention_mlp_outputs': jax.checkpoint_policies.save_only_these_names('attention_out', 'mlp_out'),
+    'attention_outputs': jax.checkpoint_policies.save_only_these_names('attention_out'),  # keep attention's only
 }
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
@@ -405,8 +409,9 @@ class Block(nnx.Module):
         lora_rng = jax.random.fold_in(dropout_rng, 1) if dropout_rng is not None and self.cfg.lora_dropout else None
         normed_BTD = self.attention_norm(x_BTD)
         attended_BTD, keys = self.attention(normed_BTD, positions_BT, segment_ids_BT, keys, lora_rng)
-        x_BTD += _dropout(attended_BTD, self.cfg.dropout, rngs[0])
-        x_BTD += _dropout(self.mlp(self.mlp_norm(x_BTD), lora_rng), self.cfg.dropout, rngs[1])
+        x_BTD += _dropout(checkpoint_name(attended_BTD, 'attention_out'), self.cfg.dropout, rngs[0])
+        mlp_BTD = checkpoint_name(self.mlp(self.mlp_norm(x_BTD), lora_rng), 'mlp_out')
+        x_BTD += _dropout(mlp_BTD, self.cfg.dropout, rngs[1])
         x_BTD = constrain(x_BTD, ('activation_batch', 'activation_length', 'activation_embed'), self.cfg.sharding_rules)
         return x_BTD, keys
 

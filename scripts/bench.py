@@ -63,7 +63,8 @@ def variant(base: config_dict.ConfigDict, spec: str) -> tuple[str, config_dict.C
 def framework_speed(config: config_dict.ConfigDict, steps: int) -> float:
     """tokens/s of trainer.train over `steps` steps after the compiling one (its own metrics)."""
     config = config.copy_and_resolve_references()
-    config.train.update(steps=steps + 1, log_every=steps + 1, eval_every=0, warmup_steps=min(config.train.warmup_steps, steps))
+    warmup = min(config.train.warmup_steps, steps)
+    config.train.update(steps=steps + 1, log_every=steps + 1, eval_every=0, warmup_steps=warmup)
     config.data.eval_files = ''
     config.checkpoint.update(every_steps=0, every_minutes=0.0, restore_from='')
     with tempfile.TemporaryDirectory() as workdir:
@@ -147,13 +148,17 @@ def main(argv: list[str]) -> int:
         cli.fail(str(error))
     if not _JSON.value:
         first = results[0]['tokens_per_s']
-        print(f'{results[0]["devices"]} x {results[0]["device_kind"]}, jax {results[0]["jax"]}, {_STEPS.value} steps each')
-        print(f'{"":>12} {"compile":>8} {"tok/s":>9} {"/device":>9} {"bare tok/s":>10} {"overhead":>8} {"MFU":>6} '
-              f'{"MFU*":>6} {"memory":>9} {"ratio":>6}')
+        head = results[0]
+        print(f'{head["devices"]} x {head["device_kind"]}, jax {head["jax"]}, {_STEPS.value} steps each')
+        print(
+            f'{"":>12} {"compile":>8} {"tok/s":>9} {"/device":>9} {"bare tok/s":>10} {"overhead":>8} {"MFU":>6} '
+            f'{"MFU*":>6} {"memory":>9} {"ratio":>6}'
+        )
         for r in results:
             mfu = f'{r["mfu"]:.1%}' if r['mfu'] is not None else '-'
             print(
-                f'{r["name"]:>12} {r["compile_s"]:>7.1f}s {r["tokens_per_s"]:>9.0f} {r["tokens_per_s_per_device"]:>9.0f} '
+                f'{r["name"]:>12} {r["compile_s"]:>7.1f}s {r["tokens_per_s"]:>9.0f} '
+                f'{r["tokens_per_s_per_device"]:>9.0f} '
                 f'{r["bare_tokens_per_s"]:>10.0f} {r["overhead"]:>8.1%} {mfu:>6} {r["mfu_vs_measured_matmul"]:>6.1%} '
                 f'{r["memory_bytes"] / 2**20:>7.0f}MB {r["tokens_per_s"] / first:>6.2f}'
             )

@@ -96,7 +96,8 @@ def check_model(model: config_dict.ConfigDict) -> None:
     _require(0.0 <= model.dropout < 1.0, f'config.model.dropout={model.dropout} must be in [0, 1).')
     _one_of(model.parametrization, PARAMETRIZATIONS, 'config.model.parametrization')
     _require(
-        model.loss_vocab_chunk >= 0, f'config.model.loss_vocab_chunk={model.loss_vocab_chunk} must be 0 (off) or positive.'
+        model.loss_vocab_chunk >= 0,
+        f'config.model.loss_vocab_chunk={model.loss_vocab_chunk} must be 0 (off) or positive.',
     )
     for name in ('base_width', 'base_head_dim'):
         _require(model[name] >= 0, f"config.model.{name}={model[name]} must be 0 (the model's own) or positive.")
