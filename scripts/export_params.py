@@ -32,8 +32,7 @@ def export(checkpoint: str, output: pathlib.Path, dtype: str) -> pathlib.Path:
     folder = checkpoints.find_checkpoint(checkpoint, '--checkpoint')
     config, params = checkpoints.read_params(folder)  # whole, on the host: whatever mesh trained it
     params, _ = lora.merge(jax.tree.map(np.asarray, params), train.model_config(config))
-    if config.get('lora'):  # runs saved before LoRA existed have no such section
-        config.lora.rank = 0  # merged: a plain model
+    config.lora.rank = 0  # merged: a plain model
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(dtype)), params)
     output.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as saver:

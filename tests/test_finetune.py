@@ -11,7 +11,7 @@ import pytest
 from conftest import losses_by_step, mesh_for, read_metrics, run_trainer_in, tiny_config
 from flax import nnx
 
-from trainer import lora, param_roles, steps, train
+from trainer import checkpoints, loading, lora, param_roles, steps, train
 from trainer.data import examples, pipeline, tokenizers
 from trainer.errors import ConfigError
 
@@ -387,3 +387,17 @@ def test_instruction_tuning_a_hugging_face_model_resumes_bit_exactly(tmp_path):
     resumed = losses_by_step(tmp_path / 'run')
     assert [resumed[s] for s in range(5, 9)] == [uninterrupted[s] for s in range(5, 9)]
     assert any(line.get('eval_loss', 0) > 0 for line in read_metrics(tmp_path / 'run'))
+
+
+def test_a_run_saved_before_lora_and_mup_existed_still_loads(tmp_path):
+    config = tiny_config('llama')
+    config.mesh.fsdp = 1
+    mesh = mesh_for(config)
+    with jax.set_mesh(mesh):
+        params = train.build(config, mesh).sharded.state.params
+        saved = json.loads(config.to_json_best_effort())
+        del saved['lora'], saved['model']['parametrization'], saved['model']['head']  # as an older run wrote it
+        checkpoints.save_params(tmp_path / 'ckpt', params, json.dumps(saved))
+    loaded = loading.load(str(tmp_path / 'ckpt'))
+    assert loaded.model_cfg.lora_rank == 0 and loaded.model_cfg.parametrization == 'sp'
+    assert loaded.config.lora.rank == 0 and loaded.config.model.d_model == config.model.d_model

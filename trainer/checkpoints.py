@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from ml_collections import config_dict
 
-from trainer import param_roles
+from trainer import param_roles, saved_config
 from trainer.data.pipeline import GlobalBatches
 from trainer.errors import ConfigError
 from trainer.state import ShardedState, TrainState
@@ -314,7 +314,7 @@ def read_params(folder: pathlib.Path) -> tuple[config_dict.ConfigDict, Any]:
         manager.close()
     host = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host), metadata)
-    return config_dict.ConfigDict(json.loads(saved['config'])), restore_params(folder, abstract)
+    return saved_config.parse(saved['config']), restore_params(folder, abstract)
 
 
 def _keep_paths(tree: Any, keep: Any) -> Any:

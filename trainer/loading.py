@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Any
 
@@ -13,7 +12,7 @@ from flax import nnx
 from ml_collections import config_dict
 
 from models.transformer import ModelConfig
-from trainer import checkpoints, train
+from trainer import checkpoints, saved_config, train
 from trainer import mesh as mesh_lib
 from trainer import state as state_lib
 from trainer.data import tokenizers
@@ -60,7 +59,7 @@ def _config_of(path: str) -> tuple[config_dict.ConfigDict, pathlib.Path | None]:
         saved = manager.restore(int(checkpoint.name), args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     finally:
         manager.close()
-    return config_dict.ConfigDict(json.loads(saved['config']['config'])), checkpoint
+    return saved_config.parse(saved['config']['config']), checkpoint
 
 
 def load(path: str, mesh_sizes: dict[str, int] | None = None, dtype: str | None = None) -> LoadedModel:

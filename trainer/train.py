@@ -45,9 +45,9 @@ class TrainResult:
 
 def model_config(config: config_dict.ConfigDict) -> ModelConfig:
     """The model's frozen config: `config.model`, `config.lora` and the mesh rules for its activations."""
-    lora = config.get('lora') or {}  # runs saved before LoRA existed have no such section
+    lora = config.lora
     adapters = {}
-    if lora and lora.rank:
+    if lora.rank:
         adapters = {
             'lora_rank': lora.rank,
             'lora_alpha': lora.alpha,

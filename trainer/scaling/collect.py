@@ -7,8 +7,7 @@ import json
 import pathlib
 from typing import Any
 
-from ml_collections import config_dict
-
+from trainer import saved_config
 from trainer.scaling import counts
 from trainer.train import model_config
 
@@ -76,7 +75,7 @@ def rows(sweep: pathlib.Path, per_eval: bool = False) -> list[dict[str, Any]]:
         if not config_file.exists():
             table.append(common | {'params': point['params']})
             continue
-        config = config_dict.ConfigDict(json.loads(config_file.read_text()))
+        config = saved_config.parse(config_file.read_text())
         found = counts.count(model_config(config), config.data.seq_len)
         tokens_per_step = config.train.global_batch_size * config.data.seq_len
 
