@@ -317,11 +317,6 @@ def read_params(folder: pathlib.Path) -> tuple[config_dict.ConfigDict, Any]:
     return saved_config.parse(saved['config']), restore_params(folder, abstract)
 
 
-def _keep_paths(tree: Any, keep: Any) -> Any:
-    """A tree of bools shaped like `tree`: keep(path name) for each leaf."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: keep(param_roles.path_name(path)), tree)
-
-
 class Checkpointer:
     """Saves every N steps and/or minutes into workdir/checkpoints/<step>, keeping the newest few.
 
@@ -452,9 +447,7 @@ class Checkpointer:
             if params_only:
                 saved = set(_leaf_shapes(other.item_metadata(step)['state']['params']))
                 fresh = new_in_fine_tuning(saved, set(_leaf_shapes(target.abstract.params)))
-                abstract = param_roles.select(
-                    target.abstract.params, _keep_paths(target.abstract.params, lambda name: name not in fresh)
-                )
+                abstract = param_roles.select_paths(target.abstract.params, lambda name: name not in fresh)
                 fresh_params = sorted(name for name in fresh if name in _leaf_shapes(target.abstract.params))
                 return target.start_from(restore_params(folder, abstract)), str(folder), fresh_params
             restored = other.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target.abstract)))

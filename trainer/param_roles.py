@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -106,6 +107,11 @@ def select(tree: Any, keep: Any) -> dict[str, Any]:
         elif keep[key]:
             out[key] = value
     return out
+
+
+def select_paths(tree: dict[str, Any], keep: Callable[[str], bool]) -> dict[str, Any]:
+    """The nested dict `tree` with only the leaves whose path name ('blocks/mlp/w_up_DF') `keep` accepts."""
+    return select(tree, jax.tree_util.tree_map_with_path(lambda path, _: keep(path_name(path)), tree))
 
 
 def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from trainer import (
 )
 from trainer import mesh as mesh_lib
 from trainer import state as state_lib
-from trainer.data import examples, pipeline, sources, tokenizers
+from trainer.data import examples, pipeline, tokenizers
 from trainer.errors import ConfigError, StoppedBySignal, TrainingDivergedError
 from trainer.hf import config as hf_config
 from trainer.hf import tensors as hf_tensors
@@ -234,12 +234,12 @@ def _fine_tuning_lines(config: config_dict.ConfigDict, setup: Setup, tokenizer: 
         lines.append(f'trainable: {trainable:,} of {total:,} parameters ({trainable / total:.2%})')
     if config.data.format in examples.FORMATS:
         row = config.data.seq_len + (config.data.format == 'sft')
-        for field, files in (('train', config.data.train_files), ('eval', config.data.eval_files)):
-            if files:
-                name = f'config.data.{field}_files'
-                paths = tuple(sources.resolve_files(files, name))
-                found = examples.read(paths, config.data, tokenizer, config.model.num_classes, name)
-                lines.append(found.summary(field, row))
+        srcs = [('train', pipeline.train_sources(config.data)[0])]
+        srcs += [('eval', pipeline.eval_source(config.data))] if config.data.eval_files else []
+        for field, src in srcs:  # already read (and cached) by the config checks and the streams
+            name = f'config.data.{field}_files'
+            found = examples.read(src.files, config.data, tokenizer, config.model.num_classes, name)
+            lines.append(found.summary(field, row))
     return lines
 
 

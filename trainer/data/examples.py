@@ -145,8 +145,9 @@ def _lines(path: str):
 
 
 # Examples already read, by (files, data config, tokenizer, row length, classes): the config checks, the
-# train stream and the announcement read the same files once.
+# streams and the announcement read a run's train and eval files once each.
 _READ: dict[tuple, Examples] = {}
+_KEPT = 4  # file sets held at once: a run's train and eval files, with room to spare
 
 
 def _read_files(
@@ -195,7 +196,8 @@ def read(
     row_tokens = data_cfg.seq_len + (1 if data_cfg.format == 'sft' else 0)  # sft rows hold the last target too
     key = (tuple(files), data_cfg.to_json(), tokenizer.name, row_tokens, num_classes)
     if key not in _READ:
-        _READ.clear()  # one run's files at a time
+        if len(_READ) >= _KEPT:
+            del _READ[next(iter(_READ))]  # the oldest
         _READ[key] = _read_files(tuple(files), data_cfg, tokenizer, row_tokens, num_classes)
     found = _READ[key]
     if not found.examples:

@@ -332,10 +332,12 @@ def eval_batches(config: config_dict.ConfigDict, tokenizer: Tokenizer, sharding:
     Fine-tuning examples are read once, not repeated: fewer batches when they run out, the last padded
     with rows that count nothing, so each example counts once.
     """
-    datasets, num_streams, shape = _stream_batches(config, [eval_source(config.data)], tokenizer, sharding, False)
     if config.data.format not in examples.FORMATS:
+        datasets, num_streams, shape = _stream_batches(config, [eval_source(config.data)], tokenizer, sharding, False)
         batches = GlobalBatches(datasets, num_streams, sharding, shape)
         return [next(batches) for _ in range(config.train.eval_steps)]
+    shape = (config.train.global_batch_size, config.data.seq_len)
+    num_streams, mine = data_streams(config.data.num_streams, sharding, shape)
     rows = shape[0] // num_streams
     once = {
         stream: make_dataset(
@@ -350,7 +352,7 @@ def eval_batches(config: config_dict.ConfigDict, tokenizer: Tokenizer, sharding:
             repeat=False,
             num_classes=config.model.num_classes,
         )
-        for stream in datasets
+        for stream in mine
     }
     per_stream = {stream: list(itertools.islice(dataset, config.train.eval_steps)) for stream, dataset in once.items()}
     count = distributed.every_process([max(len(b) for b in per_stream.values())]).max()  # the same on every process

@@ -22,6 +22,7 @@ import numpy as np
 from safetensors import safe_open
 
 from models.transformer import ModelConfig
+from trainer import param_roles
 from trainer.errors import ConfigError
 
 # Buffers that some checkpoints carry but no model computes with: GPT-2's causal masks, RoPE tables.
@@ -229,7 +230,7 @@ def load(folder: str, cfg: ModelConfig, abstract_params: Any) -> Any:
     table = {path: place for path, place in known.items() if path in shapes}
     unused = {place.name for path, place in known.items() if path not in shapes}
     check(checkpoint, cfg, table, shapes, folder, unused)
-    abstract_params = _only(abstract_params, set(table))
+    abstract_params = param_roles.select_paths(abstract_params, lambda name: name in table)
 
     def load_one(path, leaf: jax.ShapeDtypeStruct) -> jax.Array:
         key = jax.tree_util.keystr(path, simple=True, separator='/')
@@ -276,20 +277,6 @@ def tensors(params: dict[str, np.ndarray], cfg: ModelConfig, dtype: str) -> Iter
             else:
                 out[..., place.columns[0] : place.columns[1]] = view
         yield name, np.ascontiguousarray(out.astype(target))
-
-
-def _only(tree: dict, paths: set[str], prefix: str = '') -> dict:
-    """The nested dict `tree` with only the leaves at `paths` ('blocks/mlp/w_up_DF')."""
-    out = {}
-    for key, value in tree.items():
-        name = f'{prefix}{key}'
-        if isinstance(value, dict):
-            part = _only(value, paths, name + '/')
-            if part:
-                out[key] = part
-        elif name in paths:
-            out[key] = value
-    return out
 
 
 def _lookup(params: dict, path: str) -> Any:
