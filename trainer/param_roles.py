@@ -109,6 +109,11 @@ def select(tree: Any, keep: Any) -> dict[str, Any]:
     return out
 
 
+def leaf_names(tree: Any) -> list[str]:
+    """The path name of every leaf of a params tree, in the tree's order."""
+    return [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 def select_paths(tree: dict[str, Any], keep: Callable[[str], bool]) -> dict[str, Any]:
     """The nested dict `tree` with only the leaves whose path name ('blocks/mlp/w_up_DF') `keep` accepts."""
     return select(tree, jax.tree_util.tree_map_with_path(lambda path, _: keep(path_name(path)), tree))

@@ -60,9 +60,8 @@ class ShardedState:
 
     def missing(self, params: Any) -> list[str]:
         """Paths of the model's parameters that `params` lacks."""
-        given = {param_roles.path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
-        wanted = jax.tree_util.tree_flatten_with_path(self.abstract.params)[0]
-        return [name for name in (param_roles.path_name(path) for path, _ in wanted) if name not in given]
+        given = set(param_roles.leaf_names(params))
+        return [name for name in param_roles.leaf_names(self.abstract.params) if name not in given]
 
 
 def abstract_model(model_cfg: ModelConfig) -> tuple[nnx.GraphDef, dict[str, Any], dict[str, Any]]:
@@ -103,13 +102,6 @@ def param_shardings(shapes: Any, logical: Any, mesh: Mesh, rules) -> Any:
     return jax.tree_util.tree_map_with_path(sharding, shapes, logical, is_leaf=lambda x: isinstance(x, tuple))
 
 
-def _missing_mask(fresh: Any, given: Any) -> Any:
-    """True for the leaves of `fresh` that the nested dict `given` lacks."""
-    if not isinstance(fresh, dict):
-        return given is None
-    return {key: _missing_mask(value, (given or {}).get(key)) for key, value in fresh.items()}
-
-
 def create_train_state(
     model_cfg: ModelConfig,
     tx: optax.GradientTransformation,
@@ -135,8 +127,8 @@ def create_train_state(
         )
 
     def init_around(params: Any) -> TrainState:
-        fresh = fresh_params()
-        params = param_roles.merge(params, param_roles.select(fresh, _missing_mask(fresh, params)))
+        given = set(param_roles.leaf_names(params))
+        params = param_roles.merge(params, param_roles.select_paths(fresh_params(), lambda name: name not in given))
         rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
         opt_state = tx.init(partition.trainable(params))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=rng)
