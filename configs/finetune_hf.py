@@ -18,6 +18,7 @@ def get_config(hf_dir: str | None = None) -> config_dict.ConfigDict:
         raise ValueError('give the model folder after the file name: --config configs/finetune_hf.py:DIR')
     config = small_lm.get_config()
     config.model.update(hf_config.model_fields(hf_config.read(hf_dir), hf_dir))
+    config.model.scan_layers = True  # pre-trained models are deep: compile time independent of depth
     config.model.vocab_multiple = 128  # so that mesh.tensor divides the embedding rows (GPT-2 has 50257)
     config.checkpoint.restore_from = hf_dir  # its weights (a workdir's own checkpoints, once there, come first)
     config.data.tokenizer = hf_dir  # its tokenizer.json, with the BOS/EOS transformers' tokenizer gives

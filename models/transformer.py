@@ -7,7 +7,8 @@ Shape suffixes name every array's axes:
 
 Attention builds every mask from query and key positions and segment ids (`attention_mask`): the same
 code serves training on packed rows, the prefill of a prompt and decoding one token at a time against
-a KVCache, Mistral's sliding window included.
+a KVCache, Mistral's sliding window included. On NVIDIA GPUs, `attention_impl='cudnn'` trains through cuDNN
+flash attention instead, packed documents described by their lengths and offsets (`packed_segments`).
 
 Parameters carry logical axis names only ('embed', 'mlp', 'heads', ...); the trainer maps
 them to mesh axes with rules from the config. Activations are constrained with logical names
@@ -25,6 +26,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen, nnx, struct
+
+# cuDNN flash attention over packed documents: jax.nn.dot_product_attention takes no per-document lengths
+# and offsets, the cuDNN wrapper beneath it does (the path Transformer Engine and MaxText take too).
+from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
 from jax.ad_checkpoint import checkpoint_name
 
 FAMILIES = ('llama', 'gpt2')
@@ -52,6 +57,16 @@ REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     # keep each block's attention and MLP outputs (named below), recompute what is inside them
     'attention_mlp_outputs': jax.checkpoint_policies.save_only_these_names('attention_out', 'mlp_out'),
     'attention_outputs': jax.checkpoint_policies.save_only_these_names('attention_out'),  # keep attention's only
+    # Offloading: what is kept waits in host memory (copied out in the forward pass, back in the backward), which
+    # on a GPU trades device memory for PCIe traffic that overlaps compute. The attention outputs ...
+    'offload_attention_outputs': jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=['attention_out'],
+        offload_src='device',
+        offload_dst='pinned_host',
+    ),
+    # ... or every weight matmul's output ('dots_no_batch' in host memory)
+    'dots_no_batch_offloaded': jax.checkpoint_policies.offload_dot_with_no_batch_dims('device', 'pinned_host'),
 }
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
@@ -88,6 +103,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     attention_impl: str = 'xla'
+    attention_max_segments: int = 0  # 'cudnn': runs of segment ids (documents, padding) per row; 0 = seq_len
     head: str = 'lm'  # 'classify': class logits at every position instead of next-token logits
     num_classes: int = 0  # head='classify'
     pool: str = 'last'  # head='classify': the loss reads the last token's logits or the mean over the text
@@ -228,6 +244,47 @@ def attention_mask(
     return mask_BTS[:, None]
 
 
+def packed_segments(segment_ids_BT: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
+    """Packed rows as cuDNN reads them: each run of equal segment ids' length (B, M) and start (B, M + 1), -1 past
+    the row's last run.
+
+    Padding (segment 0) is a run of its own, so that every token's output is defined. A row with more than
+    `max_segments` runs would see its last one span the rest of the row: the data pipeline refuses such batches.
+    """
+    B, T = segment_ids_BT.shape
+    starts_BT = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+    offsets_BM = jax.vmap(lambda s: jnp.nonzero(s, size=max_segments, fill_value=-1)[0])(starts_BT).astype(jnp.int32)
+    next_BM = jnp.concatenate([offsets_BM[:, 1:], jnp.full((B, 1), -1, jnp.int32)], axis=1)
+    lengths_BM = jnp.where(offsets_BM < 0, -1, jnp.where(next_BM < 0, T, next_BM) - offsets_BM)
+    return lengths_BM, jnp.pad(offsets_BM, ((0, 0), (0, 1)), constant_values=-1)
+
+
+def cudnn_packed_attention(
+    q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, segment_ids_BT: jax.Array, cfg: ModelConfig
+) -> jax.Array:
+    """Causal self-attention within each packed document through cuDNN flash attention: no (T, T) mask is built.
+
+    Causality is by index within a run, which is the positions' order: the pipeline numbers each document's
+    tokens consecutively.
+    """
+    T = q_BTNH.shape[1]
+    # At least 2: with one, cuDNN's wrapper takes the descriptors for an unpacked batch.
+    lengths_BM, offsets_BM1 = packed_segments(segment_ids_BT, max(cfg.attention_max_segments or T, 2))
+    return cudnn_attention.dot_product_attention(
+        q_BTNH,
+        k_BTKH,
+        v_BTKH,
+        q_seqlen=lengths_BM,
+        kv_seqlen=lengths_BM,
+        q_offsets=offsets_BM1,
+        kv_offsets=offsets_BM1,
+        scale=cfg.attention_scale,
+        mask_type=cudnn_attention.MaskType.PADDING_CAUSAL,
+        qkv_layout='BTNH',
+        sliding_window_length=cfg.sliding_window or None,
+    )
+
+
 @struct.dataclass
 class KVCache:
     """Every layer's keys and values of the tokens seen so far, in S fixed slots, so decoding never recompiles."""
@@ -353,15 +410,13 @@ class Attention(nnx.Module):
             keys = keys.replace(k_BSKH=k_BSKH, v_BSKH=v_BSKH)
             k_BSKH = constrain(k_BSKH, heads, cfg.sharding_rules)
             v_BSKH = constrain(v_BSKH, heads, cfg.sharding_rules)
-        mask_B1TS = attention_mask(positions_BT, k_positions_BS, segment_ids_BT, k_segments_BS, cfg.sliding_window)
-        out_BTNH = jax.nn.dot_product_attention(
-            q_BTNH,
-            k_BSKH.astype(dt),
-            v_BSKH.astype(dt),
-            mask=mask_B1TS,
-            scale=cfg.attention_scale,
-            implementation=cfg.attention_impl,
-        )
+        if cfg.attention_impl == 'cudnn' and keys is None:  # training: packed documents, no mask in memory
+            out_BTNH = cudnn_packed_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, cfg)
+        else:  # XLA, and every cached (prefill, decode) attention: the mask from positions and segments
+            mask_B1TS = attention_mask(positions_BT, k_positions_BS, segment_ids_BT, k_segments_BS, cfg.sliding_window)
+            out_BTNH = jax.nn.dot_product_attention(
+                q_BTNH, k_BSKH.astype(dt), v_BSKH.astype(dt), mask=mask_B1TS, scale=cfg.attention_scale
+            )
         out_BTD = dense(out_BTNH, self.wo_NHD[...].astype(dt), 2)
         out_BTD += _adapted(self.lora, 'o', out_BTNH, lora_rng)
         if self.biases is not None and 'o_D' in self.biases:

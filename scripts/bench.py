@@ -7,8 +7,8 @@ Usage:
 For the config and each variant (the config with `key=value,...` overrides), in one process, one after
 another:
 - compile time of the train step (lowered and compiled ahead of time);
-- the framework: `trainer.train` itself for --steps steps (grain pipeline, metrics, the host one step
-  ahead), its steady tokens/s from metrics.jsonl (the first step, compilation, left out);
+- the framework: `trainer.train` itself (grain pipeline, metrics, the host one step ahead), its tokens/s
+  from metrics.jsonl, the best of three logged intervals of --steps steps (compilation left out);
 - the bare loop: the same jitted step on one fixed batch, no pipeline, no metrics fetched, the
   best of three timings of --steps steps; the framework's overhead is 1 - framework / bare;
 - MFU of both against the datasheet peak (or on CPU the measured bf16 matmul peak trainer.flops uses)
@@ -22,6 +22,7 @@ shared machine. --json prints one JSON object per line.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import sys
 import tempfile
@@ -33,7 +34,7 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_dict, config_flags  # noqa: E402
 
-from trainer import cli, flops, train  # noqa: E402
+from trainer import cli, flops, train, xla_flags  # noqa: E402
 from trainer import mesh as mesh_lib  # noqa: E402
 from trainer.data import pipeline, tokenizers  # noqa: E402
 from trainer.errors import ConfigError  # noqa: E402
@@ -61,16 +62,20 @@ def variant(base: config_dict.ConfigDict, spec: str) -> tuple[str, config_dict.C
 
 
 def framework_speed(config: config_dict.ConfigDict, steps: int) -> float:
-    """tokens/s of trainer.train over `steps` steps after the compiling one (its own metrics)."""
+    """tokens/s of trainer.train: the best of three logged intervals of `steps` steps after the compiling one.
+
+    The best of three, as for the bare loop, so that the overhead compares like with like.
+    """
     config = config.copy_and_resolve_references()
     warmup = min(config.train.warmup_steps, steps)
-    config.train.update(steps=steps + 1, log_every=steps + 1, eval_every=0, warmup_steps=warmup)
+    config.train.update(steps=3 * steps + 1, log_every=steps, eval_every=0, warmup_steps=warmup)
     config.data.eval_files = ''
     config.checkpoint.update(every_steps=0, every_minutes=0.0, restore_from='')
     with tempfile.TemporaryDirectory() as workdir:
         train.train(config, pathlib.Path(workdir))
         lines = [json.loads(line) for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
-    return [line for line in lines if line.get('tokens_per_s')][-1]['tokens_per_s']
+    # The first interval holds steps-1 timed steps (the compiling one is left out), the last only one.
+    return max(line['tokens_per_s'] for line in lines[:3] if line.get('tokens_per_s'))
 
 
 def measure(name: str, config: config_dict.ConfigDict, steps: int) -> dict:
@@ -138,6 +143,8 @@ def main(argv: list[str]) -> int:
     cli.start(argv)
     try:
         base = _CONFIG.value
+        if base.train.xla_gpu_flags:  # as python -m trainer sets them, before a backend starts
+            os.environ['XLA_FLAGS'] = xla_flags.with_gpu_flags(os.environ.get('XLA_FLAGS', ''))
         runs = [('config', base)] + [variant(base, spec) for spec in _VARIANTS.value]
         results = []
         for name, config in runs:

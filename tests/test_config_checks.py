@@ -46,6 +46,7 @@ def failure(changes: dict, num_devices: int = 8, **mesh_sizes) -> str:
         ({'train.steps': 0}, 'config.train.steps=0 must be a positive integer'),
         ({'model.dropout': 1.0}, 'config.model.dropout=1.0 must be in [0, 1)'),
         ({'model.attention_impl': 'cudnn'}, "config.model.attention_impl='cudnn' needs an NVIDIA GPU"),
+        ({'model.attention_max_segments': -1}, 'config.model.attention_max_segments=-1 must be 0 (seq_len) or'),
     ],
 )
 def test_bad_values_are_reported_by_field(changes, expected):
@@ -111,3 +112,26 @@ def test_default_config_is_valid_on_one_and_eight_devices():
 
     for devices in (1, 8):
         config_checks.validate(small_lm.get_config(), devices)
+
+
+@pytest.mark.parametrize(
+    'changes, capability, expected',
+    [
+        ({'model.dtype': 'float32'}, '9.0', "computes in bfloat16 or float16, not model.dtype='float32'"),
+        ({'model.head_dim': 12}, '9.0', 'a head dimension that is a multiple of 8 and at most 256, not 12'),
+        ({}, '8.0', 'Hopper (compute capability 9.0) or newer GPUs; this NVIDIA A100 is 8.0'),
+    ],
+)
+def test_what_cudnn_attention_cannot_run_is_refused_on_a_gpu(monkeypatch, changes, capability, expected):
+    """The checks behind the GPU one, with the backend and the device faked."""
+    gpu = type('FakeGpu', (), {'compute_capability': capability, 'device_kind': 'NVIDIA A100'})()
+    monkeypatch.setattr(config_checks.jax, 'default_backend', lambda: 'gpu')
+    monkeypatch.setattr(config_checks.jax, 'devices', lambda *_: [gpu])
+    config = tiny_config('llama')
+    config.model.update(attention_impl='cudnn', dtype='bfloat16', d_model=64, head_dim=16)
+    config.model.update(**{key.split('.')[1]: value for key, value in changes.items()})
+    with pytest.raises(ConfigError, match=expected.replace('(', r'\(').replace(')', r'\)')):
+        config_checks.check_model(config.model)
+    if not changes and capability == '8.0':  # and a Hopper passes
+        gpu.compute_capability = '9.0'
+        config_checks.check_model(config.model)

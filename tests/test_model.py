@@ -71,6 +71,23 @@ def test_remat_gives_the_same_loss_and_gradients_with_less_memory(family, policy
     assert remat.memory_analysis().temp_size_in_bytes < plain.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.parametrize('policy', ['offload_attention_outputs', 'dots_no_batch_offloaded'])
+def test_offloading_policies_put_the_outputs_in_host_memory_on_a_gpu(policy):
+    """Lowered for CUDA (on this CPU, host and device memory are one): the saved outputs go to pinned host memory."""
+    model = tiny_model('llama', remat=policy)
+    graphdef, params = nnx.split(model)
+    data = tokens(shape=(2, 13))
+
+    def loss(params):
+        logits = nnx.merge(graphdef, params)(data[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, data[:, 1:]).mean()
+
+    lowered = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=('cuda',)).as_text()
+    assert 'pinned_host' in lowered
+    graphdef, params = nnx.split(tiny_model('llama', remat='attention_outputs'))  # the same, kept on the device
+    assert 'pinned_host' not in jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=('cuda',)).as_text()
+
+
 @pytest.mark.parametrize('family', FAMILIES)
 def test_scanned_and_unrolled_layers_agree(family):
     data = tokens(shape=(2, 13))

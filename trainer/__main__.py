@@ -15,7 +15,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from trainer import distributed
+from trainer import distributed, xla_flags
 from trainer.errors import ConfigError, StoppedBySignal, TrainingDivergedError
 from trainer.train import train
 
@@ -72,6 +72,7 @@ def main(argv: list[str]) -> int:
     """Joins the job if this process is one of several, trains, and returns the exit code."""
     if not flags.FLAGS['verbosity'].present:  # jax logs its backend probing and joining at INFO
         logging.set_verbosity(logging.WARNING)
+    set_xla_flags()
     try:
         job = distributed.find_job(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, os.environ)
         watch = distributed.join(job, _JOIN_TIMEOUT.value, _PEER_TIMEOUT.value) if job else None
@@ -97,6 +98,16 @@ def main(argv: list[str]) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def set_xla_flags() -> None:
+    """Adds the config's XLA GPU flags to XLA_FLAGS, before anything starts a backend (XLA reads them once)."""
+    try:
+        wanted = _CONFIG.value.train.xla_gpu_flags
+    except (OSError, AttributeError):  # a config that does not load, or lacks the field: `run` tells what is wrong
+        return
+    if wanted:
+        os.environ['XLA_FLAGS'] = xla_flags.with_gpu_flags(os.environ.get('XLA_FLAGS', ''))
 
 
 def run(argv: list[str]) -> int:

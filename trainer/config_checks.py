@@ -102,9 +102,37 @@ def check_model(model: config_dict.ConfigDict) -> None:
     for name in ('base_width', 'base_head_dim'):
         _require(model[name] >= 0, f"config.model.{name}={model[name]} must be 0 (the model's own) or positive.")
     _require(
-        model.attention_impl != 'cudnn' or jax.default_backend() == 'gpu',
+        model.attention_max_segments >= 0,
+        f'config.model.attention_max_segments={model.attention_max_segments} must be 0 (seq_len) or positive.',
+    )
+    if model.attention_impl == 'cudnn':
+        check_cudnn_attention(model)
+
+
+def check_cudnn_attention(model: config_dict.ConfigDict) -> None:
+    """What cuDNN flash attention over packed documents runs on: Hopper or newer, 16-bit, head_dim % 8 == 0."""
+    use_xla = "or set config.model.attention_impl='xla'"
+    _require(
+        jax.default_backend() == 'gpu',
         f"config.model.attention_impl='cudnn' needs an NVIDIA GPU, but the backend is "
         f"{jax.default_backend()!r}: use 'xla'.",
+    )
+    _require(
+        model.dtype in ('bfloat16', 'float16'),
+        f"config.model.attention_impl='cudnn' computes in bfloat16 or float16, not model.dtype={model.dtype!r}: "
+        f'set config.model.dtype=bfloat16 {use_xla}.',
+    )
+    head_dim = model.head_dim or model.d_model // model.num_heads
+    _require(
+        head_dim % 8 == 0 and head_dim <= 256,
+        f"config.model.attention_impl='cudnn' needs a head dimension that is a multiple of 8 and at most 256, "
+        f'not {head_dim}: {use_xla}.',
+    )
+    capability = getattr(jax.devices()[0], 'compute_capability', '0')
+    _require(
+        tuple(int(part) for part in capability.split('.')) >= (9, 0),
+        f"config.model.attention_impl='cudnn' reads packed documents on Hopper (compute capability 9.0) or newer "
+        f'GPUs; this {jax.devices()[0].device_kind} is {capability}: {use_xla}.',
     )
 
 

@@ -246,6 +246,24 @@ def data_streams(num_streams: int, sharding: NamedSharding, global_shape: tuple[
     return streams, range(rows.start // per_stream, rows.stop // per_stream)
 
 
+def max_documents(config: config_dict.ConfigDict) -> int:
+    """How many documents a row may hold: cuDNN attention's bound (config.model.attention_max_segments), else any."""
+    return config.model.attention_max_segments if config.model.attention_impl == 'cudnn' else 0
+
+
+def check_documents(segment_ids: np.ndarray, limit: int) -> None:
+    """Refuses rows holding more than `limit` runs of equal segment ids (documents and padding); 0 = no limit."""
+    if not limit:
+        return
+    most = int((segment_ids[:, 1:] != segment_ids[:, :-1]).sum(1).max(initial=0)) + 1
+    if most > limit:
+        raise ConfigError(
+            f'a batch row holds {most} documents (runs of segment ids, padding included), more than '
+            f'config.model.attention_max_segments={limit}: raise it, or set 0 (seq_len), and run the same command '
+            'to resume from the last checkpoint.'
+        )
+
+
 class GlobalBatches:
     """Iterates global batches on the mesh; each process supplies the rows of its streams. Tracks data waits."""
 
@@ -255,10 +273,12 @@ class GlobalBatches:
         num_streams: int,
         sharding: NamedSharding,
         global_shape: tuple[int, int],
+        max_documents: int = 0,
     ):
         self._iterators = {stream: iter(dataset) for stream, dataset in datasets.items()}
         self.num_streams = num_streams
         self._sharding, self._shape = sharding, global_shape
+        self._max_documents = max_documents  # per row, checked on each batch; 0 = any number
         self.wait_s = 0.0  # seconds spent waiting for the pipeline since the last `take_wait`
 
     def __iter__(self) -> GlobalBatches:
@@ -268,6 +288,8 @@ class GlobalBatches:
         start = time.perf_counter()
         parts = [next(iterator) for iterator in self._iterators.values()]  # in stream order: row order
         self.wait_s += time.perf_counter() - start
+        for part in parts:
+            check_documents(part['segment_ids'], self._max_documents)
         return {
             name: jax.make_array_from_process_local_data(
                 self._sharding, np.concatenate([part[name] for part in parts]), self._shape
@@ -323,7 +345,7 @@ def train_batches(config: config_dict.ConfigDict, tokenizer: Tokenizer, sharding
     """The training stream: shuffled, repeated forever, prefetched."""
     datasets, num_streams, shape = _stream_batches(config, train_sources(config.data), tokenizer, sharding, True)
     prefetched = {stream: prefetch(dataset, config.data) for stream, dataset in datasets.items()}
-    return GlobalBatches(prefetched, num_streams, sharding, shape)
+    return GlobalBatches(prefetched, num_streams, sharding, shape, max_documents(config))
 
 
 def eval_batches(config: config_dict.ConfigDict, tokenizer: Tokenizer, sharding: NamedSharding) -> list[Batch]:
@@ -334,7 +356,7 @@ def eval_batches(config: config_dict.ConfigDict, tokenizer: Tokenizer, sharding:
     """
     if config.data.format not in examples.FORMATS:
         datasets, num_streams, shape = _stream_batches(config, [eval_source(config.data)], tokenizer, sharding, False)
-        batches = GlobalBatches(datasets, num_streams, sharding, shape)
+        batches = GlobalBatches(datasets, num_streams, sharding, shape, max_documents(config))
         return [next(batches) for _ in range(config.train.eval_steps)]
     shape = (config.train.global_batch_size, config.data.seq_len)
     num_streams, mine = data_streams(config.data.num_streams, sharding, shape)
@@ -362,6 +384,7 @@ def eval_batches(config: config_dict.ConfigDict, tokenizer: Tokenizer, sharding:
         for stream_batches in per_stream.values():
             part = stream_batches[i] if i < len(stream_batches) else examples.empty_batch(config.data.seq_len)
             parts.append({k: np.pad(v, [(0, rows - len(v)), (0, 0)]) for k, v in part.items()})
+            check_documents(parts[-1]['segment_ids'], max_documents(config))
         result.append(
             {
                 name: jax.make_array_from_process_local_data(sharding, np.concatenate([p[name] for p in parts]), shape)
