@@ -1,7 +1,7 @@
 """Training speed of a config, and of variants of it side by side: the framework's loop against a bare one.
 
 Usage:
-  python scripts/bench.py --config configs/small_lm.py [--config.x.y=value ...] [--steps 30]
+  python scripts/bench.py --config configs/small_lm.py [--config.x.y=value ...] [--steps 30] [--repeats 3]
       [--variant 'f32:model.dtype=float32' --variant 'remat:model.remat=full'] [--json]
 
 For the config and each variant (the config with `key=value,...` overrides), in one process, one after
@@ -15,6 +15,13 @@ another:
   and against a matmul peak measured here in the compute dtype;
 - memory: the device's peak bytes (GPU `memory_stats`) or the compiled step's memory analysis.
 
+With --pairs N, also the training loop's own per-step work (fresh batches, dispatch, two steps in flight)
+against the bare step, in N alternating back-to-back pairs: the median ratio (the framework's overhead above
+compares two timings taken a minute apart, which a shared machine's drift moves by several percent).
+
+With --repeats N, each config is measured N times (bare loop, then framework, each time) and every figure
+is the median: on a shared machine a slow minute then moves one pair, not the result.
+
 Speeds are ratios measured in one run on one machine: quote them so, never as absolute numbers from a
 shared machine. --json prints one JSON object per line.
 """
@@ -24,9 +31,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import statistics
 import sys
 import tempfile
 import time
+from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -44,6 +53,12 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file, as for
 _STEPS = flags.DEFINE_integer('steps', 30, 'Timed steps per measurement (after one compiling step).')
 _VARIANTS = flags.DEFINE_multi_string('variant', [], "'name:key=value,key=value': the config with these overrides.")
 _JSON = flags.DEFINE_bool('json', False, 'One JSON object per measured config instead of a table.')
+_PAIRS = flags.DEFINE_integer(
+    'pairs', 0, "Also time the loop's per-step work against the bare step in this many alternating pairs (0 = not)."
+)
+_REPEATS = flags.DEFINE_integer(
+    'repeats', 1, 'Measure each config this many times, bare loop and framework in turn; report the medians.'
+)
 
 
 def variant(base: config_dict.ConfigDict, spec: str) -> tuple[str, config_dict.ConfigDict]:
@@ -78,6 +93,43 @@ def framework_speed(config: config_dict.ConfigDict, steps: int) -> float:
     return max(line['tokens_per_s'] for line in lines[:3] if line.get('tokens_per_s'))
 
 
+def paired_loop_overhead(compiled, state, batch, data, steps: int, pairs: int) -> tuple[Any, list[float]]:
+    """The training loop's own per-step work (a fresh batch from the pipeline, dispatch under the transfer guard,
+    at most two steps in flight, as trainer.train does) against the bare step, timed in alternating pairs.
+
+    Back to back and in alternating order, each pair sees the same machine: on a shared, noisy one the
+    median of the pairs' ratios measures what the loop costs where two separate timings cannot.
+    """
+
+    def bare(state):
+        for _ in range(steps):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        return state
+
+    def loop(state):
+        previous = None
+        for _ in range(steps):
+            fresh = next(data)
+            with jax.transfer_guard('disallow'):
+                state, metrics = compiled(state, fresh)
+            if previous is not None:
+                jax.block_until_ready(previous)
+            previous = metrics
+        jax.block_until_ready(metrics)
+        return state
+
+    overheads = []
+    for pair in range(pairs):
+        seconds = {}
+        for name, run in (('bare', bare), ('loop', loop))[:: 1 if pair % 2 == 0 else -1]:
+            start = time.perf_counter()
+            state = run(state)
+            seconds[name] = time.perf_counter() - start
+        overheads.append(seconds['loop'] / seconds['bare'] - 1)
+    return state, overheads
+
+
 def measure(name: str, config: config_dict.ConfigDict, steps: int) -> dict:
     """Every figure of one config."""
     train.config_checks.validate(config, jax.device_count())
@@ -88,7 +140,6 @@ def measure(name: str, config: config_dict.ConfigDict, steps: int) -> dict:
         setup = train.build(config, mesh, tokenizer)
         data = pipeline.train_batches(config, tokenizer, setup.batch_sharding)
         batch = next(data)
-        data.close()
         start = time.perf_counter()
         compiled = setup.compiled.train.lower(setup.sharded.abstract, batch).compile()
         compile_s = time.perf_counter() - start
@@ -102,6 +153,8 @@ def measure(name: str, config: config_dict.ConfigDict, steps: int) -> dict:
                 state, metrics = compiled(state, batch)
             jax.block_until_ready(metrics)
             best = min(best, time.perf_counter() - start)
+        state, loop_overheads = paired_loop_overhead(compiled, state, batch, data, steps, _PAIRS.value)
+        data.close()
         device = jax.devices()[0]
         stats = device.memory_stats() if jax.default_backend() == 'gpu' else None
         if stats and 'peak_bytes_in_use' in stats:
@@ -128,6 +181,8 @@ def measure(name: str, config: config_dict.ConfigDict, steps: int) -> dict:
         'tokens_per_s': framework,
         'tokens_per_s_per_device': framework / devices,
         'overhead': 1 - framework / bare,
+        'loop_overhead_pairs': loop_overheads,
+        'loop_overhead': statistics.median(loop_overheads) if loop_overheads else None,
         'flops_per_token': per_token,
         'mfu': per_token * framework / (peak * devices) if peak else None,
         'peak_flops': peak,
@@ -139,6 +194,21 @@ def measure(name: str, config: config_dict.ConfigDict, steps: int) -> dict:
     }
 
 
+def median_of(repeats: list[dict]) -> dict:
+    """One result whose every figure is the median over the repeats (each pair of bare loop and framework was
+    measured back to back, so the median overhead is that of a pair, not of two medians)."""
+    merged = dict(repeats[0])
+    for key, value in merged.items():
+        if isinstance(value, float):
+            merged[key] = float(statistics.median(r[key] for r in repeats))
+    merged['repeats'] = len(repeats)
+    merged['overheads'] = [r['overhead'] for r in repeats]
+    merged['loop_overhead_pairs'] = [ratio for r in repeats for ratio in r['loop_overhead_pairs']]
+    if merged['loop_overhead_pairs']:
+        merged['loop_overhead'] = statistics.median(merged['loop_overhead_pairs'])
+    return merged
+
+
 def main(argv: list[str]) -> int:
     cli.start(argv)
     try:
@@ -148,7 +218,7 @@ def main(argv: list[str]) -> int:
         runs = [('config', base)] + [variant(base, spec) for spec in _VARIANTS.value]
         results = []
         for name, config in runs:
-            results.append(measure(name, config, _STEPS.value))
+            results.append(median_of([measure(name, config, _STEPS.value) for _ in range(_REPEATS.value)]))
             if _JSON.value:
                 print(json.dumps(results[-1]), flush=True)
     except ConfigError as error:
@@ -156,7 +226,10 @@ def main(argv: list[str]) -> int:
     if not _JSON.value:
         first = results[0]['tokens_per_s']
         head = results[0]
-        print(f'{head["devices"]} x {head["device_kind"]}, jax {head["jax"]}, {_STEPS.value} steps each')
+        print(
+            f'{head["devices"]} x {head["device_kind"]}, jax {head["jax"]}, {_STEPS.value} steps each, '
+            f'median of {_REPEATS.value} measurement(s)'
+        )
         print(
             f'{"":>12} {"compile":>8} {"tok/s":>9} {"/device":>9} {"bare tok/s":>10} {"overhead":>8} {"MFU":>6} '
             f'{"MFU*":>6} {"memory":>9} {"ratio":>6}'
@@ -170,6 +243,12 @@ def main(argv: list[str]) -> int:
                 f'{r["memory_bytes"] / 2**20:>7.0f}MB {r["tokens_per_s"] / first:>6.2f}'
             )
         print('MFU: against', results[0]['peak_source'], '| MFU*: against a matmul measured here in the compute dtype')
+        for r in results:
+            if r['loop_overhead'] is not None:
+                print(
+                    f"{r['name']}: the loop's per-step work costs {r['loop_overhead']:+.1%} of the bare step "
+                    f'(median of {_PAIRS.value} alternating pairs of {_STEPS.value} steps)'
+                )
     return 0
 
 
