@@ -26,11 +26,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen, nnx, struct
+from jax.ad_checkpoint import checkpoint_name
 
 # cuDNN flash attention over packed documents: jax.nn.dot_product_attention takes no per-document lengths
-# and offsets, the cuDNN wrapper beneath it does (the path Transformer Engine and MaxText take too).
-from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
-from jax.ad_checkpoint import checkpoint_name
+# and offsets, the cuDNN wrapper beneath it does (the path Transformer Engine and MaxText take too). It is
+# private to jax: a jax without it leaves attention_impl='cudnn' refused by the config checks, nothing else.
+try:
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+except ImportError:  # every jax this project installs has it
+    cudnn_attention = None
 
 FAMILIES = ('llama', 'gpt2')
 PARAMETRIZATIONS = ('sp', 'mup')  # standard, or maximal update (Yang et al. 2022, Tensor Programs V)
@@ -161,7 +165,7 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
 
     The same product as an einsum such as 'btd,df->btf'; written flat because XLA:CPU otherwise copies
     the activations' gradient to a transposed layout for the weight gradient (which contracts b and t),
-    and a 4-layer step spent a sixth of its time in those copies.
+    and a 4-layer step spent about a fifth of its time in those copies (docs/performance.md).
     """
     inputs = math.prod(w.shape[:contract])
     out = x.reshape(-1, inputs) @ w.reshape(inputs, -1)

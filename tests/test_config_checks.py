@@ -135,3 +135,14 @@ def test_what_cudnn_attention_cannot_run_is_refused_on_a_gpu(monkeypatch, change
     if not changes and capability == '8.0':  # and a Hopper passes
         gpu.compute_capability = '9.0'
         config_checks.check_model(config.model)
+
+
+def test_cudnn_attention_on_a_jax_without_its_wrapper_is_refused(monkeypatch):
+    from models import transformer
+
+    monkeypatch.setattr(config_checks.jax, 'default_backend', lambda: 'gpu')
+    monkeypatch.setattr(transformer, 'cudnn_attention', None)
+    config = tiny_config('llama')
+    config.model.update(attention_impl='cudnn', dtype='bfloat16')
+    with pytest.raises(ConfigError, match="needs jax's cuDNN attention wrapper, which jax .* lacks"):
+        config_checks.check_model(config.model)

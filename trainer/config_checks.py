@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_dict
 
+from models import transformer
 from models.transformer import (
     ATTENTION_IMPLS,
     FAMILIES,
@@ -116,6 +117,11 @@ def check_cudnn_attention(model: config_dict.ConfigDict) -> None:
         jax.default_backend() == 'gpu',
         f"config.model.attention_impl='cudnn' needs an NVIDIA GPU, but the backend is "
         f"{jax.default_backend()!r}: use 'xla'.",
+    )
+    _require(
+        transformer.cudnn_attention is not None,
+        f"config.model.attention_impl='cudnn' needs jax's cuDNN attention wrapper, which jax {jax.__version__} "
+        "lacks: install the jax version setup.cfg names, or use 'xla'.",
     )
     _require(
         model.dtype in ('bfloat16', 'float16'),
