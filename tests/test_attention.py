@@ -104,7 +104,7 @@ def test_the_cudnn_path_trains_sharded_like_xla(monkeypatch):
     """One train step on a (data 2, fsdp 2, tensor 2) mesh: the same loss and gradient norm either way."""
     monkeypatch.setattr(transformer.cudnn_attention, 'dot_product_attention', emulated_cudnn)
     metrics = {}
-    for impl, max_segments in (('xla', 0), ('cudnn', 0), ('cudnn', 3)):
+    for impl, max_segments in (('xla', 0), ('cudnn', 3)):  # rows hold 2 documents; 0 (seq_len) is tested above
         config = tiny_config('llama', data=2, fsdp=2, tensor=2)
         config.model.update(attention_impl=impl, attention_max_segments=max_segments)
         mesh = mesh_for(config)
@@ -112,9 +112,8 @@ def test_the_cudnn_path_trains_sharded_like_xla(monkeypatch):
             setup = train.build(config, mesh)
             _, step_metrics = setup.compiled.train(setup.sharded.state, random_batch(setup, config))
             metrics[impl, max_segments] = jax.device_get(step_metrics)
-    for key in (('cudnn', 0), ('cudnn', 3)):
-        np.testing.assert_allclose(metrics[key]['loss'], metrics['xla', 0]['loss'], rtol=1e-5)
-        np.testing.assert_allclose(metrics[key]['grad_norm'], metrics['xla', 0]['grad_norm'], rtol=1e-4)
+    np.testing.assert_allclose(metrics['cudnn', 3]['loss'], metrics['xla', 0]['loss'], rtol=1e-5)
+    np.testing.assert_allclose(metrics['cudnn', 3]['grad_norm'], metrics['xla', 0]['grad_norm'], rtol=1e-4)
 
 
 def test_the_cudnn_path_lowers_for_cuda_into_cudnns_fused_kernels(monkeypatch):
