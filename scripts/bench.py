@@ -29,7 +29,6 @@ shared machine. --json prints one JSON object per line.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import statistics
 import sys
@@ -213,8 +212,7 @@ def main(argv: list[str]) -> int:
     cli.start(argv)
     try:
         base = _CONFIG.value
-        if base.train.xla_gpu_flags:  # as python -m trainer sets them, before a backend starts
-            os.environ['XLA_FLAGS'] = xla_flags.with_gpu_flags(os.environ.get('XLA_FLAGS', ''))
+        xla_flags.apply(base.train.xla_gpu_flags)  # as python -m trainer does, before a backend starts
         runs = [('config', base)] + [variant(base, spec) for spec in _VARIANTS.value]
         results = []
         for name, config in runs:

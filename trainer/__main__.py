@@ -106,8 +106,7 @@ def set_xla_flags() -> None:
         wanted = _CONFIG.value.train.xla_gpu_flags
     except (OSError, AttributeError):  # a config that does not load, or lacks the field: `run` tells what is wrong
         return
-    if wanted:
-        os.environ['XLA_FLAGS'] = xla_flags.with_gpu_flags(os.environ.get('XLA_FLAGS', ''))
+    xla_flags.apply(wanted)
 
 
 def run(argv: list[str]) -> int:

@@ -8,6 +8,7 @@ in docs/performance.md where a GPU has measured it.
 
 from __future__ import annotations
 
+import os
 import re
 
 _MiB = 1 << 20
@@ -38,3 +39,9 @@ def with_gpu_flags(xla_flags: str) -> str:
     mine = given(xla_flags)
     added = [f'--{name}={value}' for name, value in GPU_FLAGS.items() if name not in mine]
     return ' '.join([xla_flags.strip(), *added]).strip()
+
+
+def apply(wanted: bool) -> None:
+    """Adds GPU_FLAGS to this process's XLA_FLAGS if `wanted` (config.train.xla_gpu_flags), before a backend starts."""
+    if wanted:
+        os.environ['XLA_FLAGS'] = with_gpu_flags(os.environ.get('XLA_FLAGS', ''))

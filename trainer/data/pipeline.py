@@ -377,6 +377,7 @@ def eval_batches(config: config_dict.ConfigDict, tokenizer: Tokenizer, sharding:
         for stream in mine
     }
     per_stream = {stream: list(itertools.islice(dataset, config.train.eval_steps)) for stream, dataset in once.items()}
+    limit = max_documents(config)
     count = distributed.every_process([max(len(b) for b in per_stream.values())]).max()  # the same on every process
     result = []
     for i in range(int(count)):
@@ -384,7 +385,7 @@ def eval_batches(config: config_dict.ConfigDict, tokenizer: Tokenizer, sharding:
         for stream_batches in per_stream.values():
             part = stream_batches[i] if i < len(stream_batches) else examples.empty_batch(config.data.seq_len)
             parts.append({k: np.pad(v, [(0, rows - len(v)), (0, 0)]) for k, v in part.items()})
-            check_documents(parts[-1]['segment_ids'], max_documents(config))
+            check_documents(parts[-1]['segment_ids'], limit)
         result.append(
             {
                 name: jax.make_array_from_process_local_data(sharding, np.concatenate([p[name] for p in parts]), shape)
