@@ -28,6 +28,7 @@ shared machine. --json prints one JSON object per line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import statistics
@@ -57,6 +58,16 @@ _PAIRS = flags.DEFINE_integer(
 )
 _REPEATS = flags.DEFINE_integer(
     'repeats', 1, 'Measure each config this many times, bare loop and framework in turn; report the medians.'
+)
+_FRAMEWORK = flags.DEFINE_enum(
+    'framework',
+    'all',
+    ['all', 'first', 'none'],
+    'Time trainer.train itself for every config, for the first only (variants get the bare loop alone: on a '
+    'leased GPU each framework run costs a second compilation), or for none.',
+)
+_MATMUL_SIZE = flags.DEFINE_integer(
+    'matmul_size', 0, 'Side of the measured square matmul; 0 = 1024 on CPU, 8192 on accelerators (to fill the chip).'
 )
 
 
@@ -129,44 +140,44 @@ def paired_loop_overhead(compiled, state, batch, data, steps: int, pairs: int) -
     return state, overheads
 
 
-def measure(name: str, config: config_dict.ConfigDict, steps: int) -> dict:
-    """Every figure of one config."""
+def measure(name: str, config: config_dict.ConfigDict, steps: int, with_framework: bool = True) -> dict:
+    """Every figure of one config (without trainer.train's own speed unless `with_framework`)."""
     train.config_checks.validate(config, jax.device_count())
     mesh = mesh_lib.make_mesh({axis: config.mesh[axis] for axis in mesh_lib.MESH_AXES})
     tokenizer = tokenizers.make_tokenizer(config.data.tokenizer, config.data.eos_token)
     tokens_per_step = config.train.global_batch_size * config.data.seq_len
     with jax.set_mesh(mesh):
         setup = train.build(config, mesh, tokenizer)
-        data = pipeline.train_batches(config, tokenizer, setup.batch_sharding)
-        batch = next(data)
-        start = time.perf_counter()
-        compiled = setup.compiled.train.lower(setup.sharded.abstract, batch).compile()
-        compile_s = time.perf_counter() - start
-        state = setup.sharded.state
-        state, metrics = compiled(state, batch)  # warm
-        jax.block_until_ready(metrics)
-        best = float('inf')
-        for _ in range(3):
+        # Closed on any failure too: a failed variant's pipeline threads must not go on filling batches.
+        with contextlib.closing(pipeline.train_batches(config, tokenizer, setup.batch_sharding)) as data:
+            batch = next(data)
             start = time.perf_counter()
-            for _ in range(steps):
-                state, metrics = compiled(state, batch)
+            compiled = setup.compiled.train.lower(setup.sharded.abstract, batch).compile()
+            compile_s = time.perf_counter() - start
+            state = setup.sharded.state
+            state, metrics = compiled(state, batch)  # warm
             jax.block_until_ready(metrics)
-            best = min(best, time.perf_counter() - start)
-        state, loop_overheads = paired_loop_overhead(compiled, state, batch, data, steps, _PAIRS.value)
-        data.close()
-        device = jax.devices()[0]
-        stats = device.memory_stats() if jax.default_backend() == 'gpu' else None
-        if stats and 'peak_bytes_in_use' in stats:
-            memory, memory_source = stats['peak_bytes_in_use'], 'device peak'
-        else:
-            analysis = compiled.memory_analysis()
-            memory = analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
-            memory, memory_source = memory + analysis.output_size_in_bytes - analysis.alias_size_in_bytes, 'compiled'
+            best = float('inf')
+            for _ in range(3):
+                start = time.perf_counter()
+                for _ in range(steps):
+                    state, metrics = compiled(state, batch)
+                jax.block_until_ready(metrics)
+                best = min(best, time.perf_counter() - start)
+            state, loop_overheads = paired_loop_overhead(compiled, state, batch, data, steps, _PAIRS.value)
+        analysis = compiled.memory_analysis()
+        memory = analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
+        memory += analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+        # The device's peak is the process's so far: variants measured after a bigger one report its peak.
+        stats = jax.devices()[0].memory_stats() if jax.default_backend() == 'gpu' else None
+        device_peak = stats.get('peak_bytes_in_use') if stats else None
         peak, peak_source = flops.peak_flops_per_device(mesh, config.model.dtype, config.train.peak_flops_per_device)
-        matmul_peak = flops.measure_matmul_flops(mesh, config.model.dtype, size=1024)
+        size = _MATMUL_SIZE.value or (1024 if jax.default_backend() == 'cpu' else 8192)
+        matmul_peak = flops.measure_matmul_flops(mesh, config.model.dtype, size=size)
         del state
     bare = steps * tokens_per_step / best
-    framework = framework_speed(config, steps)
+    framework = framework_speed(config, steps) if with_framework else None
+    speed = framework or bare  # MFU of the framework where it was timed, else of the bare loop
     per_token = counts.count(train.model_config(config), config.data.seq_len).train_flops_per_token
     devices = mesh.devices.size
     return {
@@ -178,18 +189,20 @@ def measure(name: str, config: config_dict.ConfigDict, steps: int) -> dict:
         'bare_step_s': best / steps,
         'bare_tokens_per_s': bare,
         'tokens_per_s': framework,
-        'tokens_per_s_per_device': framework / devices,
-        'overhead': 1 - framework / bare,
+        'tokens_per_s_per_device': framework / devices if framework else None,
+        'overhead': 1 - framework / bare if framework else None,
         'loop_overhead_pairs': loop_overheads,
         'loop_overhead': statistics.median(loop_overheads) if loop_overheads else None,
         'flops_per_token': per_token,
-        'mfu': per_token * framework / (peak * devices) if peak else None,
+        'mfu_of': 'framework' if framework else 'bare loop',
+        'mfu': per_token * speed / (peak * devices) if peak else None,
         'peak_flops': peak,
         'peak_source': peak_source,
-        'mfu_vs_measured_matmul': per_token * framework / (matmul_peak * devices),
+        'mfu_vs_measured_matmul': per_token * speed / (matmul_peak * devices),
         'measured_matmul_flops': matmul_peak,
-        'memory_bytes': memory,
-        'memory_source': memory_source,
+        'measured_matmul_size': size,
+        'memory_bytes': memory,  # the compiled step's arguments, temporaries and outputs
+        'device_peak_bytes': device_peak,
     }
 
 
@@ -198,14 +211,52 @@ def median_of(repeats: list[dict]) -> dict:
     measured back to back, so the median overhead is that of a pair, not of two medians)."""
     merged = dict(repeats[0])
     for key, value in merged.items():
-        if isinstance(value, float):
+        if isinstance(value, float) and all(r[key] is not None for r in repeats):
             merged[key] = float(statistics.median(r[key] for r in repeats))
     merged['repeats'] = len(repeats)
-    merged['overheads'] = [r['overhead'] for r in repeats]
+    merged['overheads'] = [r['overhead'] for r in repeats if r['overhead'] is not None]
     merged['loop_overhead_pairs'] = [ratio for r in repeats for ratio in r['loop_overhead_pairs']]
     if merged['loop_overhead_pairs']:
         merged['loop_overhead'] = statistics.median(merged['loop_overhead_pairs'])
     return merged
+
+
+def _optional(value: float | None, form: str) -> str:
+    """`value` in format `form` ('>9.0f'), or '-' right-aligned to the same width where it was not measured."""
+    return format(value, form) if value is not None else '-'.rjust(int(form[1:].split('.')[0]))
+
+
+def print_table(results: list[dict]) -> None:
+    """The results as a table; ratios are to the first config that ran, bare loop to bare loop."""
+    head = next(r for r in results if 'error' not in r)
+    print(
+        f'{head["devices"]} x {head["device_kind"]}, jax {head["jax"]}, {_STEPS.value} steps each, '
+        f'median of {_REPEATS.value} measurement(s)'
+    )
+    print(
+        f'{"":>12} {"compile":>8} {"tok/s":>9} {"/device":>9} {"bare tok/s":>10} {"overhead":>8} {"MFU":>6} '
+        f'{"MFU*":>6} {"memory":>9} {"ratio":>6}'
+    )
+    for r in results:
+        if 'error' in r:
+            print(f'{r["name"]:>12} failed: {r["error"]}')
+            continue
+        print(
+            f'{r["name"]:>12} {r["compile_s"]:>7.1f}s {_optional(r["tokens_per_s"], ">9.0f")} '
+            f'{_optional(r["tokens_per_s_per_device"], ">9.0f")} {r["bare_tokens_per_s"]:>10.0f} '
+            f'{_optional(r["overhead"], ">8.1%")} {_optional(r["mfu"], ">6.1%")} {r["mfu_vs_measured_matmul"]:>6.1%} '
+            f'{r["memory_bytes"] / 2**20:>7.0f}MB {r["bare_tokens_per_s"] / head["bare_tokens_per_s"]:>6.2f}'
+        )
+    print(
+        f'MFU: against {head["peak_source"]} | MFU*: against a {head["measured_matmul_size"]}-square matmul measured '
+        'here in the compute dtype | both of the framework where timed, else of the bare loop | ratio: bare loops'
+    )
+    for r in results:
+        if r.get('loop_overhead') is not None:
+            print(
+                f"{r['name']}: the loop's per-step work costs {r['loop_overhead']:+.1%} of the bare step "
+                f'(median of {_PAIRS.value} alternating pairs of {_STEPS.value} steps)'
+            )
 
 
 def main(argv: list[str]) -> int:
@@ -214,39 +265,29 @@ def main(argv: list[str]) -> int:
         base = _CONFIG.value
         xla_flags.apply(base.train.xla_gpu_flags)  # as python -m trainer does, before a backend starts
         runs = [('config', base)] + [variant(base, spec) for spec in _VARIANTS.value]
+        for _, config in runs:  # every config's mistakes before the first measurement
+            train.config_checks.validate(config, jax.device_count())
         results = []
-        for name, config in runs:
-            results.append(median_of([measure(name, config, _STEPS.value) for _ in range(_REPEATS.value)]))
+        for index, (name, config) in enumerate(runs):
+            framework = _FRAMEWORK.value == 'all' or (_FRAMEWORK.value == 'first' and index == 0)
+            try:
+                measured = [measure(name, config, _STEPS.value, framework) for _ in range(_REPEATS.value)]
+            except ConfigError:
+                raise
+            except Exception as error:  # out of memory, a kernel the backend lacks: the other variants still run
+                results.append({'name': name, 'error': f'{type(error).__name__}: {str(error).strip().splitlines()[0]}'})
+                print(f'{name}: failed: {results[-1]["error"]}', file=sys.stderr, flush=True)
+            else:
+                results.append(median_of(measured))
             if _JSON.value:
                 print(json.dumps(results[-1]), flush=True)
     except ConfigError as error:
         cli.fail(str(error))
+    if all('error' in r for r in results):
+        print(f'error: every config failed; the first: {results[0]["error"]}', file=sys.stderr)
+        return 1
     if not _JSON.value:
-        first = results[0]['tokens_per_s']
-        head = results[0]
-        print(
-            f'{head["devices"]} x {head["device_kind"]}, jax {head["jax"]}, {_STEPS.value} steps each, '
-            f'median of {_REPEATS.value} measurement(s)'
-        )
-        print(
-            f'{"":>12} {"compile":>8} {"tok/s":>9} {"/device":>9} {"bare tok/s":>10} {"overhead":>8} {"MFU":>6} '
-            f'{"MFU*":>6} {"memory":>9} {"ratio":>6}'
-        )
-        for r in results:
-            mfu = f'{r["mfu"]:.1%}' if r['mfu'] is not None else '-'
-            print(
-                f'{r["name"]:>12} {r["compile_s"]:>7.1f}s {r["tokens_per_s"]:>9.0f} '
-                f'{r["tokens_per_s_per_device"]:>9.0f} '
-                f'{r["bare_tokens_per_s"]:>10.0f} {r["overhead"]:>8.1%} {mfu:>6} {r["mfu_vs_measured_matmul"]:>6.1%} '
-                f'{r["memory_bytes"] / 2**20:>7.0f}MB {r["tokens_per_s"] / first:>6.2f}'
-            )
-        print('MFU: against', results[0]['peak_source'], '| MFU*: against a matmul measured here in the compute dtype')
-        for r in results:
-            if r['loop_overhead'] is not None:
-                print(
-                    f"{r['name']}: the loop's per-step work costs {r['loop_overhead']:+.1%} of the bare step "
-                    f'(median of {_PAIRS.value} alternating pairs of {_STEPS.value} steps)'
-                )
+        print_table(results)
     return 0
 
 

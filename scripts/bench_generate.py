@@ -1,7 +1,7 @@
-"""Decode and prefill speed: tokens/s of trainer.decoding for the default model and a ~100M-shaped one.
+"""Decode and prefill speed: tokens/s of trainer.decoding for the default model, a ~100M and a ~1B shape.
 
 Usage:
-  python scripts/bench_generate.py [--prompt_tokens 128] [--new_tokens 128] [--repeats 3]
+  python scripts/bench_generate.py [--models small,100m] [--prompt_tokens 128] [--new_tokens 128] [--repeats 3]
 
 Random weights (speed does not depend on them), greedy, no stop token, so every row decodes all its
 tokens. Prints, per model and batch size (1 and 8): compile time (prefill and step, once), prefill
@@ -34,6 +34,20 @@ def config_100m():
     return config
 
 
+def config_1b():
+    """TinyLlama's shape (1.1B parameters, bf16 compute), as in docs/performance.md's training benchmark."""
+    config = small_lm.get_config()
+    config.model.update(
+        num_layers=22, d_model=2048, num_heads=32, num_kv_heads=4, d_ff=5632, vocab_size=32000, max_seq_len=2048
+    )
+    config.model.scan_layers = True
+    return config
+
+
+MODELS = {'small': ('configs/small_lm.py', small_lm.get_config), '100m': ('~100M variant', config_100m)}
+MODELS['1b'] = ('~1B (TinyLlama shape)', config_1b)
+
+
 def measure(name: str, config, prompt_tokens: int, new_tokens: int, repeats: int, bandwidth: float) -> None:
     config.mesh.update(data=1, fsdp=1, tensor=1)
     mesh = mesh_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
@@ -61,16 +75,19 @@ def measure(name: str, config, prompt_tokens: int, new_tokens: int, repeats: int
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--models', default='small,100m', help=f'comma-separated, of {", ".join(MODELS)}')
     parser.add_argument('--prompt_tokens', type=int, default=128)
     parser.add_argument('--new_tokens', type=int, default=120)
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--bandwidth', type=float, default=0.0, help='memory bandwidth in bytes/s (H100: 3.35e12)')
     args = parser.parse_args()
     print(f'devices: {jax.devices()[0].device_kind}, jax {jax.__version__}')
-    measure(
-        'configs/small_lm.py', small_lm.get_config(), args.prompt_tokens, args.new_tokens, args.repeats, args.bandwidth
-    )
-    measure('~100M variant', config_100m(), args.prompt_tokens, args.new_tokens, args.repeats, args.bandwidth)
+    names = args.models.split(',')
+    if unknown := [name for name in names if name not in MODELS]:
+        parser.error(f'--models: unknown {", ".join(unknown)}; choose from {", ".join(MODELS)}')
+    for name in names:
+        title, make_config = MODELS[name]
+        measure(title, make_config(), args.prompt_tokens, args.new_tokens, args.repeats, args.bandwidth)
     return 0
 
 

@@ -54,3 +54,17 @@ def test_bench_refuses_a_variant_naming_no_field():
         run.stderr.strip().splitlines()[-1]
         == "error: --variant 'x:model.nope=1': model.nope names no field of the config."
     )
+
+
+def test_bench_times_the_framework_for_the_first_config_only_when_asked():
+    """--framework first: the variant gets its bare loop (and MFU of it) alone; the table prints either way."""
+    command = [sys.executable, 'scripts/bench.py', '--config', 'configs/small_lm.py', *TINY, '--steps', '2']
+    command += ['--framework', 'first', '--variant', 'f32:model.dtype=float32', '--matmul_size', '256']
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ONE_DEVICE)
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = [line.split() for line in run.stdout.splitlines()]
+    rows = {row[0]: row for row in table if row[:1] in (['config'], ['f32'])}
+    assert set(rows) == {'config', 'f32'}
+    assert rows['config'][2] != '-' and rows['f32'][2] == '-'  # tokens/s of trainer.train: measured, not measured
+    assert float(rows['f32'][4]) > 0 and rows['f32'][6] != '-'  # bare loop tokens/s and its MFU
+    assert '256-square matmul' in run.stdout

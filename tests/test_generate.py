@@ -68,6 +68,21 @@ def test_heads_split_over_two_devices_decode_the_same_tokens():
     assert two.generate(prompts, 6)[0] == one.generate(prompts, 6)[0]
 
 
+def test_prefill_and_every_step_update_the_kv_cache_in_place():
+    """The cache is the donated argument of both compiled functions: a step never copies the whole cache."""
+    generator, _ = fixture_generator('llama_gqa')
+    generator.generate([[1, 2, 3]], 4)
+    (_, rows, width, slots), prefill = next((k, f) for k, f in generator._compiled.items() if k[0] == 'prefill')
+    step = next(f for k, f in generator._compiled.items() if k[0] == 'step')
+    old_caches = [jax.device_put(KVCache.empty(generator.cfg, rows, slots), generator._cache_shardings())]
+    old_caches.append(jax.device_put(KVCache.empty(generator.cfg, rows, slots), generator._cache_shardings()))
+    ids, positions, segments = (jnp.ones((rows, width), jnp.int32) for _ in range(3))
+    logits, _ = prefill(generator._params, ids, positions, segments, old_caches[0])
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old_caches[0])[:2]), 'prefill copied the cache'
+    step(generator._params, logits, jnp.ones((rows,), jnp.int32), old_caches[1], jax.random.key(0))
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old_caches[1])[:2]), 'a decode step copied the cache'
+
+
 def test_prompts_of_different_lengths_decode_as_one_batch_as_each_alone():
     generator, _ = fixture_generator('llama_gqa')
     prompts = [[5, 17, 33], [8, 9, 10, 11, 12, 13, 14], [40]]

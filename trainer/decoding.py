@@ -71,12 +71,13 @@ class Generator:
         self._graphdef, self._params, self.cfg, self._mesh = graphdef, params, cfg, mesh
         self._compiled: dict[tuple, Callable] = {}  # compiled ahead of time, by function and shapes
 
-    def _compile(self, key: tuple, function: Callable, *args) -> tuple[Callable, float]:
-        """`function` jitted and compiled for these arguments' shapes (once); and the seconds that took."""
+    def _compile(self, key: tuple, function: Callable, donate: int, *args) -> tuple[Callable, float]:
+        """`function` jitted and compiled for these arguments' shapes (once), argument `donate` (the KV cache)
+        donated so that it is updated in place; and the seconds that took."""
         if key in self._compiled:
             return self._compiled[key], 0.0
         start = time.perf_counter()
-        self._compiled[key] = jax.jit(function, donate_argnums=(4,)).lower(*args).compile()
+        self._compiled[key] = jax.jit(function, donate_argnums=(donate,)).lower(*args).compile()
         return self._compiled[key], time.perf_counter() - start
 
     def _cache_shardings(self) -> KVCache:
@@ -126,6 +127,7 @@ class Generator:
             prefill, compile_s = self._compile(
                 ('prefill', rows, width, slots),
                 functools.partial(_prefill, self._graphdef),
+                4,  # (params, tokens, positions, segments, cache)
                 self._params,
                 *inputs,
                 cache,
@@ -139,6 +141,7 @@ class Generator:
             step, step_compile_s = self._compile(
                 ('step', rows, slots, sampling),
                 functools.partial(_step, self._graphdef, sampling),
+                3,  # (params, logits, positions, cache, rng)
                 self._params,
                 logits,
                 next_positions,

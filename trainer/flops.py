@@ -49,12 +49,16 @@ def table_peak_flops(device_kind: str) -> float | None:
 def measure_matmul_flops(mesh: Mesh, dtype: str, size: int = 512, repeats: int = 10) -> float:
     """FLOP/s per device of a square matmul run on every device of `mesh` at once.
 
-    Used on CPU, which has no datasheet peak. All devices run together because simulated CPU
-    devices share the cores: one device alone would overstate each device's share.
+    Used on CPU, which has no datasheet peak, and by scripts/bench.py on accelerators (with a size that fills
+    the chip). All devices run together because simulated CPU devices share the cores: one device alone would
+    overstate each device's share. The operands are random: a GPU multiplies constants measurably faster.
     """
     devices = mesh.devices.size
     flat = Mesh(mesh.devices.reshape(-1), ('all',))
-    x = jax.device_put(jnp.ones((devices, size, size), dtype), NamedSharding(flat, PartitionSpec('all')))
+    x = jax.jit(
+        lambda key: jax.random.normal(key, (devices, size, size), dtype),
+        out_shardings=NamedSharding(flat, PartitionSpec('all')),
+    )(jax.random.key(0))
     matmul = jax.jit(lambda a: jnp.einsum('bij,bjk->bik', a, a))
     matmul(x).block_until_ready()
     best = np.inf
