@@ -257,6 +257,19 @@ def test_lora_base_weights_can_be_held_in_bfloat16():
     assert final['blocks']['attention']['lora']['q']['a'].dtype == np.float32 and np.isfinite(losses[0])
 
 
+def test_a_base_weight_unfrozen_beside_lora_is_stored_and_trained_in_param_dtype():
+    """lora.base_dtype is for the frozen base: a base weight that train.param_roles makes trainable is float32, so
+    its small updates do not round away in bfloat16."""
+    config = lora_config(fsdp=8)
+    config.lora.base_dtype = 'bfloat16'
+    config.train.param_roles = (('mlp/w_up_DF', True, 1.0, 1.0),)
+    _, initial, final, _, _ = run_steps(config, 2)
+    assert final['blocks']['mlp']['w_up_DF'].dtype == np.float32  # trained: param_dtype
+    assert final['blocks']['mlp']['w_down_FD'].dtype == np.dtype('bfloat16')  # frozen: lora.base_dtype
+    moved = np.abs(np.asarray(final['blocks']['mlp']['w_up_DF']) - np.asarray(initial['blocks']['mlp']['w_up_DF']))
+    assert (moved > 0).mean() > 0.9  # nearly every entry moved
+
+
 def test_lora_on_a_2x2x2_mesh_equals_one_device():
     _, _, one, _, one_losses = run_steps(lora_config(fsdp=1))
     _, _, mesh, _, mesh_losses = run_steps(lora_config(data=2, fsdp=2, tensor=2))
