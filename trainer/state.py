@@ -129,6 +129,11 @@ def create_train_state(
     def init_around(params: Any) -> TrainState:
         given = set(param_roles.leaf_names(params))
         params = param_roles.merge(params, param_roles.select_paths(fresh_params(), lambda name: name not in given))
+        # What trains is stored in param_dtype, whatever the model made it: under LoRA the base is made in
+        # lora.base_dtype, and a base weight that train.param_roles unfreezes would see its updates round away.
+        params = jax.tree.map(
+            lambda p, role: p.astype(model_cfg.param_dtype) if role.trainable else p, params, partition.roles
+        )
         rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
         opt_state = tx.init(partition.trainable(params))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=rng)
