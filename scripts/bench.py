@@ -147,7 +147,7 @@ def measure(name: str, config: config_dict.ConfigDict, steps: int, with_framewor
     tokenizer = tokenizers.make_tokenizer(config.data.tokenizer, config.data.eos_token)
     tokens_per_step = config.train.global_batch_size * config.data.seq_len
     with jax.set_mesh(mesh):
-        setup = train.build(config, mesh, tokenizer)
+        setup = train.build(config, mesh)
         # Closed on any failure too: a failed variant's pipeline threads must not go on filling batches.
         with contextlib.closing(pipeline.train_batches(config, tokenizer, setup.batch_sharding)) as data:
             batch = next(data)

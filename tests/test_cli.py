@@ -173,8 +173,8 @@ def test_the_host_runs_at_most_one_step_ahead_of_the_device(tmp_path, monkeypatc
     in_flight = []
     build = train.build
 
-    def counting_build(config, mesh, tokenizer):
-        setup = build(config, mesh, tokenizer)
+    def counting_build(config, mesh):
+        setup = build(config, mesh)
         dispatched = []
 
         def train_step(state, batch):

@@ -29,7 +29,7 @@ def test_scoring_a_file_gives_the_training_eval_loss(tmp_path):
     mesh = mesh_for(config)
     tokenizer = tokenizers.make_tokenizer('byte')
     with jax.set_mesh(mesh):
-        setup = train.build(config, mesh, tokenizer)
+        setup = train.build(config, mesh)
         params = setup.sharded.state.params
         (batch,) = pipeline.eval_batches(config, tokenizer, setup.batch_sharding)
         sums = jax.device_get(setup.compiled.eval(params, batch))

@@ -140,9 +140,10 @@ def test_a_models_own_chat_template_marks_the_assistant_turns(tmp_path):
     )
     config.data.update(tokenizer=str(folder), seq_len=200)
     example = examples.read((str(tmp_path / 'sft.jsonl'),), config.data, tokenizer, 0, 'test').examples[0]
-    # The template writes '<s>[INST] Hi [/INST]\n Yo </s>\n': the part after the generation prompt is learned.
+    # The template writes '<s>[INST] Hi [/INST]\n Yo </s>\n': the part after the generation prompt is learned,
+    # and no second EOS after the template's own.
     reply = tokenizer.encode(' Yo </s>\n', add_special_tokens=False)
-    np.testing.assert_array_equal(example.tokens[example.mask > 0], np.append(reply, tokenizer.eos_id))
+    np.testing.assert_array_equal(example.tokens[example.mask > 0], reply)
     prompt = tokenizer.encode('<s>[INST] Hi [/INST]\n', add_special_tokens=False)
     np.testing.assert_array_equal(example.tokens[example.mask == 0], prompt)  # its own template writes the BOS
 
@@ -335,7 +336,7 @@ def test_a_classifier_learns_a_separable_task_to_full_accuracy(tmp_path, pool):
     config.model.pool = pool
     mesh = mesh_for(config)
     with jax.set_mesh(mesh):
-        setup = train.build(config, mesh, BYTES)
+        setup = train.build(config, mesh)
         data = pipeline.train_batches(config, BYTES, setup.batch_sharding)
         evals = pipeline.eval_batches(config, BYTES, setup.batch_sharding)
         state = setup.sharded.state

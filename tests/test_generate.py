@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -144,3 +145,18 @@ def test_the_command_decodes_a_batch_to_json_lines_and_explains_bad_input():
         assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(message), bad.stderr[-1000:]
     long = run_generate(model, '--prompt=' + 'fair is foul ' * 40, '--max_new_tokens=8', '--temperature=0')
     assert long.returncode == 0 and 'is cut to its last 56, to leave room for --max_new_tokens=8' in long.stderr
+
+
+def test_every_eos_id_of_generation_config_stops_the_command(tmp_path):
+    """Llama-3.x Instruct lists several ids ("eos_token_id": [...]): the first of them generated ends the text."""
+    folder = tmp_path / 'model'
+    shutil.copytree(FIXTURES / 'llama_gqa', folder)
+    args = [f'--model={folder}', '--prompt=When shall we', '--max_new_tokens=8', '--temperature=0', '--json']
+    free = run_generate(*args)
+    assert free.returncode == 0, free.stderr[-2000:]
+    ids = json.loads(free.stdout)['completion_ids']
+    stop = next(i for i in ids[2:] if i not in ids[:2])  # an id first generated at step 2 or later
+    (folder / 'generation_config.json').write_text(json.dumps({'eos_token_id': [2, stop]}))
+    stopped = run_generate(*args)
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    assert json.loads(stopped.stdout)['completion_ids'] == ids[: ids.index(stop)]

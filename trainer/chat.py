@@ -89,7 +89,7 @@ def main(argv: list[str]) -> int:
             max_new,
             sampling,
             generation_flags.SEED.value + turn,
-            stop_ids=[tokenizer.eos_id],
+            stop_ids=tokenizer.stop_ids,
             on_tokens=streamer,
             stop_when=(lambda generated: np.array([cut_at_stop(tokenizer.decode(generated[0]), stops)[1]]))
             if stops

@@ -1,6 +1,7 @@
 """A conversation as the text a model was fine-tuned on: the model's own chat template, or a plain one.
 
-A Hugging Face model folder's tokenizer_config.json may hold a Jinja `chat_template`; it is rendered the
+A Hugging Face model folder's chat_template.jinja (transformers 5) or tokenizer_config.json (older folders) may
+hold a Jinja chat template; it is rendered the
 way transformers' apply_chat_template renders it (a sandboxed environment that trims blocks, the same
 helpers, the special tokens as variables), so that the same messages give the same text, and the text
 is then tokenized without adding special tokens again. Models without one get PLAIN.
@@ -16,6 +17,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from trainer.data.tokenizers import special_tokens
 from trainer.errors import ConfigError
 
 # For models without a template of their own (the default byte-level model, for one).
@@ -60,22 +62,20 @@ class ChatTemplate:
 
 
 def for_tokenizer(spec: str) -> ChatTemplate:
-    """The chat template beside a tokenizer (a model folder's tokenizer_config.json), else the plain one."""
+    """The chat template beside a tokenizer, else the plain one: the folder's chat_template.jinja (where
+    transformers 5 saves it), else tokenizer_config.json's `chat_template`, as transformers reads them."""
     folder = spec if os.path.isdir(spec) else os.path.dirname(spec)
-    settings_file = os.path.join(folder, 'tokenizer_config.json') if folder else ''
-    settings: dict[str, Any] = {}
-    if settings_file and os.path.isfile(settings_file):
-        with open(settings_file, encoding='utf-8') as f:
-            settings = json.load(f)
-    special = {
-        key: value.get('content', '') if isinstance(value, dict) else value
-        for key, value in settings.items()
-        if key.endswith('_token') and isinstance(value, (str, dict))
-    }
-    template = settings.get('chat_template')
-    if isinstance(template, list):  # several named templates: the default one
-        template = next((t['template'] for t in template if t.get('name') == 'default'), None)
-    if not template and folder and os.path.isfile(os.path.join(folder, 'chat_template.jinja')):
-        with open(os.path.join(folder, 'chat_template.jinja'), encoding='utf-8') as f:  # transformers 5's place
+    if not folder or spec == 'byte':
+        return ChatTemplate(PLAIN, {}, own=False)
+    template = None
+    if os.path.isfile(os.path.join(folder, 'chat_template.jinja')):
+        with open(os.path.join(folder, 'chat_template.jinja'), encoding='utf-8') as f:
             template = f.read()
-    return ChatTemplate(template or PLAIN, special, own=bool(template))
+    else:
+        settings_file = os.path.join(folder, 'tokenizer_config.json')
+        if os.path.isfile(settings_file):
+            with open(settings_file, encoding='utf-8') as f:
+                template = json.load(f).get('chat_template')
+        if isinstance(template, list):  # several named templates: the default one
+            template = next((t['template'] for t in template if t.get('name') == 'default'), None)
+    return ChatTemplate(template or PLAIN, special_tokens(folder), own=bool(template))

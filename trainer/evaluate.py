@@ -29,7 +29,6 @@ from trainer import mesh as mesh_lib
 from trainer.data import examples, pipeline, sources
 from trainer.errors import ConfigError
 from trainer.model_flag import MODEL
-from trainer.train import token_bytes
 
 _FILES = flags.DEFINE_string('files', None, 'Comma-separated paths, globs or URLs of the text to score.')
 _SEQ_LEN = flags.DEFINE_integer('seq_len', None, "Tokens per row; default: the model's training seq_len.")
@@ -60,14 +59,11 @@ def score(loaded: loading.LoadedModel, files: str, seq_len: int, batch_size: int
         raise ConfigError(f"--seq_len={seq_len} exceeds the model's context of {loaded.model_cfg.max_seq_len}.")
     source = pipeline.eval_source(data_cfg, '--files')
     pipeline.check_sources([source], data_cfg, loaded.model_cfg.vocab_size)
-    rows = pipeline.make_dataset([source], data_cfg, loaded.tokenizer, 0, batch_size, shuffle=False, repeat=False)
-    sharding = mesh_lib.batch_sharding(loaded.mesh, loaded.model_cfg.sharding_rules)
-    byte_lengths = jnp.asarray(token_bytes(loaded.tokenizer, loaded.model_cfg), jnp.float32)
-    evaluate = jax.jit(
-        functools.partial(
-            steps.eval_step, graphdef=loaded.graphdef, model_cfg=loaded.model_cfg, byte_lengths=byte_lengths
-        )
+    rows = pipeline.make_dataset(
+        [source], data_cfg, loaded.tokenizer, 0, batch_size, shuffle=False, repeat=False, with_bytes=True
     )
+    sharding = mesh_lib.batch_sharding(loaded.mesh, loaded.model_cfg.sharding_rules)
+    evaluate = jax.jit(functools.partial(steps.eval_step, graphdef=loaded.graphdef, model_cfg=loaded.model_cfg))
     totals = np.zeros(3)
     with jax.set_mesh(loaded.mesh):
         for batch in tqdm.tqdm(rows, unit='batch', desc='scoring', disable=not progress or None):

@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
         max_new,
         sampling,
         generation_flags.SEED.value,
-        stop_ids=[tokenizer.eos_id],
+        stop_ids=tokenizer.stop_ids,
         on_tokens=streamer,
         stop_when=stop_when if stops else None,
     )

@@ -161,16 +161,15 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(
-    params: Any, batch: Batch, *, graphdef: nnx.GraphDef, model_cfg: ModelConfig, byte_lengths: jax.Array
-) -> dict[str, jax.Array]:
+def eval_step(params: Any, batch: Batch, *, graphdef: nnx.GraphDef, model_cfg: ModelConfig) -> dict[str, jax.Array]:
     """One batch's sums, without dropout: loss, what it counted (tokens or examples), and the UTF-8 bytes of
-    those tokens (language models) or the correctly labeled examples (classifiers)."""
+    text those tokens stand for (language models: the batch's `target_bytes`) or the correctly labeled
+    examples (classifiers)."""
     loss, correct = summed_loss(params, batch, graphdef, model_cfg, dropout_rng=None)
     sums = {'loss': loss, 'count': counted(batch, model_cfg)}
     if model_cfg.head == 'classify':
         return sums | {'correct': correct}
-    return sums | {'bytes': (byte_lengths[batch['targets']] * batch['weights']).sum()}
+    return sums | {'bytes': (batch['target_bytes'] * batch['weights']).sum()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +189,6 @@ def jit_steps(
     grad_accum_steps: int,
     state_shardings: TrainState,
     mesh: Mesh,
-    byte_lengths: Any,
 ) -> CompiledSteps:
     """Jits train_step (state donated) and eval_step with explicit in/out shardings."""
     batch = dict.fromkeys(BATCH_KEYS, batch_sharding(mesh, model_cfg.sharding_rules))
@@ -209,10 +207,9 @@ def jit_steps(
         donate_argnums=0,
     )
     evaluate = jax.jit(
-        functools.partial(
-            eval_step, graphdef=graphdef, model_cfg=model_cfg, byte_lengths=jnp.asarray(byte_lengths, jnp.float32)
-        ),
-        in_shardings=(state_shardings.params, batch),
+        functools.partial(eval_step, graphdef=graphdef, model_cfg=model_cfg),
+        # One sharding for every array of the batch, whichever they are (language models' carry target_bytes).
+        in_shardings=(state_shardings.params, batch_sharding(mesh, model_cfg.sharding_rules)),
         out_shardings=replicated(mesh),
     )
     return CompiledSteps(train=train, eval=evaluate)

@@ -68,17 +68,7 @@ class Setup:
     batch_sharding: jax.sharding.NamedSharding
 
 
-def token_bytes(tokenizer: tokenizers.Tokenizer, model_cfg: ModelConfig) -> np.ndarray:
-    """The UTF-8 bytes each of the model's ids stands for (0 for special and padded ids), for bits per byte."""
-    lengths = np.zeros(model_cfg.padded_vocab, np.int32)
-    known = tokenizer.byte_lengths()[: model_cfg.padded_vocab]
-    lengths[: len(known)] = known
-    return lengths
-
-
-def build(
-    config: config_dict.ConfigDict, mesh: jax.sharding.Mesh, tokenizer: tokenizers.Tokenizer | None = None
-) -> Setup:
+def build(config: config_dict.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
     """Creates the sharded state and jits the steps; call and run the steps under `jax.set_mesh(mesh)`."""
     model_cfg = model_config(config)
     partition = param_roles.partition(config, state_lib.abstract_model(model_cfg)[1])
@@ -86,7 +76,6 @@ def build(
         raise ConfigError('config.train.param_roles freeze every parameter: let some train.')
     tx, schedule = optimizer.make_optimizer(config.train, partition.trainable_roles())
     sharded = state_lib.create_train_state(model_cfg, tx, mesh, config.seed, partition)
-    tokenizer = tokenizer or tokenizers.make_tokenizer(config.data.tokenizer, config.data.eos_token)
     compiled = steps.jit_steps(
         sharded.graphdef,
         model_cfg,
@@ -96,7 +85,6 @@ def build(
         config.train.grad_accum_steps,
         sharded.shardings,
         mesh,
-        token_bytes(tokenizer, model_cfg),
     )
     return Setup(
         model_cfg=model_cfg,
@@ -265,7 +253,7 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
     # Everything opened is closed on every way out, also when a restore fails: a grain iterator or an
     # orbax manager left open prints tracebacks while the interpreter shuts down, after the one-line error.
     with jax.set_mesh(mesh), contextlib.ExitStack() as cleanup:
-        setup = build(config, mesh, tokenizer)
+        setup = build(config, mesh)
         train_data = pipeline.train_batches(config, tokenizer, setup.batch_sharding)
         cleanup.callback(train_data.close)
         eval_batches = pipeline.eval_batches(config, tokenizer, setup.batch_sharding) if config.data.eval_files else []

@@ -2,8 +2,11 @@
 
 `config.data.format='sft'`: each line is {"prompt": ..., "completion": ...} or {"messages": [{"role",
 "content"}, ...]} (rendered with the tokenizer's chat template, the same text `python -m trainer.chat`
-gives the model). Every token carries a loss mask: 1 for the completion or the assistant's turns (and the
-EOS that ends them), 0 for what the model only reads. Examples are packed into rows whole (grain's
+gives the model). The whole text is tokenized at once, as transformers' `apply_chat_template(tokenize=True)`
+does (pieces tokenized alone get other ids: SentencePiece puts a '▁' before each), and every token carries
+a loss mask by where its text ends: 1 inside the completion or an assistant's turn, 0 in what the model only
+reads. An EOS is added after the last answer unless the text already ends it with a stop token (a template's
+own end of turn), so a model never learns an EOS after an EOS. Examples are packed into rows whole (grain's
 first-fit packing; a row never holds part of one); an example longer than a row is cut to it.
 
 `config.data.format='classify'`: each line is {"text": ..., "label": ...}, the label a class index or one
@@ -25,12 +28,13 @@ from typing import Any
 
 import fsspec
 import grain
+import jinja2
 import numpy as np
 import tqdm
 from ml_collections import config_dict
 
 from trainer import chat_template
-from trainer.data.tokenizers import Tokenizer
+from trainer.data.tokenizers import Tokenizer, token_bytes
 from trainer.errors import ConfigError
 
 FORMATS = ('sft', 'classify')
@@ -45,6 +49,12 @@ class Example:
     tokens: np.ndarray  # int32
     mask: np.ndarray  # uint8: 1 where the token is one the model learns to write
     label: int = -1
+    text_bytes: np.ndarray | None = None  # int32: UTF-8 bytes of text each token stands for (sft), for bits per byte
+
+    def cut(self, length: int) -> Example:
+        """The first `length` tokens."""
+        text_bytes = None if self.text_bytes is None else self.text_bytes[:length]
+        return Example(self.tokens[:length], self.mask[:length], self.label, text_bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,22 +83,40 @@ def _text(record: dict, field: str) -> str:
     return value
 
 
+def _learned_tokens(
+    text: str, spans: list[tuple[int, int]], tokenizer: Tokenizer, add_special_tokens: bool, answers_last: bool
+) -> Example:
+    """`text` tokenized whole; a token is learned when its text ends inside one of `spans` (character ranges).
+
+    A token that starts before an answer and ends in it (SentencePiece's '▁' + the answer's first word) is the
+    answer's first token: the one the model writes after reading the prompt. With `answers_last`, an EOS
+    follows, learned, unless the last answer's tokens already hold a stop token.
+    """
+    ids, ends = tokenizer.encode_with_ends(text, add_special_tokens=add_special_tokens)
+    offsets = [len(text[:i].encode()) for span in spans for i in span]
+    mask = np.zeros(len(ids), np.uint8)
+    last = np.zeros(len(ids), bool)
+    for start, stop in zip(offsets[::2], offsets[1::2], strict=True):
+        last = (ends > start) & (ends <= stop)
+        mask[last] = 1
+    text_bytes = token_bytes(ends, len(text.encode()))
+    if answers_last and not np.isin(ids[last], tokenizer.stop_ids).any():
+        ids, mask, text_bytes = np.append(ids, tokenizer.eos_id), np.append(mask, 1), np.append(text_bytes, 0)
+    return Example(tokens=ids.astype(np.int32), mask=mask, text_bytes=text_bytes.astype(np.int32))
+
+
 def _prompt_completion(record: dict, data_cfg: config_dict.ConfigDict, tokenizer: Tokenizer) -> Example:
     prompt, completion = _text(record, data_cfg.prompt_field), _text(record, data_cfg.completion_field)
     if not completion.strip():
         raise _BadRecord(f'the {data_cfg.completion_field!r} is empty')
-    prompt_ids = tokenizer.encode(prompt)
-    answer_ids = np.concatenate([tokenizer.encode(completion, add_special_tokens=False), [tokenizer.eos_id]])
-    return Example(
-        tokens=np.concatenate([prompt_ids, answer_ids]).astype(np.int32),
-        mask=np.concatenate([np.zeros(len(prompt_ids), np.uint8), np.ones(len(answer_ids), np.uint8)]),
-    )
+    text = prompt + completion
+    return _learned_tokens(text, [(len(prompt), len(text))], tokenizer, True, answers_last=True)
 
 
 def _chat(
     record: dict, data_cfg: config_dict.ConfigDict, tokenizer: Tokenizer, template: chat_template.ChatTemplate
 ) -> Example:
-    """The rendered chat cut where each assistant turn starts and ends; only those turns are learned."""
+    """The rendered chat, tokenized whole; only the assistant's turns (as the template writes them) are learned."""
     messages = record.get(data_cfg.messages_field)
     if not isinstance(messages, list) or not all(
         isinstance(m, dict) and isinstance(m.get('role'), str) and isinstance(m.get('content'), str) for m in messages
@@ -96,27 +124,21 @@ def _chat(
         raise _BadRecord(f'{data_cfg.messages_field!r} is not a list of {{"role", "content"}} messages')
     if not any(m['role'] == 'assistant' and m['content'].strip() for m in messages):
         raise _BadRecord('the chat has no assistant turn to learn')
-    pieces: list[tuple[str, int]] = []  # (text, learned)
-    done = ''
-    for i, message in enumerate(messages):
-        if message['role'] == 'assistant':
-            before = template.render(messages[:i], add_generation_prompt=True)
-            pieces.append((before[len(done) :], 0))
-            done = before
-        after = template.render(messages[: i + 1], add_generation_prompt=False)
-        if not after.startswith(done):
-            raise _BadRecord("the chat template's rendering of a turn changes the turns before it")
-        pieces.append((after[len(done) :], int(message['role'] == 'assistant')))
-        done = after
-    ids, mask = [], []
-    for i, (text, learned) in enumerate(pieces):
-        # The first piece gets the tokenizer's BOS unless the model's own template writes it.
-        piece = tokenizer.encode(text, add_special_tokens=i == 0 and not template.own)
-        ids.append(piece)
-        mask.append(np.full(len(piece), learned, np.uint8))
-    ids.append(np.array([tokenizer.eos_id]))
-    mask.append(np.array([int(messages[-1]['role'] == 'assistant')], np.uint8))
-    return Example(tokens=np.concatenate(ids).astype(np.int32), mask=np.concatenate(mask))
+    spans: list[tuple[int, int]] = []  # where each assistant turn's text starts and ends
+    try:
+        text = template.render(messages, add_generation_prompt=False)
+        for i, message in enumerate(messages):
+            if message['role'] == 'assistant':
+                # The turn is what the whole conversation adds to the prompt that asks for it.
+                prompt = template.render(messages[:i], add_generation_prompt=True)
+                turn = template.render(messages[: i + 1], add_generation_prompt=False)
+                if not (text.startswith(turn) and turn.startswith(prompt)):
+                    raise _BadRecord("the chat template's rendering of a turn changes the turns before it")
+                spans.append((len(prompt), len(turn)))
+    except jinja2.exceptions.TemplateError as error:  # the template's raise_exception: roles it does not take
+        raise _BadRecord(f'the chat template refuses it: {error}') from None
+    # The model's own template writes its special tokens (BOS) itself; the plain one has none to add.
+    return _learned_tokens(text, spans, tokenizer, not template.own, answers_last=messages[-1]['role'] == 'assistant')
 
 
 def _labeled(record: dict, data_cfg: config_dict.ConfigDict, tokenizer: Tokenizer, num_classes: int) -> Example:
@@ -179,7 +201,7 @@ def _read_files(
                 continue
             if len(example.tokens) > row_tokens:
                 cut += 1
-                example = Example(example.tokens[:row_tokens], example.mask[:row_tokens], example.label)
+                example = example.cut(row_tokens)
             examples.append(example)
         for message in bad[:_WARNED_LINES]:
             logging.warning('data: skipping %s', message)
@@ -211,22 +233,25 @@ def read(
 
 
 def _sft_features(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A packed row of seq_len + 1 tokens -> inputs, next-token targets, and weights on the learned tokens."""
+    """A packed row of seq_len + 1 tokens -> inputs, next-token targets, and weights on the learned tokens
+    (and, for an eval, the bytes of text each target stands for)."""
     tokens, segments, positions = row['tokens'], row['tokens_segment_ids'], row['tokens_positions']
     same_example = (segments[1:] == segments[:-1]) & (segments[1:] != 0)
-    return {
+    features = {
         'inputs': tokens[:-1].astype(np.int32),
         'targets': tokens[1:].astype(np.int32),
         'segment_ids': segments[:-1].astype(np.int32),
         'positions': positions[:-1].astype(np.int32),
         'weights': (same_example & (row['mask'][1:] > 0)).astype(np.float32),
     }
+    return features | ({'target_bytes': row['text_bytes'][1:].astype(np.int32)} if 'text_bytes' in row else {})
 
 
-def empty_batch(seq_len: int) -> dict[str, np.ndarray]:
+def empty_batch(seq_len: int, with_bytes: bool = False) -> dict[str, np.ndarray]:
     """A batch of no rows, to be padded with rows that count nothing."""
     ids = np.zeros((0, seq_len), np.int32)
-    return {'inputs': ids, 'targets': ids, 'segment_ids': ids, 'positions': ids, 'weights': ids.astype(np.float32)}
+    batch = {'inputs': ids, 'targets': ids, 'segment_ids': ids, 'positions': ids, 'weights': ids.astype(np.float32)}
+    return batch | ({'target_bytes': ids} if with_bytes else {})
 
 
 def _classify_features(example: Example, seq_len: int) -> dict[str, np.ndarray]:
@@ -251,19 +276,22 @@ def make_dataset(
     stream: int = 0,
     num_streams: int = 1,
     repeat: bool = True,
+    with_bytes: bool = False,
 ) -> grain.IterDataset:
-    """One data stream's batches of `local_batch` rows: its share of the examples, shuffled every epoch."""
+    """One data stream's batches of `local_batch` rows: its share of the examples, shuffled every epoch; with
+    `with_bytes` (an eval of instruction data), the bytes of text each target stands for."""
     dataset: Any = grain.MapDataset.source(list(found.examples))[stream::num_streams]
     dataset = dataset.shuffle(seed) if shuffle else dataset
     dataset = dataset.repeat(None) if repeat else dataset
     if data_cfg.format == 'classify':
         rows = dataset.map(functools.partial(_classify_features, seq_len=data_cfg.seq_len)).to_iter_dataset()
     else:
-        pieces = dataset.map(lambda e: {'tokens': e.tokens, 'mask': e.mask}).to_iter_dataset()
+        fields = ('tokens', 'mask', 'text_bytes') if with_bytes else ('tokens', 'mask')
+        pieces = dataset.map(lambda e: {name: getattr(e, name) for name in fields}).to_iter_dataset()
         length = data_cfg.seq_len + 1
         rows = grain.experimental.FirstFitPackIterDataset(
             pieces,
-            length_struct={'tokens': length, 'mask': length},
+            length_struct=dict.fromkeys(fields, length),
             num_packing_bins=max(local_batch, _PACKING_ROWS),
             seed=seed + 1009 * stream,
             shuffle_bins=shuffle,

@@ -30,7 +30,7 @@ from ml_collections import config_dict
 from trainer import distributed
 from trainer.data import examples, sources
 from trainer.data.interleave import SizeBalancedInterleave
-from trainer.data.tokenizers import Tokenizer, fingerprint
+from trainer.data.tokenizers import Tokenizer, bytes_of_ids, fingerprint, token_bytes
 from trainer.errors import ConfigError
 
 Batch = dict[str, np.ndarray]
@@ -112,18 +112,33 @@ def _documents(
     stream: int = 0,
     num_streams: int = 1,
     repeat: bool = True,
+    with_bytes: bool = False,
 ) -> grain.IterDataset:
     """One source's documents as token arrays ending in EOS: the share of data stream `stream` only.
 
     Repeated forever (training, the eval's fixed batches), or read once (`repeat=False`: scoring whole files).
+    `with_bytes` adds the UTF-8 bytes of text each token stands for (the EOS none), for bits per byte.
     """
     eos = np.array([tokenizer.eos_id], np.int32)
+
+    def document(ids: np.ndarray, counts: np.ndarray | None) -> dict[str, np.ndarray]:
+        tokens = {'tokens': np.concatenate([ids, eos]).astype(np.int32)}
+        return tokens | ({'bytes': np.append(counts, 0).astype(np.int32)} if with_bytes else {})
+
+    def from_text(text: str) -> dict[str, np.ndarray]:
+        if not with_bytes:
+            return document(tokenizer.encode(text), None)
+        ids, ends = tokenizer.encode_with_ends(text)
+        return document(ids, token_bytes(ends, len(text.encode())))
+
     if src.format == 'arrayrecord':
         manifest = sources.read_manifest(list(src.files))
         records = sources.token_records(list(src.files), manifest['dtype'])[stream::num_streams]
         records = records.shuffle(seed) if shuffle else records
         records = records.repeat(None) if repeat else records
-        return records.map(lambda ids: {'tokens': np.concatenate([ids, eos])}).to_iter_dataset()
+        return records.map(
+            lambda ids: document(ids, bytes_of_ids(tokenizer, ids) if with_bytes else None)
+        ).to_iter_dataset()
     if len(src.files) >= _FILES_PER_STREAM * num_streams:  # whole files per stream
         shards = dict.fromkeys(_stream_share(src, stream, num_streams), (0, 1))
     else:
@@ -138,7 +153,7 @@ def _documents(
     # At most one epoch's files open at once: a wider cycle would read the next epoch's copies early.
     cycle = min(len(files), _INTERLEAVED_FILES)
     documents = SizeBalancedInterleave(per_file, cycle_length=cycle, distinct_files=len(files))
-    return documents.map(lambda text: {'tokens': np.concatenate([tokenizer.encode(text), eos])})
+    return documents.map(from_text)
 
 
 def _stream_share(src: Source, stream: int, num_streams: int) -> list[str]:
@@ -153,17 +168,19 @@ def _stream_share(src: Source, stream: int, num_streams: int) -> list[str]:
 
 
 def _features(row: dict[str, np.ndarray]) -> Batch:
-    """A packed row of seq_len + 1 tokens -> model inputs, next-token targets and loss weights."""
+    """A packed row of seq_len + 1 tokens -> model inputs, next-token targets and loss weights (and, for an
+    eval, the bytes of text each target stands for)."""
     tokens, segments, positions = row['tokens'], row['tokens_segment_ids'], row['tokens_positions']
     # A target counts when it continues the same document: not across documents, not padding.
     weights = (segments[1:] == segments[:-1]) & (segments[1:] != 0)
-    return {
+    features = {
         'inputs': tokens[:-1],
         'targets': tokens[1:],
         'segment_ids': segments[:-1],
         'positions': positions[:-1],
         'weights': weights.astype(np.float32),
     }
+    return features | ({'target_bytes': row['bytes'][1:]} if 'bytes' in row else {})
 
 
 def make_dataset(
@@ -177,22 +194,27 @@ def make_dataset(
     num_streams: int = 1,
     repeat: bool = True,
     num_classes: int = 0,
+    with_bytes: bool = False,
 ) -> grain.IterDataset:
     """One data stream's pipeline up to batches of `local_batch` rows, before prefetching.
 
     Read once (`repeat=False`), the last batch may have fewer rows, the last row padding (segment 0).
-    Fine-tuning examples (format 'sft' or 'classify') come from trainer.data.examples.
+    Fine-tuning examples (format 'sft' or 'classify') come from trainer.data.examples. `with_bytes` (evals)
+    adds `target_bytes`, the UTF-8 bytes of text each target token stands for.
     """
     if data_cfg.format in examples.FORMATS:
         (src,) = srcs
         found = examples.read(src.files, data_cfg, tokenizer, num_classes, ', '.join(src.files[:2]))
-        return examples.make_dataset(found, data_cfg, seed, local_batch, shuffle, stream, num_streams, repeat)
+        return examples.make_dataset(
+            found, data_cfg, seed, local_batch, shuffle, stream, num_streams, repeat, with_bytes
+        )
     per_source = [
-        _documents(src, data_cfg, tokenizer, seed + i, shuffle, stream, num_streams, repeat)
+        _documents(src, data_cfg, tokenizer, seed + i, shuffle, stream, num_streams, repeat, with_bytes)
         for i, src in enumerate(srcs)
     ]
     documents = per_source[0] if len(per_source) == 1 else grain.IterDataset.mix(per_source, [s.weight for s in srcs])
-    rows = grain.experimental.ConcatThenSplitIterDataset(documents, length_struct={'tokens': data_cfg.seq_len + 1})
+    length = {'tokens': data_cfg.seq_len + 1} | ({'bytes': data_cfg.seq_len + 1} if with_bytes else {})
+    rows = grain.experimental.ConcatThenSplitIterDataset(documents, length_struct=length)
     rows = rows.map(_features)
     if shuffle and data_cfg.shuffle_buffer > 1:
         # Each stream mixes its rows differently (any fixed offset would do; stream 0 keeps `seed`).
@@ -318,7 +340,12 @@ class GlobalBatches:
 
 
 def _stream_batches(
-    config: config_dict.ConfigDict, srcs: list[Source], tokenizer: Tokenizer, sharding: NamedSharding, shuffle: bool
+    config: config_dict.ConfigDict,
+    srcs: list[Source],
+    tokenizer: Tokenizer,
+    sharding: NamedSharding,
+    shuffle: bool,
+    with_bytes: bool = False,
 ) -> tuple[dict[int, grain.IterDataset], int, tuple[int, int]]:
     shape = (config.train.global_batch_size, config.data.seq_len)
     num_streams, mine = data_streams(config.data.num_streams, sharding, shape)
@@ -335,6 +362,7 @@ def _stream_batches(
             num_streams,
             True,
             config.model.num_classes,
+            with_bytes,
         )
         for stream in mine
     }
@@ -355,7 +383,9 @@ def eval_batches(config: config_dict.ConfigDict, tokenizer: Tokenizer, sharding:
     with rows that count nothing, so each example counts once.
     """
     if config.data.format not in examples.FORMATS:
-        datasets, num_streams, shape = _stream_batches(config, [eval_source(config.data)], tokenizer, sharding, False)
+        datasets, num_streams, shape = _stream_batches(
+            config, [eval_source(config.data)], tokenizer, sharding, False, with_bytes=True
+        )
         batches = GlobalBatches(datasets, num_streams, sharding, shape, max_documents(config))
         return [next(batches) for _ in range(config.train.eval_steps)]
     shape = (config.train.global_batch_size, config.data.seq_len)
@@ -373,6 +403,7 @@ def eval_batches(config: config_dict.ConfigDict, tokenizer: Tokenizer, sharding:
             num_streams,
             repeat=False,
             num_classes=config.model.num_classes,
+            with_bytes=config.data.format == 'sft',
         )
         for stream in mine
     }
@@ -383,7 +414,8 @@ def eval_batches(config: config_dict.ConfigDict, tokenizer: Tokenizer, sharding:
     for i in range(int(count)):
         parts = []
         for stream_batches in per_stream.values():
-            part = stream_batches[i] if i < len(stream_batches) else examples.empty_batch(config.data.seq_len)
+            empty = examples.empty_batch(config.data.seq_len, with_bytes=config.data.format == 'sft')
+            part = stream_batches[i] if i < len(stream_batches) else empty
             parts.append({k: np.pad(v, [(0, rows - len(v)), (0, 0)]) for k, v in part.items()})
             check_documents(parts[-1]['segment_ids'], limit)
         result.append(

@@ -28,16 +28,58 @@ class Tokenizer(Protocol):
     vocab_size: int
     eos_id: int
     bos_id: int | None  # the id put before each document, if any
+    stop_ids: tuple[int, ...]  # ids that end a reply: the EOS, and a model folder's other end-of-turn ids
 
     def encode(self, text: str, add_special_tokens: bool = True) -> np.ndarray:
         """Ids of `text`; without special tokens for text that already holds them (a rendered chat template)."""
         ...
 
+    def encode_with_ends(self, text: str, add_special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of `text` and where each token's text ends: a byte offset into text's UTF-8, never decreasing.
+
+        What a token stands for runs from where the one before it ended to its own end, so that spaces a
+        tokenizer folds into the next piece (SentencePiece's '▁') are counted once; tokens the tokenizer adds
+        (BOS) stand for nothing.
+        """
+        ...
+
     def decode(self, ids: np.ndarray) -> str: ...
 
-    def byte_lengths(self) -> np.ndarray:
-        """UTF-8 bytes of text each id stands for (0 for EOS and other special tokens), for bits per byte."""
-        ...
+
+def token_bytes(ends: np.ndarray, text_bytes: int) -> np.ndarray:
+    """The UTF-8 bytes each token stands for, from encode_with_ends' `ends`: they add up to `text_bytes`
+    exactly (text after the last token's end, such as spaces a tokenizer strips, counts with the last token)."""
+    counts = np.diff(np.concatenate([[0], ends])).astype(np.int32)
+    if len(counts):
+        counts[-1] += text_bytes - (int(ends[-1]) if len(ends) else 0)
+    return counts
+
+
+def _byte_offsets(text: str) -> np.ndarray:
+    """The UTF-8 byte offset of each character boundary of `text` (len(text) + 1 of them)."""
+    if text.isascii():
+        return np.arange(len(text) + 1)
+    codes = np.frombuffer(text.encode('utf-32-le'), np.uint32)
+    sizes = 1 + (codes >= 0x80).astype(np.int64) + (codes >= 0x800) + (codes >= 0x10000)
+    return np.concatenate([[0], np.cumsum(sizes)])
+
+
+def bytes_of_ids(tokenizer: Tokenizer, ids: np.ndarray) -> np.ndarray:
+    """The UTF-8 bytes each of a document's ids stands for, when only the ids are at hand (prepared shards).
+
+    The ids are decoded and the text encoded again: where that gives the same ids (almost always), the counts
+    are exact; else the document's bytes are shared out in proportion to each id decoded alone.
+    """
+    text = tokenizer.decode(ids)
+    again, ends = tokenizer.encode_with_ends(text, add_special_tokens=False)
+    total = len(text.encode())
+    if np.array_equal(again, ids):
+        return token_bytes(ends, total)
+    alone = np.array([len(tokenizer.decode(ids[i : i + 1]).encode()) for i in range(len(ids))], np.float64)
+    shares = np.floor(alone / max(alone.sum(), 1.0) * total).astype(np.int32)
+    if len(shares):
+        shares[-1] += total - shares.sum()
+    return shares
 
 
 class ByteTokenizer:
@@ -47,22 +89,52 @@ class ByteTokenizer:
     vocab_size = 256
     eos_id = 0
     bos_id = None
+    stop_ids = (0,)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> np.ndarray:
         return np.frombuffer(text.encode('utf-8'), dtype=np.uint8).astype(np.int32)
 
+    def encode_with_ends(self, text: str, add_special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        ids = self.encode(text)
+        return ids, np.arange(1, len(ids) + 1)
+
     def decode(self, ids: np.ndarray) -> str:
         return np.asarray(ids, dtype=np.uint8).tobytes().decode('utf-8', errors='replace')
-
-    def byte_lengths(self) -> np.ndarray:
-        lengths = np.ones(self.vocab_size, np.int32)
-        lengths[self.eos_id] = 0
-        return lengths
 
 
 def _token_text(value: str | dict | None) -> str:
     """A special token as tokenizer_config.json writes it: a string or {'content': ...}."""
     return value.get('content', '') if isinstance(value, dict) else value or ''
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding='utf-8') as f:
+        found = json.load(f)
+    return found if isinstance(found, dict) else {}
+
+
+def special_tokens(folder: str) -> dict:
+    """A model folder's special tokens as transformers reads them: tokenizer_config.json's `*_token` entries,
+    overridden by special_tokens_map.json's (Llama-3 Instruct names its <|eot_id|> EOS there)."""
+    settings = _read_json(os.path.join(folder, 'tokenizer_config.json'))
+    tokens = {key: _token_text(value) for key, value in settings.items() if key.endswith('_token')}
+    mapped = _read_json(os.path.join(folder, 'special_tokens_map.json'))
+    tokens.update({key: _token_text(value) for key, value in mapped.items() if isinstance(value, (str, dict))})
+    return {key: value for key, value in tokens.items() if value}
+
+
+def folder_stop_ids(folder: str, eos_id: int) -> tuple[int, ...]:
+    """The EOS and every `eos_token_id` of the folder's generation_config.json and config.json (an id or a list,
+    as Llama-3.x Instruct's <|end_of_text|>, <|eom_id|>, <|eot_id|>): each ends a reply, as in transformers."""
+    ids = [eos_id]
+    for name in ('generation_config.json', 'config.json'):
+        value = _read_json(os.path.join(folder, name)).get('eos_token_id')
+        for i in value if isinstance(value, list) else [value]:
+            if isinstance(i, int) and not isinstance(i, bool) and i not in ids:
+                ids.append(i)
+    return tuple(ids)
 
 
 class HuggingFaceTokenizer:
@@ -79,12 +151,9 @@ class HuggingFaceTokenizer:
         self.name = path
         self._tokenizer = tokenizers.Tokenizer.from_file(path)
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
-        settings_file = os.path.join(os.path.dirname(path), 'tokenizer_config.json')
-        settings = {}
-        if os.path.isfile(settings_file):
-            with open(settings_file, encoding='utf-8') as f:
-                settings = json.load(f)
-        own = _token_text(settings.get('eos_token'))
+        folder = os.path.dirname(path)
+        settings = special_tokens(folder)
+        own = settings.get('eos_token', '')
         candidates = (eos_token,) if eos_token else ((own,) if own else ()) + COMMON_EOS_TOKENS
         ids = [self._tokenizer.token_to_id(token) for token in candidates]
         found = [i for i in ids if i is not None]
@@ -95,26 +164,21 @@ class HuggingFaceTokenizer:
             )
         self.eos_id = found[0]
         added = self._tokenizer.encode('', add_special_tokens=True).ids  # what the post-processor adds
-        self.bos_id = added[0] if added else self._tokenizer.token_to_id(_token_text(settings.get('bos_token')))
+        self.bos_id = added[0] if added else self._tokenizer.token_to_id(settings.get('bos_token', ''))
+        self.stop_ids = folder_stop_ids(folder, self.eos_id)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> np.ndarray:
         return np.asarray(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids, dtype=np.int32)
 
+    def encode_with_ends(self, text: str, add_special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        encoding = self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        # Offsets are characters of `text`; tokens the post-processor adds have (0, 0).
+        char_ends = np.array([end for _, end in encoding.offsets], np.int64)
+        ends = np.maximum.accumulate(_byte_offsets(text)[char_ends]) if len(char_ends) else char_ends
+        return np.asarray(encoding.ids, dtype=np.int32), ends
+
     def decode(self, ids: np.ndarray) -> str:
         return self._tokenizer.decode([int(i) for i in ids])
-
-    def byte_lengths(self) -> np.ndarray:
-        """Exact for byte-level BPE (each character of a token is one byte); else each token decoded alone."""
-        import tokenizers
-
-        byte_level = isinstance(self._tokenizer.decoder, tokenizers.decoders.ByteLevel)
-        special = {i for i, token in self._tokenizer.get_added_tokens_decoder().items() if token.special}
-        lengths = np.zeros(self.vocab_size, np.int32)
-        for i in range(self.vocab_size):
-            token = self._tokenizer.id_to_token(i)
-            if token is not None and i not in special:
-                lengths[i] = len(token) if byte_level else len(self._tokenizer.decode([i]).encode())
-        return lengths
 
 
 class SentencePieceTokenizer:
@@ -133,22 +197,22 @@ class SentencePieceTokenizer:
                 f'the SentencePiece model {path!r} has no end-of-document token'
                 f'{" " + repr(eos_token) if eos_token else ""}: set config.data.eos_token to one of its pieces.'
             )
+        self.stop_ids = folder_stop_ids(os.path.dirname(path), self.eos_id)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> np.ndarray:
         return np.asarray(self._processor.encode(text), dtype=np.int32)
 
+    def encode_with_ends(self, text: str, add_special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            pieces = self._processor.encode(text, return_type='proto').pieces
+        except (TypeError, ValueError):  # sentencepiece before return_type
+            pieces = self._processor.encode(text, out_type='immutable_proto').pieces
+        # `end` is a byte offset into the UTF-8 text (SentencePiece works on bytes).
+        ends = np.maximum.accumulate(np.array([piece.end for piece in pieces], np.int64)) if pieces else np.zeros(0)
+        return np.array([piece.id for piece in pieces], np.int32), ends.astype(np.int64)
+
     def decode(self, ids: np.ndarray) -> str:
         return self._processor.decode([int(i) for i in ids])
-
-    def byte_lengths(self) -> np.ndarray:
-        """Each piece decoded alone; control pieces (BOS, EOS) count nothing."""
-        return np.array(
-            [
-                0 if self._processor.is_control(i) else len(self._processor.decode([i]).encode())
-                for i in range(self.vocab_size)
-            ],
-            np.int32,
-        )
 
 
 def make_tokenizer(spec: str, eos_token: str = '') -> Tokenizer:

@@ -80,7 +80,7 @@ def run(base: config_dict.ConfigDict, setting: Setting, parametrizations=('sp', 
             config = configure(base, width, parametrization, setting)
             mesh = mesh_lib.make_mesh({axis: 1 for axis in mesh_lib.MESH_AXES}, jax.devices()[:1])
             with jax.set_mesh(mesh):
-                setup = train.build(config, mesh, tokenizer)
+                setup = train.build(config, mesh)
                 data = pipeline.train_batches(config, tokenizer, setup.batch_sharding)
                 batches = [next(data) for _ in range(setting.steps)]  # the same data for every width
                 data.close()
