@@ -243,6 +243,28 @@ def test_a_new_run_starts_from_another_runs_checkpoint(tmp_path, ten_steps, para
     assert tuned_losses[first_step] < source_losses[1] - 0.5, 'it starts from the trained model'
 
 
+def test_restore_from_an_imported_model_of_another_shape_says_what_to_set_and_leaves_no_checkpoints(tmp_path):
+    """An import from Hugging Face has no workdir: the message gives the checkpoint's model fields to set."""
+    sys.path.insert(0, str(REPO / 'scripts'))
+    import convert_hf
+
+    imported = convert_hf.import_folder(str(REPO / 'tests' / 'fixtures' / 'hf' / 'llama_gqa'), tmp_path / 'imported')
+    result = subprocess.run(
+        command(tmp_path / 'run')
+        + [f'--config.checkpoint.restore_from={imported}', '--config.checkpoint.restore_params_only=True'],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert f'error: {imported} holds another model: parameter ' in last
+    assert 'set its model: --config.model.d_model=32 ' in last and '--config.model.vocab_size=99' in last
+    assert 'workdir' not in last and 'Traceback' not in result.stderr
+    assert not (tmp_path / 'run' / 'checkpoints').exists()  # a refused run leaves no empty folder
+
+
 def test_restore_from_a_folder_without_checkpoints_is_a_one_line_error(tmp_path):
     result = subprocess.run(
         command(tmp_path / 'run') + [f'--config.checkpoint.restore_from={tmp_path}'],

@@ -62,6 +62,16 @@ def test_the_command_scores_files_with_a_hugging_face_model(tmp_path):
     assert 40 < scores['bytes'] < 60
     bits = scores['loss'] * scores['tokens'] / math.log(2) / scores['bytes']
     assert scores['bits_per_byte'] == pytest.approx(bits) and np.isfinite(bits)
+    half = subprocess.run(
+        [*command, f'--files={tmp_path / "a.txt"}', '--json', '--dtype=bfloat16'],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert half.returncode == 0, half.stderr[-2000:]
+    rounded = json.loads(half.stdout)['loss']  # the folder's float32 by default; bfloat16 when asked
+    assert rounded != scores['loss'] and rounded == pytest.approx(scores['loss'], rel=0.05)
     missing = subprocess.run(
         [*command, '--files=/no/such/*.txt'], cwd=REPO, capture_output=True, text=True, timeout=300
     )

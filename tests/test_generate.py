@@ -44,7 +44,7 @@ def test_cached_decoding_equals_recomputing_the_whole_sequence(family, changes):
 
 
 def fixture_generator(name: str) -> tuple[Generator, loading.LoadedModel]:
-    loaded = loading.load(str(FIXTURES / name), {'data': 1, 'fsdp': 1, 'tensor': 1}, 'float32')
+    loaded = loading.load(str(FIXTURES / name), {'data': 1, 'fsdp': 1, 'tensor': 1})  # the folder's float32
     return Generator(loaded.graphdef, loaded.params, loaded.model_cfg, loaded.mesh), loaded
 
 
@@ -160,3 +160,15 @@ def test_every_eos_id_of_generation_config_stops_the_command(tmp_path):
     stopped = run_generate(*args)
     assert stopped.returncode == 0, stopped.stderr[-2000:]
     assert json.loads(stopped.stdout)['completion_ids'] == ids[: ids.index(stop)]
+
+
+def test_a_folder_computes_in_its_own_dtype_unless_told(tmp_path):
+    folder = tmp_path / 'model'
+    shutil.copytree(FIXTURES / 'llama_gqa', folder)
+    one = {'data': 1, 'fsdp': 1, 'tensor': 1}
+    assert loading.load(str(folder), one).model_cfg.dtype == 'float32'  # "dtype": "float32", as transformers
+    assert loading.load(str(folder), one, 'bfloat16').model_cfg.dtype == 'bfloat16'  # --dtype
+    settings = json.loads((folder / 'config.json').read_text())
+    del settings['dtype']
+    (folder / 'config.json').write_text(json.dumps(settings | {'torch_dtype': 'bfloat16'}))  # transformers 4's key
+    assert loading.load(str(folder), one).model_cfg.dtype == 'bfloat16'

@@ -3,13 +3,15 @@ scripts/make_hf_fixtures.py; read here with safetensors alone)."""
 
 import json
 import pathlib
+import re
 import shutil
+import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import mesh_for, read_metrics, run_trainer_in
+from conftest import TINY_RUN_OVERRIDES, mesh_for, read_metrics, run_trainer_in
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
@@ -148,6 +150,23 @@ def test_bad_folders_are_named_in_one_line(tmp_path):
     assert 'holds PyTorch .bin weights only: convert them once with transformers' in error()
 
 
+@pytest.mark.parametrize(
+    'setting, named',
+    [
+        ({'scale_attn_by_inverse_layer_idx': True}, 'scale_attn_by_inverse_layer_idx=true'),
+        ({'reorder_and_upcast_attn': True}, 'reorder_and_upcast_attn=true'),
+        ({'scale_attn_weights': False}, 'scale_attn_weights=false'),
+    ],
+)
+def test_gpt2_attention_variants_are_refused_not_imported_wrong(tmp_path, setting, named):
+    folder = tmp_path / 'model'
+    shutil.copytree(FIXTURES / 'gpt2', folder)
+    config = json.loads((folder / 'config.json').read_text())
+    (folder / 'config.json').write_text(json.dumps(config | setting))
+    with pytest.raises(ConfigError, match=rf'^{folder}/config.json: {re.escape(named)} .* is not supported\.$'):
+        convert_hf.import_folder(str(folder), tmp_path / 'out')
+
+
 def test_a_run_whose_model_differs_from_the_folder_names_the_field(tmp_path):
     result = run_trainer_in(
         tmp_path,
@@ -186,3 +205,27 @@ def test_a_vocabulary_the_tensor_axis_does_not_divide_asks_for_padding():
     config.model.vocab_multiple = 1  # 301 rows over 2 devices
     with pytest.raises(ConfigError, match='set config.model.vocab_multiple to a multiple of 2'):
         train.build(config, mesh_for(config))
+
+
+def test_an_exported_byte_level_model_brings_a_tokenizer_json_of_the_same_ids(tmp_path):
+    """Our generate reads the exported folder and writes what the checkpoint writes; the tokenizer.json (which
+    transformers loads) gives the byte tokenizer's ids."""
+    run = tmp_path / 'run'
+    trained = run_trainer_in(run, '--config=configs/small_lm.py', *TINY_RUN_OVERRIDES, '--config.train.steps=5')
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    exported = tmp_path / 'exported'
+    convert_hf.export_checkpoint(str(run / 'checkpoints'), exported, 'float32', max_shard_bytes=2**30)
+    texts = [' Hello  world\n', 'naïve café — “quoted” 😀 \t12345']
+    hf = tokenizers.make_tokenizer(str(exported))
+    assert (hf.eos_id, hf.bos_id, hf.stop_ids) == (0, None, (0,))
+    for text in texts:
+        assert hf.encode(text).tolist() == tokenizers.ByteTokenizer().encode(text).tolist()
+        assert hf.decode(hf.encode(text)) == text
+    generated = []
+    for model in (run, exported):
+        command = [sys.executable, '-m', 'trainer.generate', f'--model={model}', '--prompt=ROMEO:', '--json']
+        command += ['--temperature=0', '--max_new_tokens=12', '--dtype=float32']
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        generated.append(json.loads(result.stdout)['completion_ids'])
+    assert generated[0] == generated[1] and len(generated[0]) > 0

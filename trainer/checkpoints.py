@@ -152,6 +152,24 @@ def _optimizer_difference(saved_config: dict[str, Any], config_json: str, saved:
     return f'{first} is {"only in the checkpoint" if first in saved else "missing from the checkpoint"}'
 
 
+# config.model fields that decide parameter shapes: what a checkpoint of another model differs in.
+_SHAPE_FIELDS = (
+    'family', 'num_layers', 'd_model', 'num_heads', 'num_kv_heads', 'head_dim', 'd_ff', 'vocab_size',
+    'vocab_multiple', 'max_seq_len', 'tie_embeddings', 'use_bias', 'qkv_bias',
+)  # fmt: skip
+
+
+def _model_overrides(saved_config: dict[str, Any], config_json: str) -> str:
+    """'--config.model.d_ff=64 --config.model.num_layers=2': the shape fields where the checkpoint's config and
+    this one disagree, set to the checkpoint's values ('' when its config cannot be read)."""
+    theirs, ours = saved_config.get('model', {}), json.loads(config_json).get('model', {})
+    return ' '.join(
+        f'--config.model.{name}={theirs[name]}'
+        for name in _SHAPE_FIELDS
+        if name in theirs and name in ours and theirs[name] != ours[name]
+    )
+
+
 def _check_matches(
     manager: ocp.CheckpointManager,
     directory: pathlib.Path,
@@ -160,10 +178,12 @@ def _check_matches(
     config_json: str,
     optimizer_fix: str,
     params_only: bool = False,
+    other_run: bool = False,
 ) -> None:
     """A checkpoint of another model shape or optimizer is a ConfigError naming what differs (and `optimizer_fix`).
 
-    Raises FileNotFoundError when the checkpoint's metadata is missing: unreadable, not another model.
+    `other_run`: the checkpoint is config.checkpoint.restore_from's (another run's, or an import), not this
+    workdir's. Raises FileNotFoundError when the checkpoint's metadata is missing: unreadable, not another model.
     """
     metadata = manager.item_metadata(step)['state']
     saved = _leaf_shapes(metadata) if metadata is not None else {}
@@ -175,10 +195,16 @@ def _check_matches(
         if params_only and name.removeprefix('params/') in new_in_fine_tuning(set(saved), set(wanted)):
             continue  # started fresh: LoRA adapters, a classifier head (and the LM head it replaces)
         if name.startswith('params/') and saved.get(name) != wanted.get(name):
+            overrides = _model_overrides(_saved_config(manager, step), config_json)
+            if other_run:  # its config is saved inside it (an import from Hugging Face has no workdir)
+                fix = f'its model: {overrides}' if overrides else "config.model to that checkpoint's model"
+                fix = f'set {fix}, or restore_from a checkpoint of this model'
+            else:
+                fix = "use the config this run used (this workdir's config.json) or another --workdir"
+                fix += f' (it had {overrides})' if overrides else ''
             raise ConfigError(
                 f'{checkpoint} holds another model: parameter {name.removeprefix("params/")} is '
-                f'{saved.get(name, "absent")} there but {wanted.get(name, "absent")} in this config; use the config '
-                'that run used (its config.json is in its workdir) or another --workdir.'
+                f'{saved.get(name, "absent")} there but {wanted.get(name, "absent")} in this config; {fix}.'
             )
     if params_only:
         return
@@ -443,7 +469,9 @@ class Checkpointer:
         other = open_read_only(folder.parent)
         try:
             fix = 'restore its parameters alone with --config.checkpoint.restore_params_only=True'
-            _check_matches(other, folder.parent, step, target.abstract, self._config_json, fix, params_only)
+            _check_matches(
+                other, folder.parent, step, target.abstract, self._config_json, fix, params_only, other_run=True
+            )
             if params_only:
                 saved = set(_leaf_shapes(other.item_metadata(step)['state']['params']))
                 fresh = new_in_fine_tuning(saved, set(_leaf_shapes(target.abstract.params)))
@@ -468,3 +496,6 @@ class Checkpointer:
         if await_cleanup is not None:
             await_cleanup()
         self._manager.close()
+        # A run refused before its first save (another model, a bad restore_from) leaves no empty folder behind.
+        if jax.process_index() == 0 and self.directory.is_dir() and not any(self.directory.iterdir()):
+            self.directory.rmdir()

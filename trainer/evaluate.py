@@ -1,4 +1,5 @@
-"""python -m trainer.evaluate --model PATH --files PATTERN [--seq_len N] [--batch_size B] [--format sft] [--json]
+"""python -m trainer.evaluate --model PATH --files PATTERN [--seq_len N] [--batch_size B] [--format sft] [--dtype D]
+[--json]
 
 Scores a model on whole files (every document, read once, not a sample): loss per token, perplexity, and
 bits per byte (comparable between tokenizers). PATH is a run's workdir, a checkpoint folder or a Hugging
@@ -28,7 +29,7 @@ from trainer import cli, loading, steps
 from trainer import mesh as mesh_lib
 from trainer.data import examples, pipeline, sources
 from trainer.errors import ConfigError
-from trainer.model_flag import MODEL
+from trainer.model_flag import DTYPE, MODEL
 
 _FILES = flags.DEFINE_string('files', None, 'Comma-separated paths, globs or URLs of the text to score.')
 _SEQ_LEN = flags.DEFINE_integer('seq_len', None, "Tokens per row; default: the model's training seq_len.")
@@ -135,7 +136,7 @@ def confusion_table(scores: Accuracy) -> str:
 def main(argv: list[str]) -> int:
     cli.start(argv)
     try:
-        loaded = loading.load(MODEL.value)
+        loaded = loading.load(MODEL.value, dtype=DTYPE.value)
         if loaded.tokenizer is None:
             raise ConfigError(f'{MODEL.value} has no tokenizer.json: text cannot be turned into its ids.')
         if _FORMAT.value:

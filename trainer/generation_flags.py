@@ -6,7 +6,7 @@ from absl import flags
 
 from trainer import loading
 from trainer.errors import ConfigError
-from trainer.model_flag import MODEL
+from trainer.model_flag import DTYPE, MODEL
 from trainer.sampling import Sampling
 
 MAX_NEW = flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate at most, per prompt or reply.')
@@ -15,7 +15,6 @@ TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens 
 TOP_P = flags.DEFINE_float('top_p', 1.0, 'Sample among the most likely tokens that make up probability p; 1 = all.')
 SEED = flags.DEFINE_integer('seed', 0, 'Seed of the sampling: the same seed gives the same text.')
 TENSOR = flags.DEFINE_integer('tensor_parallel', 1, 'Devices to split the heads over (mesh.tensor).')
-DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], "Compute dtype; default: the model's config.")
 
 
 def sampling() -> Sampling:

@@ -62,11 +62,22 @@ def _config_of(path: str) -> tuple[config_dict.ConfigDict, pathlib.Path | None]:
     return saved_config.parse(saved['config']['config']), checkpoint
 
 
+def folder_dtype(path: str) -> str | None:
+    """A Hugging Face folder's `dtype` (transformers 5) or `torch_dtype`: what transformers computes in; None
+    when it names none or one we do not compute in."""
+    hf = hf_config.read(path)
+    dtype = hf.get('dtype') or hf.get('torch_dtype')
+    return dtype if dtype in ('float32', 'bfloat16', 'float16') else None
+
+
 def load(path: str, mesh_sizes: dict[str, int] | None = None, dtype: str | None = None) -> LoadedModel:
-    """The model at `path` on a mesh of `mesh_sizes` (default: the config's), compute dtype `dtype` if given."""
+    """The model at `path` on a mesh of `mesh_sizes` (default: the config's), compute dtype `dtype` if given,
+    else a run's own, or a Hugging Face folder's (a float32 folder computes in float32, as in transformers)."""
     config, checkpoint = _config_of(path)
     if mesh_sizes is not None:
         config.mesh.update(mesh_sizes)
+    if dtype is None and checkpoint is None:
+        dtype = folder_dtype(path)
     if dtype is not None:
         config.model.dtype = dtype
     sizes = {axis: config.mesh[axis] for axis in mesh_lib.MESH_AXES}

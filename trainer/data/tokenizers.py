@@ -82,6 +82,30 @@ def bytes_of_ids(tokenizer: Tokenizer, ids: np.ndarray) -> np.ndarray:
     return shares
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte, the alphabet of byte-level BPE (`tokenizers` uses it, but does
+    not expose the byte -> character table; transformers' copy is not a dependency)."""
+    kept = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in kept else next(extra)) for b in range(256)}
+
+
+def write_byte_tokenizer_json(path: str) -> None:
+    """ByteTokenizer as a `tokenizers` file that transformers loads: byte-level BPE without merges, ids 0-255 the
+    bytes, so that an exported byte-level model works wherever tokenizer.json is read. Its EOS, id 0 (the NUL
+    byte), is named by its stand-in character, 'Ā'."""
+    import tokenizers
+
+    vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    tokenizer.save(path)
+
+
+BYTE_EOS_TOKEN = _bytes_to_unicode()[0]
+
+
 class ByteTokenizer:
     """UTF-8 bytes as ids 0-255; byte 0 (NUL, absent from text) ends each document."""
 

@@ -68,6 +68,14 @@ def model_fields(hf: dict[str, Any], folder: str = '') -> dict[str, Any]:
     if hf['model_type'] == 'gpt2':
         if hf.get('activation_function', 'gelu_new') not in ('gelu_new', 'gelu_pytorch_tanh'):
             raise _unsupported(folder, f'activation_function={hf["activation_function"]!r}')
+        # Attention variants some GPT-2 checkpoints (Stanford CRFM's, for one) set: computed otherwise here, so
+        # refused rather than imported silently wrong.
+        if hf.get('scale_attn_by_inverse_layer_idx'):
+            raise _unsupported(folder, 'scale_attn_by_inverse_layer_idx=true (attention scaled by 1/layer)')
+        if hf.get('reorder_and_upcast_attn'):
+            raise _unsupported(folder, 'reorder_and_upcast_attn=true (attention scores scaled before a float32 matmul)')
+        if not hf.get('scale_attn_weights', True):
+            raise _unsupported(folder, 'scale_attn_weights=false (attention without the 1/sqrt(head_dim) scale)')
         return dict(
             family='gpt2',
             num_layers=hf['n_layer'],

@@ -17,6 +17,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from models.transformer import ModelConfig
+from trainer.data import tokenizers
 from trainer.data.tokenizers import Tokenizer
 from trainer.errors import ConfigError
 from trainer.hf import config as hf_config
@@ -41,8 +42,13 @@ def _shards(named_sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str
 
 
 def _copy_tokenizer(spec: str, out: pathlib.Path) -> None:
-    """The tokenizer files of a Hugging Face folder or a tokenizer.json; nothing for 'byte' or SentencePiece."""
-    if os.path.isdir(spec):
+    """The tokenizer files of a Hugging Face folder or a tokenizer.json; for 'byte', a tokenizer.json of the same
+    ids; nothing for a SentencePiece file."""
+    if spec == 'byte':
+        tokenizers.write_byte_tokenizer_json(str(out / 'tokenizer.json'))
+        settings = {'tokenizer_class': 'PreTrainedTokenizerFast', 'eos_token': tokenizers.BYTE_EOS_TOKEN}
+        (out / 'tokenizer_config.json').write_text(json.dumps(settings, indent=2, ensure_ascii=False) + '\n')
+    elif os.path.isdir(spec):
         for name in TOKENIZER_FILES[:-1]:
             if os.path.isfile(os.path.join(spec, name)):
                 shutil.copyfile(os.path.join(spec, name), out / name)
