@@ -195,3 +195,31 @@ def test_the_host_runs_at_most_one_step_ahead_of_the_device(tmp_path, monkeypatc
     assert warning in caplog.text
     (last,) = read_metrics(tmp_path)
     assert last['learning_rate'] == pytest.approx(0.9 * config.train.learning_rate)  # step 10 of a 10-step warmup
+
+
+def test_data_that_cannot_be_read_as_asked_is_one_plain_line(tmp_path):
+    """Plain text read as instruction data: one error, not a warning per line first. An empty file: a plain
+    warning line when other files have data, the error alone when none has."""
+    text = tmp_path / 'play.txt'
+    text.write_text('\n\n'.join(f'Line {i} of a play, no JSON here.' for i in range(50)))
+    (tmp_path / 'empty.txt').write_text('')
+    common = ['--config', 'configs/small_lm.py', *TINY, '--config.train.steps=2', '--config.data.eval_files=']
+    sft = run_trainer(
+        *common, f'--workdir={tmp_path / "a"}', '--config.data.format=sft', f'--config.data.train_files={text}'
+    )
+    assert sft.returncode == 2 and sft.stderr.strip().splitlines() == [
+        f"error: {text} is not JSON lines (its first 5 lines are no JSON objects), but config.data.format='sft' "
+        "reads one JSON object per line: give .jsonl files (docs/finetune.md), or config.data.format='auto' for "
+        'plain text.'
+    ], sft.stderr
+    empty = run_trainer(*common, f'--workdir={tmp_path / "b"}', f'--config.data.train_files={tmp_path / "empty.txt"}')
+    assert empty.returncode == 2 and empty.stderr.strip().splitlines() == [
+        f"error: config.data.train_files matches the empty file '{tmp_path / 'empty.txt'}': give files with data "
+        'in them.'
+    ]
+    both = run_trainer(
+        *common, f'--workdir={tmp_path / "c"}', f'--config.data.train_files={tmp_path / "empty.txt"},{text}'
+    )
+    assert both.returncode == 0, both.stderr[-2000:]
+    warnings = [line for line in both.stderr.splitlines() if 'empty' in line]
+    assert warnings == [f'warning: data: skipping 1 empty file(s) of config.data.train_files: {tmp_path / "empty.txt"}']

@@ -12,10 +12,10 @@ import traceback
 from typing import NoReturn
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from trainer import distributed, xla_flags
+from trainer import cli, distributed, xla_flags
 from trainer.errors import ConfigError, StoppedBySignal, TrainingDivergedError
 from trainer.train import train
 
@@ -70,8 +70,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> int:
     """Joins the job if this process is one of several, trains, and returns the exit code."""
-    if not flags.FLAGS['verbosity'].present:  # jax logs its backend probing and joining at INFO
-        logging.set_verbosity(logging.WARNING)
+    cli.quiet_logs()  # jax logs its backend probing and joining at INFO
     set_xla_flags()
     try:
         job = distributed.find_job(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, os.environ)

@@ -40,6 +40,7 @@ from trainer.errors import ConfigError
 FORMATS = ('sft', 'classify')
 _WARNED_LINES = 5  # bad lines named per file; the rest are counted
 _PACKING_ROWS = 8  # rows filled at once by first-fit packing, at least
+_NOT_JSON_LINES = 5  # a file whose first lines are all no JSON objects is not JSON lines: one error, not a warning each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,12 +181,20 @@ def _read_files(
     for path in files:
         bad: list[str] = []
         lines = _lines(path)
+        good = not_json = 0
         for number, line in tqdm.tqdm(lines, desc=f'reading {path}', unit=' lines', leave=False, disable=None):
             if not line.strip():
                 continue
+            if not good and not_json == _NOT_JSON_LINES:
+                raise ConfigError(
+                    f'{path} is not JSON lines (its first {_NOT_JSON_LINES} lines are no JSON objects), but '
+                    f'config.data.format={data_cfg.format!r} reads one JSON object per line: give .jsonl files '
+                    "(docs/finetune.md), or config.data.format='auto' for plain text."
+                )
             try:
                 record = json.loads(line)
                 if not isinstance(record, dict):
+                    not_json += 1
                     raise _BadRecord('the line is not a JSON object')
                 if data_cfg.format == 'classify':
                     example = _labeled(record, data_cfg, tokenizer, num_classes)
@@ -194,11 +203,13 @@ def _read_files(
                 else:
                     example = _prompt_completion(record, data_cfg, tokenizer)
             except (json.JSONDecodeError, UnicodeDecodeError):
+                not_json += 1
                 bad.append(f'{path}:{number}: not valid JSON')
                 continue
             except _BadRecord as why:
                 bad.append(f'{path}:{number}: {why}')
                 continue
+            good += 1
             if len(example.tokens) > row_tokens:
                 cut += 1
                 example = example.cut(row_tokens)

@@ -57,6 +57,9 @@ def _size(path: str) -> int:
     return fs.size(plain)
 
 
+_WARNED_EMPTY: set[tuple[str, tuple[str, ...]]] = set()  # the config checks and the pipeline resolve files alike
+
+
 def resolve_files(patterns: str, field: str) -> list[str]:
     """Expands comma-separated paths, globs and URLs; each must match a file, and some must hold data."""
     return list(resolve_sized_files(patterns, field))
@@ -75,11 +78,15 @@ def resolve_sized_files(patterns: str, field: str) -> dict[str, int]:
     if not files:
         raise ConfigError(f'{field} is empty: give at least one path or glob of data files.')
     sizes = {f: _size(f) for f in files}
-    for empty in sorted(f for f, size in sizes.items() if not size):
-        logging.warning('data: skipping %s, which is empty (%s)', empty, field)
     non_empty = {f: size for f, size in sizes.items() if size}
     if not non_empty:
-        raise ConfigError(f'{field} matches only empty files ({files[0]!r}, ...): give files with data in them.')
+        only = f'the empty file {files[0]!r}' if len(files) == 1 else f'only empty files ({files[0]!r}, ...)'
+        raise ConfigError(f'{field} matches {only}: give files with data in them.')
+    empty = sorted(f for f, size in sizes.items() if not size)
+    if empty and (field, tuple(empty)) not in _WARNED_EMPTY:  # one line, however many, once per process
+        _WARNED_EMPTY.add((field, tuple(empty)))
+        shown = ', '.join(empty[:3]) + (f' and {len(empty) - 3} more' if len(empty) > 3 else '')
+        logging.warning('data: skipping %d empty file(s) of %s: %s', len(empty), field, shown)
     return non_empty
 
 
