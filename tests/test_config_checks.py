@@ -87,7 +87,8 @@ def test_rule_naming_an_unknown_mesh_axis():
 def test_only_empty_data_files(tmp_path):
     (tmp_path / 'empty.txt').write_text('')
     message = failure({'data.train_files': str(tmp_path / '*.txt')})
-    assert message == f"config.data.train_files matches the empty file '{tmp_path / 'empty.txt'}': give files with data in them."
+    empty = tmp_path / 'empty.txt'
+    assert message == f"config.data.train_files matches the empty file '{empty}': give files with data in them."
     (tmp_path / 'empty2.txt').write_text('')
     message = failure({'data.train_files': str(tmp_path / '*.txt')})
     assert "config.data.train_files matches only empty files ('" in message and 'give files with data' in message
