@@ -2,6 +2,7 @@
 
 Usage:
   python scripts/bench_generate.py [--models small,100m] [--prompt_tokens 128] [--new_tokens 128] [--repeats 3]
+      [--batch_sizes 1,8] [--max_seq_len N]
 
 Random weights (speed does not depend on them), greedy, no stop token, so every row decodes all its
 tokens. Prints, per model and batch size (1 and 8): compile time (prefill and step, once), prefill
@@ -48,7 +49,9 @@ MODELS = {'small': ('configs/small_lm.py', small_lm.get_config), '100m': ('~100M
 MODELS['1b'] = ('~1B (TinyLlama shape)', config_1b)
 
 
-def measure(name: str, config, prompt_tokens: int, new_tokens: int, repeats: int, bandwidth: float) -> None:
+def measure(
+    name: str, config, prompt_tokens: int, new_tokens: int, repeats: int, bandwidth: float, batch_sizes: list[int]
+) -> None:
     config.mesh.update(data=1, fsdp=1, tensor=1)
     mesh = mesh_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
     with jax.set_mesh(mesh):
@@ -60,14 +63,14 @@ def measure(name: str, config, prompt_tokens: int, new_tokens: int, repeats: int
     )  # read in the compute dtype
     print(f'{name}: {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.1f}M parameters, {config.model.dtype} compute')
     rng = np.random.default_rng(0)
-    for batch in (1, 8):
+    for batch in batch_sizes:
         prompts = rng.integers(1, setup.model_cfg.vocab_size, (batch, prompt_tokens)).tolist()
         runs = [generator.generate(prompts, new_tokens) for _ in range(repeats)]
         compile_s = runs[0][1].compile_s
         prefill = max(batch * prompt_tokens / t.prefill_s for _, t in runs)
         decode = max(t.new_tokens / t.decode_s for _, t in runs)
         line = f'  batch {batch}: compile {compile_s:.1f}s | prefill {prefill:,.0f} tokens/s | '
-        line += f'decode {decode:,.0f} tokens/s'
+        line += f'decode {decode:,.0f} tokens/s ({batch / decode * 1e3:.0f} ms per step)'
         if bandwidth:
             line += f' ({params_bytes * decode / batch / bandwidth:.1%} of the bandwidth bound)'
         print(line, flush=True)
@@ -79,6 +82,8 @@ def main() -> int:
     parser.add_argument('--prompt_tokens', type=int, default=128)
     parser.add_argument('--new_tokens', type=int, default=120)
     parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--batch_sizes', default='1,8', help='comma-separated rows per batch')
+    parser.add_argument('--max_seq_len', type=int, default=0, help="the models' context instead of their own")
     parser.add_argument('--bandwidth', type=float, default=0.0, help='memory bandwidth in bytes/s (H100: 3.35e12)')
     args = parser.parse_args()
     print(f'devices: {jax.devices()[0].device_kind}, jax {jax.__version__}')
@@ -87,7 +92,11 @@ def main() -> int:
         parser.error(f'--models: unknown {", ".join(unknown)}; choose from {", ".join(MODELS)}')
     for name in names:
         title, make_config = MODELS[name]
-        measure(title, make_config(), args.prompt_tokens, args.new_tokens, args.repeats, args.bandwidth)
+        config = make_config()
+        if args.max_seq_len:
+            config.model.max_seq_len = args.max_seq_len
+        batch_sizes = [int(b) for b in args.batch_sizes.split(',')]
+        measure(title, config, args.prompt_tokens, args.new_tokens, args.repeats, args.bandwidth, batch_sizes)
     return 0
 
 
