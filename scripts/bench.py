@@ -43,11 +43,16 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_dict, config_flags  # noqa: E402
 
-from trainer import cli, flops, train, xla_flags  # noqa: E402
+from trainer import (  # noqa: E402
+    cli,
+    counts,  # noqa: E402
+    flops,
+    train,
+    xla_flags,
+)
 from trainer import mesh as mesh_lib  # noqa: E402
 from trainer.data import pipeline, tokenizers  # noqa: E402
 from trainer.errors import ConfigError  # noqa: E402
-from trainer.scaling import counts  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file, as for python -m trainer.')
 _STEPS = flags.DEFINE_integer('steps', 30, 'Timed steps per measurement (after one compiling step).')

@@ -4,8 +4,7 @@ import pytest
 from conftest import tiny_config
 
 from configs import small_lm
-from trainer import flops
-from trainer.scaling import counts
+from trainer import counts, flops
 from trainer.train import model_config
 
 # tiny_config: L=3 layers, D=24, F=40, V=38, 4 query heads of H=6, seq_len T=12.

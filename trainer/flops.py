@@ -1,4 +1,4 @@
-"""Each device's peak FLOP/s, for MFU (the model's FLOPs per token are trainer.scaling.counts')."""
+"""Each device's peak FLOP/s, for MFU (the model's FLOPs per token are trainer.counts')."""
 
 from __future__ import annotations
 

@@ -25,13 +25,13 @@ from trainer import (
     steps,
     stop_signals,
 )
+from trainer import counts as param_counts
 from trainer import mesh as mesh_lib
 from trainer import state as state_lib
 from trainer.data import examples, pipeline, tokenizers
 from trainer.errors import ConfigError, StoppedBySignal, TrainingDivergedError
 from trainer.hf import config as hf_config
 from trainer.hf import tensors as hf_tensors
-from trainer.scaling import counts as scaling_counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +193,7 @@ def describe_eval(done: int, scores: dict[str, float]) -> str:
 def _announce(
     progress: reporting.Progress,
     mesh,
-    counts: scaling_counts.Counts,
+    counts: param_counts.Counts,
     flops_per_token: float,
     peak: float | None,
     peak_source: str,
@@ -258,7 +258,7 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
         cleanup.callback(train_data.close)
         eval_batches = pipeline.eval_batches(config, tokenizer, setup.batch_sharding) if config.data.eval_files else []
 
-        counts = scaling_counts.count(setup.model_cfg, config.data.seq_len)
+        counts = param_counts.count(setup.model_cfg, config.data.seq_len)
         flops_per_token = counts.train_flops_per_token
         peak, peak_source = flops.peak_flops_per_device(mesh, config.model.dtype, config.train.peak_flops_per_device)
         checkpointer = checkpoints.Checkpointer(

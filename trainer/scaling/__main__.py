@@ -122,7 +122,7 @@ def flops_per_param_token(columns: dict[str, np.ndarray]) -> float:
 
 
 def do_counts() -> None:
-    from trainer.scaling import counts
+    from trainer import counts
 
     config = load_config(_require(_CONFIG, 'counts'), _SET.value)
     found = counts.count(model_config(config), config.data.seq_len)

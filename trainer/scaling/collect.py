@@ -7,8 +7,7 @@ import json
 import pathlib
 from typing import Any
 
-from trainer import saved_config
-from trainer.scaling import counts
+from trainer import counts, saved_config
 from trainer.train import model_config
 
 COLUMNS = (

@@ -23,8 +23,8 @@ from typing import Any
 
 from ml_collections import config_dict
 
+from trainer import counts
 from trainer.errors import ConfigError
-from trainer.scaling import counts
 from trainer.train import model_config
 
 
