@@ -43,13 +43,7 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_dict, config_flags  # noqa: E402
 
-from trainer import (  # noqa: E402
-    cli,
-    counts,  # noqa: E402
-    flops,
-    train,
-    xla_flags,
-)
+from trainer import cli, counts, flops, train, xla_flags  # noqa: E402
 from trainer import mesh as mesh_lib  # noqa: E402
 from trainer.data import pipeline, tokenizers  # noqa: E402
 from trainer.errors import ConfigError  # noqa: E402
