@@ -11,7 +11,8 @@ import time
 
 import numpy as np
 import pytest
-from conftest import TINY_RUN_OVERRIDES, logged_steps, losses_by_step
+from conftest import TINY_RUN_OVERRIDES, logged_steps, losses_by_step, read_metrics
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 40
@@ -82,6 +83,12 @@ def test_sigkill_costs_only_the_steps_since_the_checkpoint_and_resumes_bit_exact
     losses = losses_by_step(tmp_path)
     for step in range(resumed + 1, STEPS + 1):
         assert losses[step] == uninterrupted[step], step  # bit for bit: data order, rng and state
+    # One record per step for every reader: what the killed run logged past its checkpoint is gone.
+    logged = [line['step'] for line in read_metrics(tmp_path) if 'loss' in line]
+    assert logged == list(range(1, STEPS + 1))
+    events = EventAccumulator(str(tmp_path / 'tensorboard'))
+    events.Reload()
+    assert [event.step for event in events.Scalars('loss')] == list(range(1, STEPS + 1))
 
 
 def test_sigterm_saves_at_the_current_step_and_resumes_bit_exactly(tmp_path, uninterrupted):

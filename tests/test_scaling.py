@@ -1,6 +1,8 @@
 """Scaling laws: the fits recover known laws, IsoFLOP minima, bad input; a tiny sweep runs, resumes, collects, plots."""
 
 import csv
+import dataclasses
+import itertools
 import json
 import os
 import pathlib
@@ -11,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import read_metrics
 
 from trainer.errors import ConfigError
 from trainer.scaling import fit
@@ -198,3 +201,129 @@ def test_a_sweep_emits_commands_and_a_slurm_array(tmp_path):
     script = (tmp_path / 'sweep.sbatch').read_text()
     assert '#SBATCH --array=0-3' in script and 'SLURM_ARRAY_TASK_ID' in script
     assert not list(tmp_path.glob('runs/*/metrics.jsonl')), 'emitting runs nothing'
+
+
+def start_sweep(folder: pathlib.Path, *args: str) -> subprocess.Popen:
+    """A sweep in a process group of its own, as a terminal's foreground job."""
+    return subprocess.Popen(
+        [sys.executable, '-m', 'trainer.scaling', 'sweep', f'--out={folder}', *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for_step(folder: pathlib.Path, process: subprocess.Popen, step: int) -> str:
+    """Waits until the sweep's first point has logged `step`; returns the point's name."""
+    deadline = time.monotonic() + 300
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-2000:]
+        if (folder / 'sweep.json').exists():
+            point = json.loads((folder / 'sweep.json').read_text())['points'][0]
+            log = folder / 'runs' / point / 'train.log'
+            if log.exists() and f'step {step}/' in log.read_text():
+                return point
+        time.sleep(0.05)
+
+
+def test_ctrl_c_stops_a_sweep_after_its_point_saves_and_the_same_command_resumes_it(tmp_path):
+    """Ctrl-C (SIGINT to the sweep's process group, as a terminal sends it) reaches the running point once: it
+    saves, the sweep exits 4 with one line on how to go on; run again, the point resumes from its save."""
+    args = [arg for arg in SWEEP if not arg.startswith(('--widths', '--flops'))] + ['--widths=64', '--flops=2e11']
+    sweep = tmp_path / 'sweep'
+    process = start_sweep(sweep, *args)
+    point = wait_for_step(sweep, process, 25)
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 4, stderr[-3000:]
+    assert 'Traceback' not in stderr + stdout
+    assert stderr.strip().splitlines()[-1] == (
+        'stopped: 0 of 1 points done, the running one saved; run the same command to resume (finished points are '
+        'skipped, the stopped one resumes from its checkpoint).'
+    )
+    status = json.loads((sweep / 'runs' / point / 'status.json').read_text())
+    saved = int(status['message'].split('saved step ')[1].split()[0])
+    assert status['state'] == 'stopped' and (sweep / 'runs' / point / 'checkpoints' / str(saved)).is_dir()
+    assert 'point 1/1 ' in stdout and '| sweep: 0/1 points, ' in stdout and '% of FLOPs, ETA ' in stdout
+
+    again = scaling('sweep', f'--out={sweep}', *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f'resumed from step {saved} ' in again.stdout and '1 done, 0 failed' in again.stdout
+    steps = [line['step'] for line in read_metrics(sweep / 'runs' / point) if 'loss' in line]
+    assert steps == sorted(set(steps)), 'a step logged twice'
+
+    # A second Ctrl-C quits at once, the point with it.
+    quick = start_sweep(tmp_path / 'quick', *args)
+    wait_for_step(tmp_path / 'quick', quick, 25)
+    os.killpg(quick.pid, signal.SIGINT)
+    time.sleep(0.2)
+    os.killpg(quick.pid, signal.SIGINT)
+    quick.communicate(timeout=30)
+    assert quick.returncode == -signal.SIGINT
+    deadline = time.monotonic() + 10  # the point got its second SIGINT too: the kernel ends it
+    while subprocess.run(['pgrep', '-f', '--', f'--workdir {tmp_path / "quick"}'], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, 'the point outlived a second Ctrl-C'
+        time.sleep(0.1)
+
+
+def test_a_fit_its_errors_do_not_support_is_refused_for_any_loss_column(tmp_path):
+    """Six tiny CPU runs (docs/scaling/runs.csv's first) once gave standard errors of 1e99 and a confident
+    compute-optimal size. Now: one line saying what would pin the law down, whichever loss column is fitted."""
+    lines = (REPO / 'docs' / 'scaling' / 'runs.csv').read_text().splitlines()
+    (tmp_path / 'six.csv').write_text('\n'.join(lines[:7]) + '\n')
+    for csv_file, column in ((tmp_path / 'six.csv', 'loss'), (tmp_path / 'six.csv', 'eval_loss'), (None, 'loss')):
+        csv_file = csv_file or REPO / 'docs' / 'scaling' / 'runs.csv'  # all 18 runs' training loss too
+        result = scaling(
+            'fit', f'--csv={csv_file}', f'--out={tmp_path / "fit.json"}', f'--loss_column={column}', '--budget=1e15'
+        )
+        assert result.returncode == 2, result.stdout[-2000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith('error: the fit ') and 'add model sizes' in last and 'budgets' in last, last
+        assert 'the runs span ' in last and 'compute-optimal' not in result.stdout
+        assert not (tmp_path / 'fit.json').exists()
+
+
+def test_a_weak_fit_is_warned_and_implausible_exponents_refused():
+    params, tokens = np.array([1e6, 1e7]), np.array([1e8, 1e9])
+    law = CHINCHILLA
+    sound = {'E': 0.05, 'alpha': 0.02, 'beta': 0.02, 'A': 1e9, 'B': 1e9}  # A and B are not judged alone
+    assert fit.judge(law, sound, params, tokens) == ''
+    weak = fit.judge(law, sound | {'beta': 0.2}, params, tokens)
+    assert weak.startswith('weak fit: standard errors above half the estimate for beta')
+    with pytest.raises(ConfigError, match=r'the fit does not pin the law down: the standard errors of alpha exceed'):
+        fit.judge(law, sound | {'alpha': 0.5}, params, tokens)
+    with pytest.raises(ConfigError, match=r'the fit is no law: alpha outside \[0.05, 1.0\]'):
+        fit.judge(dataclasses.replace(law, alpha=3.0), sound, params, tokens)
+    with pytest.raises(ConfigError, match='exceed'):
+        fit.judge(law, sound | {'E': float('nan')}, params, tokens)
+
+
+def test_every_figure_has_readable_ticks_and_a_weak_fit_says_so(tmp_path, monkeypatch):
+    """Tokens within one decade once labelled every minor tick of residuals.png, on top of each other."""
+    from matplotlib import pyplot
+
+    from trainer.scaling import plot
+
+    figures = []
+    monkeypatch.setattr(pyplot, 'close', figures.append)
+    params = np.repeat(np.geomspace(2e5, 3e6, 6), 3)
+    tokens = np.tile([2.1e6, 3.5e6, 7.9e6], 6)
+    loss = CHINCHILLA.loss(params, tokens)
+    weak = fit.Approach3(CHINCHILLA, {}, 0.0, len(loss), 0, 'weak fit: standard errors above half the estimate')
+    plot.all_figures(tmp_path, params, tokens, 6 * params * tokens, loss, weak, None, 6.0)
+    assert len(figures) == 3
+    for figure in figures:
+        figure.canvas.draw()
+        renderer = figure.canvas.get_renderer()
+        for axes in figure.axes:
+            for axis in (axes.xaxis, axes.yaxis):
+                boxes = [
+                    label.get_window_extent(renderer)
+                    for label in axis.get_ticklabels(which='both')
+                    if label.get_visible() and label.get_text()
+                ]
+                overlapping = [(a, b) for a, b in itertools.combinations(boxes, 2) if a.overlaps(b)]
+                assert not overlapping, [label.get_text() for label in axis.get_ticklabels(which='both')]
+        assert any('weak fit' in text.get_text() for text in figure.texts)

@@ -12,13 +12,43 @@ import tensorboardX
 import tqdm
 
 
-class MetricsWriter:
-    """Appends one JSON object per line to metrics.jsonl and the same scalars to TensorBoard."""
+def keep_records_up_to(path: pathlib.Path, step: int) -> int:
+    """Rewrites a metrics.jsonl without its records past `step` (atomically: a new file renamed over it);
+    returns how many were dropped. A half-written last line (a kill mid-write) goes too."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding='utf-8').splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if record.get('step', 0) <= step:
+            kept.append(line + '\n')
+        else:
+            dropped += 1
+    if dropped:
+        temporary = path.with_name(path.name + '.tmp')
+        temporary.write_text(''.join(kept), encoding='utf-8')
+        temporary.replace(path)
+    return dropped
 
-    def __init__(self, workdir: pathlib.Path):
+
+class MetricsWriter:
+    """Appends one JSON object per line to metrics.jsonl and the same scalars to TensorBoard.
+
+    A run that starts at `first_step` (resumed from a checkpoint, or 0) drops what an interrupted run logged
+    past it, so that every reader sees each step once: metrics.jsonl is rewritten without those records, and
+    TensorBoard is told to purge its events from the next step on (its `purge_step`, which TensorBoard applies
+    when reading).
+    """
+
+    def __init__(self, workdir: pathlib.Path, first_step: int = 0):
+        self.dropped = keep_records_up_to(workdir / 'metrics.jsonl', first_step)
         self._jsonl = open(workdir / 'metrics.jsonl', 'a', encoding='utf-8')
         # tensorboardX writes classic scalar events without needing TensorFlow.
-        self._tensorboard = tensorboardX.SummaryWriter(str(workdir / 'tensorboard'))
+        self._tensorboard = tensorboardX.SummaryWriter(str(workdir / 'tensorboard'), purge_step=first_step + 1)
 
     def write(self, step: int, metrics: dict[str, float | int | None]) -> None:
         present = {name: value for name, value in metrics.items() if value is not None}

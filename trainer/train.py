@@ -277,7 +277,7 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
             progress.message(line)
         if how:
             progress.message(how)
-        writer = reporting.MetricsWriter(workdir) if is_chief else None
+        writer = reporting.MetricsWriter(workdir, int(state.step)) if is_chief else None
         if writer is not None:
             cleanup.callback(writer.close)
         stop = stop_signals.StopRequest()

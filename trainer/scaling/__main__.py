@@ -19,6 +19,7 @@ import dataclasses
 import importlib.util
 import json
 import pathlib
+import sys
 
 import numpy as np
 from absl import app, flags
@@ -153,7 +154,14 @@ def do_sweep() -> int:
     if _EMIT.value != 'run':
         print(f'wrote {sweep.emit(folder, commands, _EMIT.value)}')
         return 0
-    done, failed = sweep.run(folder, commands, points)
+    done, failed, stopped = sweep.run(folder, commands, points)
+    if stopped:
+        print(
+            f'stopped: {done} of {len(points)} points done, the running one saved; run the same command to resume '
+            '(finished points are skipped, the stopped one resumes from its checkpoint).',
+            file=sys.stderr,
+        )
+        return sweep.EXIT_STOPPED
     print(f'{done} done, {failed} failed; collect with: python -m trainer.scaling collect --sweep {folder} --out ...')
     return 1 if failed else 0
 
@@ -180,6 +188,7 @@ def do_fit() -> None:
     law = fit3.law
     result = {
         'approach3': dataclasses.asdict(law) | {'standard_errors': fit3.standard_errors, 'objective': fit3.objective},
+        'warning': fit3.warning,
         'points': fit3.points,
         'flops_per_param_token': k,
         'compute_optimal': {  # N*(C) = params_coefficient * C^params_exponent, D*(C) = C / (k N*(C))
@@ -194,6 +203,8 @@ def do_fit() -> None:
         f'(standard errors: alpha {fit3.standard_errors["alpha"]:.3f}, beta {fit3.standard_errors["beta"]:.3f}, '
         f'E {fit3.standard_errors["E"]:.3f}; {fit3.points} points)'
     )
+    if fit3.warning:
+        print(f'warning: {fit3.warning}; its predictions are loose (fit.json and the figures say so too).')
     print(
         f'compute-optimal: N* ~ C^{result["compute_optimal"]["params_exponent"]:.3f}, '
         f'D* ~ C^{result["compute_optimal"]["tokens_exponent"]:.3f} (C = {k:.2f} N D)'
@@ -227,7 +238,12 @@ def do_plot() -> None:
         saved = json.loads(pathlib.Path(_FIT.value).read_text())
         law = fit.Law(**{name: saved['approach3'][name] for name in ('E', 'A', 'B', 'alpha', 'beta')})
         fit3 = fit.Approach3(
-            law, saved['approach3']['standard_errors'], saved['approach3']['objective'], saved['points'], 0
+            law,
+            saved['approach3']['standard_errors'],
+            saved['approach3']['objective'],
+            saved['points'],
+            0,
+            saved.get('warning', ''),
         )
         if 'approach2' in saved:
             curves = [fit.IsoFlop(**{**c, 'parabola': tuple(c['parabola'])}) for c in saved['approach2']['curves']]

@@ -124,6 +124,8 @@ def plot(results: dict, out_png: str, steps_shown: tuple[int, ...] = (1, 3, 5)) 
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
+    from trainer.scaling.plot import readable
+
     names = list(results)
     last = len(next(iter(next(iter(results.values())).values()))['logits']) - 1
     steps_shown = tuple(s for s in steps_shown if s <= last) or (last,)
@@ -147,5 +149,6 @@ def plot(results: dict, out_png: str, steps_shown: tuple[int, ...] = (1, 3, 5)) 
                 ax.set_ylabel('mean |activation|')
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
+    readable(fig)
     fig.savefig(out_png, dpi=110)
     plt.close(fig)

@@ -59,6 +59,14 @@ class Law:
             return float(np.exp(log_n)), float(np.exp(np.log(flops / k) - log_n))
 
 
+# Exponents outside this range are no language-model law (Chinchilla's and its replications' fits give 0.28 to
+# 0.37, none near 1): a fit that lands there has followed noise, whatever its objective.
+PLAUSIBLE_EXPONENTS = (0.05, 1.0)
+# A standard error above this share of its estimate makes a fit weak (warned); above the estimate, refused.
+WEAK_SHARE = 0.5
+_CHECKED = ('E', 'alpha', 'beta')  # A and B span orders of magnitude along with the exponents: not judged alone
+
+
 @dataclasses.dataclass(frozen=True)
 class Approach3:
     law: Law
@@ -66,6 +74,38 @@ class Approach3:
     objective: float  # the Huber loss at the optimum
     points: int
     bootstraps: int
+    warning: str = ''  # what makes the fit weak, for the console and the figures; '' for a sound one
+
+
+def _spans(params: np.ndarray, tokens: np.ndarray) -> str:
+    return (
+        f'the runs span {params.max() / params.min():.1f}x in parameters ({len(np.unique(params))} sizes) and '
+        f'{tokens.max() / tokens.min():.1f}x in tokens'
+    )
+
+
+def judge(law: Law, errors: dict[str, float], params: np.ndarray, tokens: np.ndarray) -> str:
+    """Refuses (a ConfigError) a fit whose standard errors exceed its estimates or whose exponents leave
+    PLAUSIBLE_EXPONENTS; returns a warning for a weak one ('' for a sound one)."""
+    low, high = PLAUSIBLE_EXPONENTS
+    shown = ', '.join(f'{name} {getattr(law, name):.3g} ± {errors[name]:.2g}' for name in _CHECKED)
+    fix = 'add model sizes (a wider range of parameters) and budgets (more tokens per size), then fit again'
+    outside = [name for name in ('alpha', 'beta') if not low <= getattr(law, name) <= high]
+    if outside:
+        raise ConfigError(
+            f'the fit is no law: {" and ".join(outside)} outside [{low}, {high}] ({shown}); {_spans(params, tokens)}: '
+            f'{fix}.'
+        )
+    loose = [name for name in _CHECKED if not errors[name] <= abs(getattr(law, name))]  # NaN is loose too
+    if loose:
+        raise ConfigError(
+            f'the fit does not pin the law down: the standard errors of {", ".join(loose)} exceed the estimates '
+            f'({shown}); {_spans(params, tokens)}: {fix}.'
+        )
+    weak = [name for name in _CHECKED if errors[name] > WEAK_SHARE * abs(getattr(law, name))]
+    if weak:
+        return f'weak fit: standard errors above half the estimate for {", ".join(weak)} ({shown})'
+    return ''
 
 
 def _objective(theta: jax.Array, log_n: jax.Array, log_d: jax.Array, log_l: jax.Array, weight: jax.Array):
@@ -121,9 +161,12 @@ def check_points(params: np.ndarray, tokens: np.ndarray, loss: np.ndarray, minim
 
 
 def approach3(
-    params: np.ndarray, tokens: np.ndarray, loss: np.ndarray, bootstraps: int = 200, seed: int = 0
+    params: np.ndarray, tokens: np.ndarray, loss: np.ndarray, bootstraps: int = 200, seed: int = 0, judged=True
 ) -> Approach3:
-    """Fits L(N, D) with the Huber loss from every start; standard errors from `bootstraps` resamples."""
+    """Fits L(N, D) with the Huber loss from every start; standard errors from `bootstraps` resamples.
+
+    `judged`: a fit its standard errors or exponents do not support is refused, a weak one warned (`judge`).
+    """
     params, tokens, loss = (np.asarray(x, np.float64) for x in (params, tokens, loss))
     check_points(params, tokens, loss, minimum=6)
     with jax.enable_x64(True):
@@ -150,8 +193,14 @@ def approach3(
         resampled = np.asarray(_refit(jnp.asarray(thetas[best]), *data, jnp.asarray(counts, jnp.float64)))
     laws = [law_ for law_ in map(_law, resampled) if np.all(np.isfinite(dataclasses.astuple(law_)))]
     errors = {name: float(np.std([getattr(law_, name) for law_ in laws], ddof=1)) for name in _NAMES}
+    warning = judge(law, errors, params, tokens) if judged else ''
     return Approach3(
-        law=law, standard_errors=errors, objective=float(values[best]), points=len(loss), bootstraps=len(laws)
+        law=law,
+        standard_errors=errors,
+        objective=float(values[best]),
+        points=len(loss),
+        bootstraps=len(laws),
+        warning=warning,
     )
 
 

@@ -54,6 +54,8 @@ def plot(table: dict[str, dict[int, dict]], out_png: str) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
+    from trainer.scaling.plot import readable
+
     fig, axes = plt.subplots(1, len(table), figsize=(5.5 * len(table), 4), squeeze=False)
     for ax, (parametrization, by_width) in zip(axes[0], table.items(), strict=True):
         colors = plt.cm.plasma(np.linspace(0, 0.85, len(by_width)))
@@ -69,5 +71,6 @@ def plot(table: dict[str, dict[int, dict]], out_png: str) -> None:
         ax.set_ylabel('eval loss')
         ax.legend(fontsize=8)
     fig.tight_layout()
+    readable(fig)
     fig.savefig(out_png, dpi=110)
     plt.close(fig)

@@ -10,8 +10,31 @@ matplotlib.use('Agg')  # files only: no screen on a cluster node or in CI
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 from trainer.scaling.fit import Approach2, Approach3  # noqa: E402
+
+
+def readable(figure, warning: str = '') -> None:
+    """Base-10 log axes labelled at 1, 2 and 5 times powers of ten in short form ('20k', '5M'), never at every
+    minor tick (a span under a decade once labelled '2x10^3x10^4x10^...' on top of each other); a weak fit's
+    warning across the bottom. Call after tight_layout."""
+    for axes in figure.axes:
+        for axis in (axes.xaxis, axes.yaxis):
+            if axis.get_scale() == 'log' and getattr(axis.get_transform(), 'base', 10) == 10:
+                axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=6))
+                axis.set_major_formatter(ticker.EngFormatter(sep=''))
+                axis.set_minor_formatter(ticker.NullFormatter())
+    if warning:
+        figure.text(0.5, 0.005, warning, ha='center', va='bottom', color='firebrick', fontsize=7, wrap=True)
+        figure.subplots_adjust(bottom=max(figure.subplotpars.bottom, 0.2))
+
+
+def _save(figure, path, warning: str = '') -> None:
+    figure.tight_layout()
+    readable(figure, warning)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def loss_against_flops(path, params, flops, loss, fit3: Approach3 | None, k: float) -> None:
@@ -25,9 +48,7 @@ def loss_against_flops(path, params, flops, loss, fit3: Approach3 | None, k: flo
         axes.plot(budgets, frontier, 'k--', label='fitted compute-optimal frontier')
         axes.legend()
     axes.set(xscale='log', xlabel='training FLOPs', ylabel='loss (nats per token)', title='Loss against compute')
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(figure, path, fit3.warning if fit3 is not None else '')
 
 
 def isoflop_curves(path, fit2: Approach2) -> None:
@@ -42,9 +63,7 @@ def isoflop_curves(path, fit2: Approach2) -> None:
         axes.axvline(curve.optimal_params, color=color, linestyle=':')
     axes.set(xscale='log', xlabel='parameters', ylabel='loss (nats per token)', title='IsoFLOP curves')
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def optimal_allocation(path, fit2: Approach2 | None, fit3: Approach3 | None, flops_range, k: float) -> None:
@@ -65,9 +84,7 @@ def optimal_allocation(path, fit2: Approach2 | None, fit3: Approach3 | None, flo
     left.set(xscale='log', yscale='log', xlabel='FLOPs', ylabel='optimal parameters N*')
     right.set(xscale='log', yscale='log', xlabel='FLOPs', ylabel='optimal tokens D*')
     left.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(figure, path, fit3.warning if fit3 is not None else '')
 
 
 def residuals(path, params, tokens, loss, fit3: Approach3) -> None:
@@ -80,9 +97,7 @@ def residuals(path, params, tokens, loss, fit3: Approach3) -> None:
         axes.axhline(0, color='k', linewidth=0.8)
         axes.set(xscale='log', xlabel=label)
     left.set(ylabel='log loss - log fitted loss')
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(figure, path, fit3.warning)
 
 
 def all_figures(out: pathlib.Path, params, tokens, flops, loss, fit3, fit2, k: float) -> list[pathlib.Path]:

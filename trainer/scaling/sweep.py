@@ -2,9 +2,10 @@
 learning rates and seeds; planned, run one after another (resumable), or handed to a cluster.
 
 A sweep lives in one folder: sweep.json (the plan) and runs/<point>/ per point, each a trainer workdir
-(config.json, metrics.jsonl, checkpoints) plus point.json (the overrides and the command) and, once run
-here, status.json ('done' or 'failed' with the error). A killed sweep run again skips finished points
-and resumes the interrupted one from its checkpoint, as the trainer always does.
+(config.json, metrics.jsonl, checkpoints) plus point.json (the overrides and the command), and, once run
+here, train.log (the trainer's output) and status.json ('done', 'failed' with the error, or 'stopped'). A
+sweep stopped by Ctrl-C or SIGTERM (the running point saves first) or killed, run again, skips finished
+points and resumes the interrupted one from its checkpoint, as the trainer always does.
 """
 
 from __future__ import annotations
@@ -14,16 +15,19 @@ import itertools
 import json
 import math
 import pathlib
+import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import tqdm
 from ml_collections import config_dict
 
-from trainer import counts
+from trainer import counts, reporting
 from trainer.errors import ConfigError
 from trainer.train import model_config
 
@@ -166,33 +170,164 @@ def emit(folder: pathlib.Path, commands: list[list[str]], how: str) -> pathlib.P
     return script
 
 
-def run(folder: pathlib.Path, commands: list[list[str]], points: list[Point], echo=print) -> tuple[int, int]:
-    """Runs the points one after another, skipping finished ones; returns (done, failed)."""
-    done = failed = 0
-    for i, (argv, point) in enumerate(zip(commands, points, strict=True)):
-        workdir = folder / 'runs' / point.name
-        status_file = workdir / 'status.json'
-        status = json.loads(status_file.read_text()) if status_file.exists() else {}
-        if status.get('state') == 'done':
-            done += 1
-            continue
-        echo(f'point {i + 1}/{len(points)}: {point.name} ({point.params:,} parameters, {point.tokens:,} tokens)')
-        start = time.monotonic()
-        result = subprocess.run(argv, capture_output=True, text=True)
-        seconds = time.monotonic() - start + status.get('wall_s', 0.0)  # a resumed point adds its earlier time
-        if result.returncode == 0:
-            record = {'state': 'done', 'wall_s': seconds}
-            done += 1
-            echo(f'  done in {seconds:.0f}s: {result.stdout.strip().splitlines()[-1]}')
+EXIT_STOPPED = 4  # the trainer's: stopped by a signal after saving; the same command resumes
+_STEP_LINE = re.compile(r'^step (\d+)/(\d+) \| ETA (\S+) \| loss ([0-9.naif]+)')
+
+
+class _SweepProgress:
+    """The running point's step, loss and ETA, and the sweep's points, share of FLOPs and ETA: a bar on a
+    terminal, a plain line per trainer report otherwise."""
+
+    def __init__(self, points: list[Point], finished: set[str], echo: Callable[[str], None]):
+        self._flops = {p.name: p.flops for p in points}
+        self._total = sum(self._flops.values())
+        self._finished = sum(self._flops[name] for name in finished)
+        self._points, self._done = len(points), len(finished)
+        self._echo = echo
+        self._started = time.monotonic()
+        self._flops_here = 0.0  # FLOPs trained by this command, for its rate
+        self._bar = None
+        if echo is print and sys.stderr.isatty():
+            self._bar = tqdm.tqdm(
+                total=self._total, initial=self._finished, unit='FLOP', unit_scale=True, dynamic_ncols=True,
+                bar_format='{percentage:3.0f}% of FLOPs |{bar}| {postfix}',
+            )  # fmt: skip
+
+    def _sweep_eta(self, current: float) -> str:
+        rate = (self._flops_here + current) / max(time.monotonic() - self._started, 1e-9)
+        left = self._total - self._finished - current
+        return reporting.format_duration(left / rate) if rate > 0 else '?'
+
+    def step(self, index: int, point: Point, step: int, steps: int, eta: str, loss: str) -> None:
+        """A trainer report of the running point."""
+        current = self._flops[point.name] * step / max(steps, 1)
+        share = (self._finished + current) / self._total
+        text = (
+            f'point {index}/{self._points} {point.name} | step {step}/{steps} | loss {loss} | ETA {eta} | sweep: '
+            f'{self._done}/{self._points} points, {share:.0%} of FLOPs, ETA {self._sweep_eta(current)}'
+        )
+        if self._bar is not None:
+            self._bar.n = self._finished + current
+            self._bar.set_postfix_str(text, refresh=True)
         else:
-            lines = (result.stderr or result.stdout).strip().splitlines()
-            record = {
-                'state': 'failed',
-                'wall_s': seconds,
-                'exit_code': result.returncode,
-                'error': lines[-1] if lines else '',
-            }
-            failed += 1
-            echo(f'  failed (exit {result.returncode}): {record["error"]}')
-        status_file.write_text(json.dumps(record, indent=2) + '\n')
-    return done, failed
+            self._echo(text)
+
+    def message(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            self._echo(text)
+
+    def finished(self, point: Point, trained_fraction: float) -> None:
+        self._finished += self._flops[point.name]
+        self._flops_here += self._flops[point.name] * trained_fraction
+        self._done += 1
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class _Signals:
+    """While a point runs: the first SIGINT or SIGTERM is passed on to it (the trainer saves and stops); a
+    second SIGINT quits at once, the point with it (the kernel's default action, as in the trainer)."""
+
+    def __init__(self, message: Callable[[str], None]):
+        self.received: str | None = None
+        self._message = message
+        self._child: subprocess.Popen | None = None
+        self._previous = {number: signal.signal(number, self._handle) for number in (signal.SIGINT, signal.SIGTERM)}
+
+    def watch(self, child: subprocess.Popen | None) -> None:
+        self._child = child
+
+    def _handle(self, number: int, frame) -> None:
+        name = signal.Signals(number).name
+        if self.received is not None and number == signal.SIGINT:
+            if self._child is not None and self._child.poll() is None:
+                self._child.send_signal(signal.SIGINT)  # its second: it quits at once
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGINT)
+            return
+        self.received = name
+        self._message(f'{name}: the running point saves and stops (Ctrl-C again quits at once, without saving)')
+        if self._child is not None and self._child.poll() is None:
+            self._child.send_signal(number)
+
+    def restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
+def _run_point(argv: list[str], workdir: pathlib.Path, index: int, point: Point, progress, signals) -> tuple:
+    """Runs one point, its output appended to workdir/train.log and its reports shown; returns (exit code, last
+    line, the fraction of its steps trained here)."""
+    # A session of its own: a Ctrl-C at the terminal reaches the sweep alone, which passes it on once.
+    child = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, bufsize=1
+    )
+    signals.watch(child)
+    lines, first_step, step, steps = [], None, 0, 0
+    with open(workdir / 'train.log', 'a', encoding='utf-8', buffering=1) as log:  # lines, as they come
+        for line in child.stdout:
+            log.write(line)
+            line = line.rstrip('\n')
+            lines.append(line)
+            if line.startswith('resumed from step '):
+                first_step = int(line.split()[3])
+                progress.message(f'  {line}')
+            elif found := _STEP_LINE.match(line):
+                step, steps = int(found[1]), int(found[2])
+                first_step = step - 1 if first_step is None else first_step
+                progress.step(index, point, step, steps, found[3], found[4])
+    code = child.wait()
+    signals.watch(None)
+    trained = (step - (first_step or 0)) / steps if steps else 0.0
+    meaningful = [line for line in lines if line.strip()]
+    return code, meaningful[-1] if meaningful else '', trained
+
+
+def run(folder: pathlib.Path, commands: list[list[str]], points: list[Point], echo=print) -> tuple[int, int, bool]:
+    """Runs the points one after another, skipping finished ones; returns (done, failed, stopped).
+
+    A SIGINT or SIGTERM lets the running point save (the trainer's own stop) and ends the sweep; the same
+    command then resumes that point from its checkpoint.
+    """
+    statuses = {}
+    for point in points:
+        status_file = folder / 'runs' / point.name / 'status.json'
+        statuses[point.name] = json.loads(status_file.read_text()) if status_file.exists() else {}
+    finished = {name for name, status in statuses.items() if status.get('state') == 'done'}
+    progress = _SweepProgress(points, finished, echo)
+    signals = _Signals(progress.message)
+    done, failed = len(finished), 0
+    try:
+        for i, (argv, point) in enumerate(zip(commands, points, strict=True)):
+            if point.name in finished:
+                continue
+            if signals.received:
+                break
+            workdir = folder / 'runs' / point.name
+            status = statuses[point.name]
+            progress.message(f'point {i + 1}/{len(points)}: {point.name} ({point.params:,} parameters, '
+                             f'{point.tokens:,} tokens)')  # fmt: skip
+            start = time.monotonic()
+            code, last, trained = _run_point(argv, workdir, i + 1, point, progress, signals)
+            seconds = time.monotonic() - start + status.get('wall_s', 0.0)  # a resumed point adds its earlier time
+            if code == 0:
+                record = {'state': 'done', 'wall_s': seconds}
+                done += 1
+                progress.finished(point, trained)
+                progress.message(f'  done in {seconds:.0f}s: {last}')
+            elif code == EXIT_STOPPED or signals.received:
+                record = {'state': 'stopped', 'wall_s': seconds, 'exit_code': code, 'message': last}
+                progress.message(f'  {last}')
+            else:
+                record = {'state': 'failed', 'wall_s': seconds, 'exit_code': code, 'error': last}
+                failed += 1
+                progress.message(f'  failed (exit {code}): {last}')
+            (workdir / 'status.json').write_text(json.dumps(record, indent=2) + '\n')
+    finally:
+        signals.restore()
+        progress.close()
+    return done, failed, signals.received is not None
