@@ -193,18 +193,18 @@ class _SweepProgress:
                 bar_format='{percentage:3.0f}% of FLOPs |{bar}| {postfix}',
             )  # fmt: skip
 
-    def _sweep_eta(self, current: float) -> str:
-        rate = (self._flops_here + current) / max(time.monotonic() - self._started, 1e-9)
-        left = self._total - self._finished - current
-        return reporting.format_duration(left / rate) if rate > 0 else '?'
-
-    def step(self, index: int, point: Point, step: int, steps: int, eta: str, loss: str) -> None:
-        """A trainer report of the running point."""
+    def step(self, index: int, point: Point, step: int, steps: int, eta: str, loss: str, first_step: int) -> None:
+        """A trainer report of the running point, which this command started (or resumed) at `first_step`."""
         current = self._flops[point.name] * step / max(steps, 1)
         share = (self._finished + current) / self._total
+        # The rate counts what this command trained, not what a resumed point had done before.
+        here = self._flops_here + self._flops[point.name] * (step - first_step) / max(steps, 1)
+        rate = here / max(time.monotonic() - self._started, 1e-9)
+        left = self._total - self._finished - current
+        sweep_eta = reporting.format_duration(left / rate) if rate > 0 else '?'
         text = (
             f'point {index}/{self._points} {point.name} | step {step}/{steps} | loss {loss} | ETA {eta} | sweep: '
-            f'{self._done}/{self._points} points, {share:.0%} of FLOPs, ETA {self._sweep_eta(current)}'
+            f'{self._done}/{self._points} points, {share:.0%} of FLOPs, ETA {sweep_eta}'
         )
         if self._bar is not None:
             self._bar.n = self._finished + current
@@ -279,7 +279,7 @@ def _run_point(argv: list[str], workdir: pathlib.Path, index: int, point: Point,
             elif found := _STEP_LINE.match(line):
                 step, steps = int(found[1]), int(found[2])
                 first_step = step - 1 if first_step is None else first_step
-                progress.step(index, point, step, steps, found[3], found[4])
+                progress.step(index, point, step, steps, found[3], found[4], first_step)
     code = child.wait()
     signals.watch(None)
     trained = (step - (first_step or 0)) / steps if steps else 0.0
