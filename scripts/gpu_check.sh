@@ -85,7 +85,7 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 # shellcheck disable=SC2086
 run 120 bench_gpt2 $GPU "$PY" scripts/bench.py $GPT2 --steps 10 --framework first --json \
   --variant 'xla:model.attention_impl=xla' --variant 'bound128:model.attention_max_segments=128'
-XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda,cpu run 120 pytest_gpu $GPU "$PY" -m pytest -m gpu -v \
+XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda,cpu run 120 pytest_gpu $GPU "$PY" -m pytest -m gpu -n 0 -v \
   -p no:cacheprovider tests
 # shellcheck disable=SC2086
 run 180 bench_1b $GPU "$PY" scripts/bench.py $LLAMA_1B --steps 10 --framework first --json \
