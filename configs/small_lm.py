@@ -102,10 +102,14 @@ def get_config() -> config_dict.ConfigDict:
     data.eos_token = ''  # end-of-document token of a tokenizer file; '' = its own or a common one
     data.seq_len = 128  # tokens per training sequence; <= model.max_seq_len
     data.shuffle_buffer = 2048  # packed rows mixed by a window shuffle (train only); 0 or 1 = off
-    # The global batch is cut into this many independent streams, each reading its own share of the files;
-    # 0 = one per device of the batch axes (data x fsdp). The data order, and exact resume, are the same for
-    # any number of processes that divides it; a fixed number also keeps them across device counts.
+    # The global batch is cut into this many independent streams, each reading its own share of the files and
+    # filling fixed rows; 0 = gcd(global_batch_size, 8). The data order depends on it (never on the devices or
+    # processes): keep it for the whole run. A process runs the streams of its rows, so more streams than
+    # processes spares each process data work (docs/data.md).
     data.num_streams = 0
+    # Resume from a checkpoint saved with another num_streams: False refuses (naming the count that continues
+    # it exactly); True starts the data order over, so documents already trained on come again.
+    data.restart_order = False
     data.num_workers = 0  # grain worker processes per stream; 0 = one background thread per stream
     data.prefetch_batches = 16  # batches buffered ahead of the device (per worker); they are small
 

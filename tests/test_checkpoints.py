@@ -180,6 +180,7 @@ def test_restores_onto_another_mesh_and_device_count(tmp_path, caplog):
     from trainer import train
     from trainer.checkpoints import Checkpointer, rewind
     from trainer.data import pipeline, tokenizers
+    from trainer.errors import ConfigError
 
     def setup_for(**mesh_sizes):
         config = tiny_config('llama', **mesh_sizes)
@@ -219,13 +220,21 @@ def test_restores_onto_another_mesh_and_device_count(tmp_path, caplog):
         assert np.isfinite(float(metrics['loss']))
         data.close()
 
-        # Saved for 4 streams (one per block of batch rows), it cannot continue 2: the order starts over, loudly.
+        # Saved for the default 8 streams (gcd(batch 8, 8)), another count cannot continue it: refused in one
+        # line, unless restart_order asks to start the order over.
+        saved = data.num_streams
         config.data.num_streams = 2
         data = pipeline.train_batches(config, tokenizer, setup.batch_sharding)
-        with caplog.at_level(logging.WARNING):
-            latest = Checkpointer(tmp_path, config.checkpoint, '{}').restore_latest(setup.sharded.abstract)
+        latest = Checkpointer(tmp_path, config.checkpoint, '{}').restore_latest(setup.sharded.abstract)
+        with pytest.raises(
+            ConfigError,
+            match=f'is for {saved} data streams but this run cuts the batch into 2: set '
+            f'config.data.num_streams={saved} to continue it exactly',
+        ):
             rewind(data, latest.data_position, tmp_path)
-        assert 'is for 4 data streams but this run has 2: the data order starts over' in caplog.text
+        with caplog.at_level(logging.WARNING):
+            rewind(data, latest.data_position, tmp_path, restart_order=True)
+        assert 'the data order starts over, as config.data.restart_order=True asks' in caplog.text
         data.close()
 
 

@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import batch_topologies  # noqa: E402  (tests/)
 import grain
 import jax
 import numpy as np
@@ -434,9 +435,46 @@ def test_files_that_yield_no_document_are_an_error_not_a_hang(tmp_path):
         next(iter(dataset(config)))
 
 
-def test_by_default_there_is_one_stream_per_block_of_batch_rows(tmp_path):
-    """Not one per process: 1 process x 8 devices and 2 processes x 4 devices read the same streams."""
+def test_the_default_stream_count_is_the_configs_alone_and_each_process_runs_the_streams_of_its_rows():
+    """Not one per device or process: the same streams on any mesh; a process keeps its rows of them."""
     mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'), axis_types=(jax.sharding.AxisType.Auto,) * 3)
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))
-    assert pipeline.data_streams(0, sharding, (8, 16)) == (4, range(4))  # the tensor axis holds copies
-    assert pipeline.data_streams(2, sharding, (8, 16)) == (2, range(2))
+    assert pipeline.data_streams(0, sharding, (32, 16)) == pipeline.StreamPlan(8, range(8), slice(0, 32))
+    assert pipeline.data_streams(0, sharding, (12, 16)).num_streams == 4  # gcd(12, 8)
+    assert pipeline.data_streams(2, sharding, (8, 16)) == pipeline.StreamPlan(2, range(2), slice(0, 8))
+    # Processes holding rows 6-9 of 16 (4 streams of 4 rows): streams 1 and 2, rows 2-5 of their 8.
+    assert pipeline.plan_streams(4, 16, slice(6, 10)) == pipeline.StreamPlan(4, range(1, 3), slice(2, 6))
+    # 16 processes sharing 8 streams: two run each stream and keep half of its rows.
+    assert pipeline.plan_streams(8, 32, slice(2, 4)) == pipeline.StreamPlan(8, range(0, 1), slice(2, 4))
+
+
+@pytest.fixture(scope='module')
+def topology_data(tmp_path_factory) -> pathlib.Path:
+    folder = tmp_path_factory.mktemp('topologies')
+    batch_topologies.write_data(folder)
+    return folder
+
+
+def assert_same_arrays(found: dict[str, np.ndarray], expected: dict[str, np.ndarray], where: str) -> None:
+    assert found.keys() == expected.keys(), where
+    for key, array in expected.items():
+        assert found[key].dtype == array.dtype, (where, key)
+        np.testing.assert_array_equal(found[key], array, err_msg=f'{where}: {key}')
+
+
+# sft and arrayrecord: 25-35 s each on 2 cores, so `slow`
+SLOW_FORMATS = ('sft', 'arrayrecord')
+
+
+@pytest.mark.parametrize(
+    'name', [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FORMATS else n for n in batch_topologies.FORMATS]
+)
+def test_the_batches_of_a_step_are_the_same_on_one_device_and_on_any_mesh_of_eight(topology_data, name):
+    """1 device, and 8 devices as (2,2,2), (1,4,2), (8,1,1): byte for byte, train and eval batches alike."""
+    one = batch_topologies.global_batches(
+        batch_topologies.config_for(topology_data, name, (1, 1, 1)), jax.devices()[:1]
+    )
+    assert len(one) >= batch_topologies.STEPS * 5
+    for shape in ((2, 2, 2), (1, 4, 2), (8, 1, 1)):
+        config = batch_topologies.config_for(topology_data, name, shape)
+        assert_same_arrays(batch_topologies.global_batches(config, jax.devices()), one, f'{name} on {shape}')

@@ -278,18 +278,28 @@ class Restored:
     data_position: dict[str, Any]
 
 
-def rewind(data: GlobalBatches, position: dict[str, Any], where: pathlib.Path) -> None:
-    """Puts the data streams back where a checkpoint says; another stream count starts the data over, loudly."""
-    if position.get('num_streams') == data.num_streams:
+def rewind(data: GlobalBatches, position: dict[str, Any], where: pathlib.Path, restart_order: bool = False) -> None:
+    """Puts the data streams back where a checkpoint says (any devices, any process count).
+
+    A checkpoint of another stream count cannot be continued: refused, naming the count that continues it,
+    unless `restart_order` (config.data.restart_order) asks to start the data order over.
+    """
+    saved = position.get('num_streams')
+    if saved == data.num_streams:
         data.set_state({int(stream): _from_json(text) for stream, text in position['streams'].items()})
         return
+    if not restart_order:
+        raise ConfigError(
+            f'the data position in {where} is for {saved} data streams but this run cuts the batch into '
+            f'{data.num_streams}: set config.data.num_streams={saved} to continue it exactly, or '
+            'config.data.restart_order=True to start the data order over (documents already trained on come again).'
+        )
     logging.warning(
-        'the data position in %s is for %s data streams but this run has %d: the data order starts '
-        'over; set config.data.num_streams=%s to continue it exactly',
+        'the data position in %s is for %s data streams but this run has %d: the data order starts over, as '
+        'config.data.restart_order=True asks (documents already trained on come again)',
         where,
-        position.get('num_streams', '?'),
+        saved,
         data.num_streams,
-        position.get('num_streams', '?'),
     )
 
 

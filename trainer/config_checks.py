@@ -190,9 +190,16 @@ def check_data(config: config_dict.ConfigDict) -> None:
     _positive(data, 'config.data', 'seq_len', 'max_document_bytes', 'prefetch_batches')
     _require(data.num_workers >= 0, f'config.data.num_workers={data.num_workers} must be 0 (a thread) or more.')
     _require(
-        data.num_streams >= 0 and data.num_streams % jax.process_count() == 0,
-        f'config.data.num_streams={data.num_streams} must be 0 (one stream per process) or a multiple of the '
-        f'number of processes ({jax.process_count()}).',
+        data.num_streams >= 0,
+        f'config.data.num_streams={data.num_streams} must be 0 (gcd(global_batch_size, '
+        f'{pipeline.DEFAULT_STREAMS})) or a positive number of streams.',
+    )
+    streams = pipeline.stream_count(data.num_streams, config.train.global_batch_size)
+    _require(
+        config.train.global_batch_size % streams == 0,
+        f'config.train.global_batch_size={config.train.global_batch_size} cannot be cut into '
+        f'config.data.num_streams={streams} data streams: make the batch a multiple of it, or num_streams a '
+        'divisor of the batch.',
     )
     _require(data.shuffle_buffer >= 0, f'config.data.shuffle_buffer={data.shuffle_buffer} must not be negative.')
     _require(

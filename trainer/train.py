@@ -336,7 +336,12 @@ def _starting_state(
     sharded = setup.sharded
     restored = checkpointer.restore_latest(sharded.abstract)  # the same command again: carry on
     if restored is not None:
-        checkpoints.rewind(train_data, restored.data_position, checkpointer.directory / str(restored.step))
+        checkpoints.rewind(
+            train_data,
+            restored.data_position,
+            checkpointer.directory / str(restored.step),
+            config.data.restart_order,
+        )
         how = f'resumed from step {restored.step} ({checkpointer.directory / str(restored.step)})'
         if restored.step >= config.train.steps:
             how += (

@@ -6,17 +6,18 @@ EOS after each, packed into rows of seq_len + 1 tokens (grain's concat-then-spli
 continue in the next row), and a window shuffle mixes rows. Pre-tokenized ArrayRecord shards are
 shuffled globally instead.
 
-The global batch is cut into config.data.num_streams streams (by default one per block of rows the
-devices hold), each such a pipeline over its own share of the files (or documents) and each always
-filling the same rows; a process runs the streams of the rows it holds. Each stream's state is a
-small JSON-able dict: restoring it replays exactly the batches that follow, with any number of
-processes that divides the stream count.
+The global batch is cut into a fixed number of streams (config.data.num_streams; by default gcd(global batch,
+8)), each such a pipeline over its own share of the files (or documents) and each always filling the same rows;
+a process runs the streams that cover the rows its devices hold. Nothing here depends on the devices, the mesh
+or the process count, so the batches of step s are a function of the config and s alone, on any hardware. Each
+stream's state is a small JSON-able dict: restoring it replays exactly the batches that follow, on any topology.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import time
 from typing import Any
 
@@ -35,6 +36,10 @@ from trainer.errors import ConfigError
 
 Batch = dict[str, np.ndarray]
 _INTERLEAVED_FILES = 16  # files read at once per source: more mixes better, each holds a read block
+# The default stream count's upper bound (config.data.num_streams=0: gcd(global batch, this)). Any fixed
+# number keeps the data order hardware-free; this many gives a process of a small job (up to 8 processes)
+# streams of its own, while a single device pays only 8 light pipelines instead of one.
+DEFAULT_STREAMS = 8
 # Streams read whole files of their own when each gets this many; with fewer files, the streams' shares of
 # bytes would differ by a whole file, so each stream reads all files and keeps every n-th document instead.
 _FILES_PER_STREAM = 4
@@ -243,29 +248,44 @@ def batch_shards(sharding: NamedSharding, global_shape: tuple[int, ...]) -> int:
     return len({(index[0].start, index[0].stop) for index in sharding.devices_indices_map(global_shape).values()})
 
 
-def data_streams(num_streams: int, sharding: NamedSharding, global_shape: tuple[int, int]) -> tuple[int, range]:
-    """How many streams the global batch is cut into, and which of them fill this process's rows.
+def stream_count(num_streams: int, global_batch: int) -> int:
+    """config.data.num_streams, or by default (0) gcd(global batch, DEFAULT_STREAMS): the config's alone."""
+    return num_streams or math.gcd(global_batch, DEFAULT_STREAMS)
 
-    config.data.num_streams, or by default (0) one per block of rows the devices hold, which does not
-    depend on how many processes share the devices. Stream j always fills the same rows of every global
-    batch, so the batches do not depend on the process count as long as it divides the stream count.
+
+@dataclasses.dataclass(frozen=True)
+class StreamPlan:
+    """How the global batch is cut into streams, and which of them this process runs."""
+
+    num_streams: int
+    mine: range  # the streams whose rows overlap this process's rows, in row order
+    rows: slice  # this process's rows within the rows of its streams, concatenated
+
+
+def data_streams(num_streams: int, sharding: NamedSharding, global_shape: tuple[int, int]) -> StreamPlan:
+    """The config's stream count, and the streams that fill this process's rows.
+
+    Stream j always fills rows j * B/n to (j + 1) * B/n - 1 of every global batch of B rows, whatever the
+    devices: a process runs every stream overlapping its rows and keeps its rows of them (processes that
+    hold parts of one stream's rows each run that stream whole, the same on each).
     """
-    streams = num_streams or batch_shards(sharding, global_shape)
     batch = global_shape[0]
+    streams = stream_count(num_streams, batch)
     if batch % streams:
         raise ConfigError(
             f'config.train.global_batch_size={batch} cannot be cut into {streams} data streams '
-            f'(config.data.num_streams={num_streams}, 0 = one per device of the batch axes): make the batch a '
-            'multiple of it.'
+            f'(config.data.num_streams={num_streams}): make the batch a multiple of it, or set num_streams to a '
+            'divisor of the batch.'
         )
-    rows, per_stream = process_rows(sharding, global_shape), batch // streams
-    if rows.start % per_stream or rows.stop % per_stream:
-        raise ConfigError(
-            f'this process holds batch rows {rows.start}-{rows.stop - 1}, which do not fall on the boundaries of '
-            f'{streams} data streams of {per_stream} rows: make config.data.num_streams a multiple of the '
-            f'number of processes ({jax.process_count()}).'
-        )
-    return streams, range(rows.start // per_stream, rows.stop // per_stream)
+    return plan_streams(streams, batch, process_rows(sharding, global_shape))
+
+
+def plan_streams(num_streams: int, global_batch: int, rows: slice) -> StreamPlan:
+    """The streams overlapping `rows` of a batch cut into `num_streams`, and where those rows lie in theirs."""
+    per_stream = global_batch // num_streams
+    first, last = rows.start // per_stream, -(-rows.stop // per_stream)
+    offset = first * per_stream
+    return StreamPlan(num_streams, range(first, last), slice(rows.start - offset, rows.stop - offset))
 
 
 def max_documents(config: config_dict.ConfigDict) -> int:
@@ -286,19 +306,31 @@ def check_documents(segment_ids: np.ndarray, limit: int) -> None:
         )
 
 
+def _global_arrays(
+    parts: list[Batch], rows: slice, sharding: NamedSharding, global_shape: tuple[int, int]
+) -> dict[str, jax.Array]:
+    """This process's streams' parts of a batch (in row order) -> global arrays, from the rows it holds."""
+    return {
+        name: jax.make_array_from_process_local_data(
+            sharding, np.concatenate([part[name] for part in parts])[rows], global_shape
+        )
+        for name in parts[0]
+    }
+
+
 class GlobalBatches:
     """Iterates global batches on the mesh; each process supplies the rows of its streams. Tracks data waits."""
 
     def __init__(
         self,
         datasets: dict[int, grain.IterDataset],
-        num_streams: int,
+        plan: StreamPlan,
         sharding: NamedSharding,
         global_shape: tuple[int, int],
         max_documents: int = 0,
     ):
         self._iterators = {stream: iter(dataset) for stream, dataset in datasets.items()}
-        self.num_streams = num_streams
+        self.num_streams, self._rows = plan.num_streams, plan.rows
         self._sharding, self._shape = sharding, global_shape
         self._max_documents = max_documents  # per row, checked on each batch; 0 = any number
         self.wait_s = 0.0  # seconds spent waiting for the pipeline since the last `take_wait`
@@ -312,12 +344,7 @@ class GlobalBatches:
         self.wait_s += time.perf_counter() - start
         for part in parts:
             check_documents(part['segment_ids'], self._max_documents)
-        return {
-            name: jax.make_array_from_process_local_data(
-                self._sharding, np.concatenate([part[name] for part in parts]), self._shape
-            )
-            for name in parts[0]
-        }
+        return _global_arrays(parts, self._rows, self._sharding, self._shape)
 
     def take_wait(self) -> float:
         """Seconds waited since the last call."""
@@ -346,10 +373,10 @@ def _stream_batches(
     sharding: NamedSharding,
     shuffle: bool,
     with_bytes: bool = False,
-) -> tuple[dict[int, grain.IterDataset], int, tuple[int, int]]:
+) -> tuple[dict[int, grain.IterDataset], StreamPlan, tuple[int, int]]:
     shape = (config.train.global_batch_size, config.data.seq_len)
-    num_streams, mine = data_streams(config.data.num_streams, sharding, shape)
-    rows = shape[0] // num_streams
+    plan = data_streams(config.data.num_streams, sharding, shape)
+    rows = shape[0] // plan.num_streams
     datasets = {
         stream: make_dataset(
             srcs,
@@ -359,21 +386,21 @@ def _stream_batches(
             rows,
             shuffle,
             stream,
-            num_streams,
+            plan.num_streams,
             True,
             config.model.num_classes,
             with_bytes,
         )
-        for stream in mine
+        for stream in plan.mine
     }
-    return datasets, num_streams, shape
+    return datasets, plan, shape
 
 
 def train_batches(config: config_dict.ConfigDict, tokenizer: Tokenizer, sharding: NamedSharding) -> GlobalBatches:
     """The training stream: shuffled, repeated forever, prefetched."""
-    datasets, num_streams, shape = _stream_batches(config, train_sources(config.data), tokenizer, sharding, True)
+    datasets, plan, shape = _stream_batches(config, train_sources(config.data), tokenizer, sharding, True)
     prefetched = {stream: prefetch(dataset, config.data) for stream, dataset in datasets.items()}
-    return GlobalBatches(prefetched, num_streams, sharding, shape, max_documents(config))
+    return GlobalBatches(prefetched, plan, sharding, shape, max_documents(config))
 
 
 def eval_batches(config: config_dict.ConfigDict, tokenizer: Tokenizer, sharding: NamedSharding) -> list[Batch]:
@@ -383,14 +410,14 @@ def eval_batches(config: config_dict.ConfigDict, tokenizer: Tokenizer, sharding:
     with rows that count nothing, so each example counts once.
     """
     if config.data.format not in examples.FORMATS:
-        datasets, num_streams, shape = _stream_batches(
+        datasets, plan, shape = _stream_batches(
             config, [eval_source(config.data)], tokenizer, sharding, False, with_bytes=True
         )
-        batches = GlobalBatches(datasets, num_streams, sharding, shape, max_documents(config))
+        batches = GlobalBatches(datasets, plan, sharding, shape, max_documents(config))
         return [next(batches) for _ in range(config.train.eval_steps)]
     shape = (config.train.global_batch_size, config.data.seq_len)
-    num_streams, mine = data_streams(config.data.num_streams, sharding, shape)
-    rows = shape[0] // num_streams
+    plan = data_streams(config.data.num_streams, sharding, shape)
+    rows = shape[0] // plan.num_streams
     once = {
         stream: make_dataset(
             [eval_source(config.data)],
@@ -400,12 +427,12 @@ def eval_batches(config: config_dict.ConfigDict, tokenizer: Tokenizer, sharding:
             rows,
             False,
             stream,
-            num_streams,
+            plan.num_streams,
             repeat=False,
             num_classes=config.model.num_classes,
             with_bytes=config.data.format == 'sft',
         )
-        for stream in mine
+        for stream in plan.mine
     }
     per_stream = {stream: list(itertools.islice(dataset, config.train.eval_steps)) for stream, dataset in once.items()}
     limit = max_documents(config)
@@ -418,10 +445,5 @@ def eval_batches(config: config_dict.ConfigDict, tokenizer: Tokenizer, sharding:
             part = stream_batches[i] if i < len(stream_batches) else empty
             parts.append({k: np.pad(v, [(0, rows - len(v)), (0, 0)]) for k, v in part.items()})
             check_documents(parts[-1]['segment_ids'], limit)
-        result.append(
-            {
-                name: jax.make_array_from_process_local_data(sharding, np.concatenate([p[name] for p in parts]), shape)
-                for name in parts[0]
-            }
-        )
+        result.append(_global_arrays(parts, plan.rows, sharding, shape))
     return result
