@@ -1,7 +1,6 @@
 """The batches of one config on any topology: data in every format, and the global batches a mesh gets.
 
-tests/test_data.py imports it. In a multi-process job `global_batches` gathers every process's rows, so the
-same comparison can be made across process counts.
+tests/test_data.py imports it.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ sys.path.insert(0, str(REPO / 'scripts'))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
 from ml_collections import config_dict  # noqa: E402
 
 from configs import small_lm  # noqa: E402
@@ -94,6 +92,5 @@ def global_batches(config: config_dict.ConfigDict, devices: list[jax.Device]) ->
             ]
         for kind, step, batch in batches:
             for key, array in batch.items():
-                whole = multihost_utils.process_allgather(array, tiled=True) if jax.process_count() > 1 else array
-                result[f'{kind}/{step}/{key}'] = np.asarray(whole)
+                result[f'{kind}/{step}/{key}'] = np.asarray(array)
     return result

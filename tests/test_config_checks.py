@@ -37,6 +37,7 @@ def failure(changes: dict, num_devices: int = 8, **mesh_sizes) -> str:
             'tokenizer has 256 ids but config.model.vocab_size=200: set vocab_size to at least 256',
         ),
         ({'train.lr_schedule': 'step'}, "config.train.lr_schedule='step' is not known"),
+        ({'data.num_streams': 3}, 'config.train.global_batch_size=8 cannot be cut into 3 data streams'),
         ({'train.global_batch_size': 12}, 'config.train.global_batch_size=12 split into 1 micro-batches gives 12'),
         (
             {'train.grad_accum_steps': 3},

@@ -194,13 +194,7 @@ def check_data(config: config_dict.ConfigDict) -> None:
         f'config.data.num_streams={data.num_streams} must be 0 (gcd(global_batch_size, '
         f'{pipeline.DEFAULT_STREAMS})) or a positive number of streams.',
     )
-    streams = pipeline.stream_count(data.num_streams, config.train.global_batch_size)
-    _require(
-        config.train.global_batch_size % streams == 0,
-        f'config.train.global_batch_size={config.train.global_batch_size} cannot be cut into '
-        f'config.data.num_streams={streams} data streams: make the batch a multiple of it, or num_streams a '
-        'divisor of the batch.',
-    )
+    pipeline.stream_count(data.num_streams, config.train.global_batch_size)  # refuses one not dividing the batch
     _require(data.shuffle_buffer >= 0, f'config.data.shuffle_buffer={data.shuffle_buffer} must not be negative.')
     _require(
         data.seq_len <= config.model.max_seq_len,

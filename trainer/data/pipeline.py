@@ -249,8 +249,18 @@ def batch_shards(sharding: NamedSharding, global_shape: tuple[int, ...]) -> int:
 
 
 def stream_count(num_streams: int, global_batch: int) -> int:
-    """config.data.num_streams, or by default (0) gcd(global batch, DEFAULT_STREAMS): the config's alone."""
-    return num_streams or math.gcd(global_batch, DEFAULT_STREAMS)
+    """config.data.num_streams, or by default (0) gcd(global batch, DEFAULT_STREAMS): the config's alone.
+
+    Refuses a count that does not divide the batch.
+    """
+    streams = num_streams or math.gcd(global_batch, DEFAULT_STREAMS)
+    if global_batch % streams:
+        raise ConfigError(
+            f'config.train.global_batch_size={global_batch} cannot be cut into {streams} data streams '
+            f'(config.data.num_streams={num_streams}): make the batch a multiple of it, or set num_streams to a '
+            'divisor of the batch.'
+        )
+    return streams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,14 +280,7 @@ def data_streams(num_streams: int, sharding: NamedSharding, global_shape: tuple[
     hold parts of one stream's rows each run that stream whole, the same on each).
     """
     batch = global_shape[0]
-    streams = stream_count(num_streams, batch)
-    if batch % streams:
-        raise ConfigError(
-            f'config.train.global_batch_size={batch} cannot be cut into {streams} data streams '
-            f'(config.data.num_streams={num_streams}): make the batch a multiple of it, or set num_streams to a '
-            'divisor of the batch.'
-        )
-    return plan_streams(streams, batch, process_rows(sharding, global_shape))
+    return plan_streams(stream_count(num_streams, batch), batch, process_rows(sharding, global_shape))
 
 
 def plan_streams(num_streams: int, global_batch: int, rows: slice) -> StreamPlan:
