@@ -1,11 +1,15 @@
 """The batches of one config on any topology: data in every format, and the global batches a mesh gets.
 
-tests/test_data.py imports it.
+tests/test_data.py imports it, and runs it as each process of a multi-process job:
+  python tests/batch_topologies.py DATA_FOLDER OUT.npz FORMAT [FORMAT ...]
+(under scripts/launch_local.py) writes every process's whole global batches, gathered, to OUT.npz from
+process 0, keyed `FORMAT/kind/step/field`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import sys
 
@@ -15,9 +19,11 @@ sys.path.insert(0, str(REPO / 'scripts'))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 from ml_collections import config_dict  # noqa: E402
 
 from configs import small_lm  # noqa: E402
+from trainer import distributed  # noqa: E402
 from trainer import mesh as mesh_lib  # noqa: E402
 from trainer.data import pipeline, tokenizers  # noqa: E402
 
@@ -92,5 +98,25 @@ def global_batches(config: config_dict.ConfigDict, devices: list[jax.Device]) ->
             ]
         for kind, step, batch in batches:
             for key, array in batch.items():
-                result[f'{kind}/{step}/{key}'] = np.asarray(array)
+                # A process holds only its rows: gather the others' (a no-op in one process).
+                whole = array if array.is_fully_addressable else multihost_utils.process_allgather(array, tiled=True)
+                result[f'{kind}/{step}/{key}'] = np.asarray(whole)
     return result
+
+
+def main(folder: str, out: str, *names: str) -> None:
+    """Each format's global batches on every device of the job (a mesh over the batch axes), from process 0."""
+    job = distributed.find_job(None, None, None, os.environ)
+    if job is not None:
+        distributed.join(job, join_timeout_s=120, peer_timeout_s=60)
+    devices = jax.devices()
+    found = {}
+    for name in names:
+        config = config_for(pathlib.Path(folder), name, (jax.process_count(), len(devices) // jax.process_count(), 1))
+        found.update({f'{name}/{key}': array for key, array in global_batches(config, devices).items()})
+    if jax.process_index() == 0:
+        np.savez(out, **found)
+
+
+if __name__ == '__main__':
+    main(*sys.argv[1:])

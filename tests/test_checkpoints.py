@@ -235,6 +235,8 @@ def test_restores_onto_another_mesh_and_device_count(tmp_path, caplog):
         with caplog.at_level(logging.WARNING):
             rewind(data, latest.data_position, tmp_path, restart_order=True)
         assert 'the data order starts over, as config.data.restart_order=True asks' in caplog.text
+        with pytest.raises(ConfigError, match='holds parameters alone, no data position to resume from'):
+            rewind(data, {}, tmp_path, restart_order=True)  # what save_params writes
         data.close()
 
 

@@ -455,6 +455,20 @@ def topology_data(tmp_path_factory) -> pathlib.Path:
     return folder
 
 
+@pytest.fixture(scope='module')
+def one_device_batches(topology_data):
+    """Format name -> its batches on one device, computed once per module."""
+    cache = {}
+
+    def batches(name: str) -> dict[str, np.ndarray]:
+        if name not in cache:
+            config = batch_topologies.config_for(topology_data, name, (1, 1, 1))
+            cache[name] = batch_topologies.global_batches(config, jax.devices()[:1])
+        return cache[name]
+
+    return batches
+
+
 def assert_same_arrays(found: dict[str, np.ndarray], expected: dict[str, np.ndarray], where: str) -> None:
     assert found.keys() == expected.keys(), where
     for key, array in expected.items():
@@ -462,19 +476,28 @@ def assert_same_arrays(found: dict[str, np.ndarray], expected: dict[str, np.ndar
         np.testing.assert_array_equal(found[key], array, err_msg=f'{where}: {key}')
 
 
-# sft and arrayrecord: 25-35 s each on 2 cores, so `slow`
-SLOW_FORMATS = ('sft', 'arrayrecord')
-
-
-@pytest.mark.parametrize(
-    'name', [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FORMATS else n for n in batch_topologies.FORMATS]
-)
-def test_the_batches_of_a_step_are_the_same_on_one_device_and_on_any_mesh_of_eight(topology_data, name):
+@pytest.mark.parametrize('name', batch_topologies.FORMATS)
+def test_the_batches_of_a_step_are_the_same_on_one_device_and_on_any_mesh_of_eight(
+    topology_data, one_device_batches, name
+):
     """1 device, and 8 devices as (2,2,2), (1,4,2), (8,1,1): byte for byte, train and eval batches alike."""
-    one = batch_topologies.global_batches(
-        batch_topologies.config_for(topology_data, name, (1, 1, 1)), jax.devices()[:1]
-    )
+    one = one_device_batches(name)
     assert len(one) >= batch_topologies.STEPS * 5
     for shape in ((2, 2, 2), (1, 4, 2), (8, 1, 1)):
         config = batch_topologies.config_for(topology_data, name, shape)
         assert_same_arrays(batch_topologies.global_batches(config, jax.devices()), one, f'{name} on {shape}')
+
+
+def test_the_batches_of_a_step_are_the_same_in_two_processes_of_four_devices(
+    topology_data, one_device_batches, tmp_path
+):
+    """2 processes x 4 devices (gloo on 127.0.0.1), each reading its rows: the 1-device batches, gathered."""
+    out = tmp_path / 'two_processes.npz'
+    command = [sys.executable, 'scripts/launch_local.py', '--num_processes', '2', '--']
+    command += [sys.executable, 'tests/batch_topologies.py', str(topology_data), str(out), *batch_topologies.FORMATS]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    with np.load(out) as found:
+        for name in batch_topologies.FORMATS:
+            mine = {key.split('/', 1)[1]: found[key] for key in found.files if key.startswith(f'{name}/')}
+            assert_same_arrays(mine, one_device_batches(name), f'{name} in 2 processes x 4 devices')

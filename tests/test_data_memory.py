@@ -12,7 +12,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 STREAM = textwrap.dedent("""
     import sys
     sys.path.insert(0, {repo!r})
+    import jax
     from configs import small_lm
+    from trainer import mesh as mesh_lib
     from trainer.data import pipeline, tokenizers
 
     def peak_mb():
@@ -21,11 +23,12 @@ STREAM = textwrap.dedent("""
             line = next(line for line in status if line.startswith('VmHWM:'))
         return int(line.split()[1]) / 1024
 
-    config = small_lm.get_config()
+    config = small_lm.get_config()  # the default batch of 32 rows: 8 data streams, even on one device
     config.data.update(train_files={pattern!r}, sample_by={sample_by!r}, seq_len=128, shuffle_buffer=256)
     tokenizer = tokenizers.make_tokenizer('byte')
-    dataset = pipeline.make_dataset(pipeline.train_sources(config.data), config.data, tokenizer, 0, 32, True)
-    batches = iter(pipeline.prefetch(dataset, config.data))
+    mesh = mesh_lib.make_mesh({{'data': 1, 'fsdp': 1, 'tensor': 1}}, jax.devices()[:1])
+    batches = pipeline.train_batches(config, tokenizer, mesh_lib.batch_sharding(mesh, tuple(config.mesh.rules)))
+    assert batches.num_streams == 8, batches.num_streams
     for _ in range(100):
         next(batches)
     warm = peak_mb()
@@ -55,12 +58,13 @@ def peak_memory(pattern: str, sample_by: str) -> tuple[float, float]:
     return warm, peak
 
 
-@pytest.mark.slow  # 12 s: writes and streams 300 MB
-def test_a_300_mb_corpus_streams_with_flat_memory(tmp_path):
-    write_large_corpus(tmp_path, files=3, megabytes_each=100)
-    assert sum(p.stat().st_size for p in tmp_path.glob('*.txt')) > 290 * (1 << 20)
+@pytest.mark.slow  # 40 s: writes and streams 700 MB
+def test_a_700_mb_corpus_streams_in_the_default_eight_streams_with_flat_memory(tmp_path):
+    write_large_corpus(tmp_path, files=7, megabytes_each=100)
+    assert sum(p.stat().st_size for p in tmp_path.glob('*.txt')) > 690 * (1 << 20)
     for sample_by in ('paragraph', 'document'):  # 'document': each 100 MB file is one document, read in pieces
         warm, peak = peak_memory(str(tmp_path / '*.txt'), sample_by)
-        # Holding the corpus would cost 300 MB as bytes, 1.2 GB as int32 ids.
+        # Holding the corpus would cost 700 MB as bytes, 2.8 GB as int32 ids.
         assert peak - warm < 40, (sample_by, warm, peak)
         assert peak < 1000, (sample_by, peak)
+        print(f'{sample_by}: warm {warm:.0f} MB, peak {peak:.0f} MB')

@@ -1,4 +1,8 @@
-"""Multi-process jobs: 2 processes x 4 CPU devices (gloo on 127.0.0.1) against 1 process x 8 devices."""
+"""Multi-process jobs: 2 processes x 4 CPU devices (gloo on 127.0.0.1) against 1 device and 1 process x 8 devices.
+
+The reference run has one device: a run and its resumes on 8 devices or 2 processes see its batches, so
+their float32 losses are its losses (the data order is the config's alone, docs/data.md).
+"""
 
 import os
 import pathlib
@@ -36,9 +40,10 @@ def trainer(workdir: pathlib.Path, *extra: str) -> list[str]:
     return [sys.executable, '-m', 'trainer', '--workdir', str(workdir), *ARGS, *extra]
 
 
-def run_one_process(workdir: pathlib.Path) -> subprocess.CompletedProcess:
-    """One process with the test session's 8 CPU devices."""
-    result = subprocess.run(trainer(workdir), cwd=REPO, capture_output=True, text=True, timeout=600)
+def run_one_process(workdir: pathlib.Path, devices: int = 8) -> subprocess.CompletedProcess:
+    """One process with `devices` CPU devices (the test session's 8 by default)."""
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    result = subprocess.run(trainer(workdir), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -76,8 +81,10 @@ def wait_for_step(workdir: pathlib.Path, step: int, processes: list[subprocess.P
 
 
 def assert_close(losses: dict[int, float], reference: dict[int, float], steps: range) -> None:
+    """Equal to float32 tolerance: one device sums in another order than eight, and 30 steps of training grow
+    that to 3e-5 relative; another batch moves a loss by 1e-3 and more."""
     for step in steps:
-        assert losses[step] == pytest.approx(reference[step], rel=2e-5), step
+        assert losses[step] == pytest.approx(reference[step], rel=1e-4), step
 
 
 def keep_only_checkpoint(source: pathlib.Path, destination: pathlib.Path, step: int) -> None:
@@ -87,10 +94,18 @@ def keep_only_checkpoint(source: pathlib.Path, destination: pathlib.Path, step: 
 
 
 @pytest.fixture(scope='module')
-def one_process(tmp_path_factory) -> pathlib.Path:
-    workdir = tmp_path_factory.mktemp('one_process')
-    run_one_process(workdir)
+def one_device(tmp_path_factory) -> pathlib.Path:
+    """The uninterrupted reference run: one process, one CPU device."""
+    workdir = tmp_path_factory.mktemp('one_device')
+    result = run_one_process(workdir, devices=1)
+    assert 'devices: 1 x cpu' in result.stdout
     return workdir
+
+
+def assert_resumed_exactly(result: subprocess.CompletedProcess, step: int) -> None:
+    """Resumed at `step` with no word of the data order starting over."""
+    assert f'resumed from step {step} ' in result.stdout
+    assert 'starts over' not in result.stdout + result.stderr
 
 
 @pytest.fixture(scope='module')
@@ -99,9 +114,9 @@ def two_processes(tmp_path_factory) -> tuple[pathlib.Path, subprocess.CompletedP
     return workdir, run_two_processes(workdir)
 
 
-def test_two_processes_train_like_one(one_process, two_processes):
+def test_two_processes_train_like_one_device(one_device, two_processes):
     workdir, result = two_processes
-    reference = losses_by_step(one_process)
+    reference = losses_by_step(one_device)
     assert sorted(reference) == list(range(1, STEPS + 1))
     assert_close(losses_by_step(workdir), reference, range(1, STEPS + 1))
     assert 'devices: 8 x cpu (2 process(es), 4 device(s) each)' in result.stdout
@@ -112,23 +127,31 @@ def test_two_processes_train_like_one(one_process, two_processes):
     assert last['slowest_host'] in (0, 1) and last['host_data_wait_fraction_max'] >= last['data_wait_fraction']
 
 
-def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path, one_process, two_processes):
-    keep_only_checkpoint(two_processes[0], tmp_path, 20)
-    result = run_one_process(tmp_path)
-    assert 'resumed from step 20 ' in result.stdout
-    assert_close(losses_by_step(tmp_path), losses_by_step(one_process), range(21, STEPS + 1))
+def test_a_one_device_checkpoint_resumes_on_eight_devices(tmp_path, one_device):
+    keep_only_checkpoint(one_device, tmp_path, 20)
+    result = run_one_process(tmp_path, devices=8)
+    assert 'devices: 8 x cpu' in result.stdout
+    assert_resumed_exactly(result, 20)
+    assert_close(losses_by_step(tmp_path), losses_by_step(one_device), range(21, STEPS + 1))
 
 
-@pytest.mark.slow  # the restart in the SIGTERM test resumes in two processes too
-def test_a_one_process_checkpoint_resumes_in_two_processes(tmp_path, one_process):
-    keep_only_checkpoint(one_process, tmp_path, 20)
+def test_a_one_device_checkpoint_resumes_in_two_processes(tmp_path, one_device):
+    keep_only_checkpoint(one_device, tmp_path, 20)
     result = run_two_processes(tmp_path)
-    assert 'resumed from step 20 ' in result.stdout
-    assert_close(losses_by_step(tmp_path), losses_by_step(one_process), range(21, STEPS + 1))
+    assert_resumed_exactly(result, 20)
+    assert_close(losses_by_step(tmp_path), losses_by_step(one_device), range(21, STEPS + 1))
+
+
+@pytest.mark.slow  # the way back; the tests above cover both directions of the data position
+def test_a_two_process_checkpoint_resumes_on_one_device(tmp_path, one_device, two_processes):
+    keep_only_checkpoint(two_processes[0], tmp_path, 20)
+    result = run_one_process(tmp_path, devices=1)
+    assert_resumed_exactly(result, 20)
+    assert_close(losses_by_step(tmp_path), losses_by_step(one_device), range(21, STEPS + 1))
 
 
 @pytest.mark.slow  # 25 s: two processes run, stop, and run again
-def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, one_process):
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, one_device):
     # Saves every 0.6 s as well: the processes must agree on those steps too, or the saves would hang.
     processes = spawn_two_processes(tmp_path, '--config.checkpoint.every_minutes=0.01')
     wait_for_step(tmp_path, 12, processes)
@@ -143,7 +166,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, one_proces
     assert any(s % 10 and s != step for s in kept), kept  # a timed save, taken by both processes
     result = run_two_processes(tmp_path)
     assert f'resumed from step {step} ' in result.stdout
-    assert_close(losses_by_step(tmp_path), losses_by_step(one_process), range(1, STEPS + 1))
+    assert_close(losses_by_step(tmp_path), losses_by_step(one_device), range(1, STEPS + 1))
 
 
 @pytest.mark.parametrize(

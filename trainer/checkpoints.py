@@ -285,6 +285,11 @@ def rewind(data: GlobalBatches, position: dict[str, Any], where: pathlib.Path, r
     unless `restart_order` (config.data.restart_order) asks to start the data order over.
     """
     saved = position.get('num_streams')
+    if saved is None:  # save_params writes no data position: such a checkpoint starts runs, it ends none
+        raise ConfigError(
+            f'{where} holds parameters alone, no data position to resume from: give it as '
+            f'config.checkpoint.restore_from={where} with an empty --workdir, or remove it from this workdir.'
+        )
     if saved == data.num_streams:
         data.set_state({int(stream): _from_json(text) for stream, text in position['streams'].items()})
         return

@@ -34,6 +34,7 @@ import tqdm
 from ml_collections import config_dict
 
 from trainer import chat_template
+from trainer.data import sources
 from trainer.data.tokenizers import Tokenizer, token_bytes
 from trainer.errors import ConfigError
 
@@ -295,10 +296,12 @@ def make_dataset(
     dataset = dataset.shuffle(seed) if shuffle else dataset
     dataset = dataset.repeat(None) if repeat else dataset
     if data_cfg.format == 'classify':
-        rows = dataset.map(functools.partial(_classify_features, seq_len=data_cfg.seq_len)).to_iter_dataset()
+        rows = dataset.map(functools.partial(_classify_features, seq_len=data_cfg.seq_len))
+        rows = rows.to_iter_dataset(sources.read_options(num_streams))
     else:
         fields = ('tokens', 'mask', 'text_bytes') if with_bytes else ('tokens', 'mask')
-        pieces = dataset.map(lambda e: {name: getattr(e, name) for name in fields}).to_iter_dataset()
+        pieces = dataset.map(lambda e: {name: getattr(e, name) for name in fields})
+        pieces = pieces.to_iter_dataset(sources.read_options(num_streams))
         length = data_cfg.seq_len + 1
         rows = grain.experimental.FirstFitPackIterDataset(
             pieces,

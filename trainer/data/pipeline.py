@@ -143,7 +143,7 @@ def _documents(
         records = records.repeat(None) if repeat else records
         return records.map(
             lambda ids: document(ids, bytes_of_ids(tokenizer, ids) if with_bytes else None)
-        ).to_iter_dataset()
+        ).to_iter_dataset(sources.read_options(num_streams))
     if len(src.files) >= _FILES_PER_STREAM * num_streams:  # whole files per stream
         shards = dict.fromkeys(_stream_share(src, stream, num_streams), (0, 1))
     else:

@@ -20,6 +20,16 @@ import numpy as np
 
 from trainer.errors import ConfigError
 
+
+def read_options(num_streams: int) -> grain.ReadOptions:
+    """Read-ahead of one stream's records: grain's default (16 threads, 500 records) split between the streams.
+
+    Each stream reads ahead on its own; grain's default in every one of 8 streams made 128 threads and 4000
+    records read before the first batch (24x slower to start on 2 cores). The order does not depend on it.
+    """
+    return grain.ReadOptions(num_threads=max(1, 16 // num_streams), prefetch_buffer_size=max(32, 500 // num_streams))
+
+
 FORMATS = ('auto', 'text', 'jsonl', 'parquet', 'arrayrecord', 'sft', 'classify')
 SAMPLE_BY = ('document', 'paragraph', 'line')
 _EXTENSIONS = {
