@@ -27,9 +27,9 @@ _HELD_OUT = 8  # every 8th speech goes to the eval files
 _PER_PLAY = {'instruct_train': 320, 'instruct_eval': 40, 'play_train': 300, 'play_eval': 40}
 
 
-def speeches(play: str) -> list[tuple[str, list[str]]]:
+def speeches(play: str, folder: pathlib.Path = ROOT / 'train') -> list[tuple[str, list[str]]]:
     """(speaker, lines) of each speech: a paragraph whose first line is a speaker's name."""
-    text = (ROOT / 'train' / f'{play}.txt').read_text(encoding='utf-8')
+    text = (folder / f'{play}.txt').read_text(encoding='utf-8')
     found = []
     for paragraph in text.split('\n\n'):
         lines = [line.strip() for line in paragraph.strip().splitlines()]

@@ -31,5 +31,6 @@ def test_sample_data_and_configs_ship_inside_the_wheel(tmp_path):
     (wheel,) = tmp_path.glob('shardtrain-*.whl')
     names = set(zipfile.ZipFile(wheel).namelist())
     samples = {p.relative_to(REPO).as_posix() for p in (REPO / 'trainer' / 'sample_data').rglob('*') if p.is_file()}
-    assert len(samples) == 18 and samples <= names, samples - names  # 13 plays, 4 fine-tuning sets, provenance
+    # 13 plays, 4 fine-tuning sets, the multiple-choice demo task, provenance
+    assert len(samples) == 19 and samples <= names, samples - names
     assert {'configs/small_lm.py', 'models/transformer.py', 'trainer/__main__.py'} <= names

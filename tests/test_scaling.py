@@ -139,10 +139,15 @@ def test_a_tiny_sweep_runs_resumes_after_a_kill_collects_and_plots(tmp_path):
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     first_done = [p.parent.name for p in sweep.glob('runs/*/status.json')]
-    again = scaling('sweep', f'--out={sweep}', *SWEEP)
+    # Resumed with multiple-choice scoring: the points to come at their end, the one done before the kill too.
+    questions = tmp_path / 'questions.jsonl'
+    demo = (REPO / 'trainer' / 'sample_data' / 'eval' / 'tempest_next_line.jsonl').read_text().splitlines()
+    questions.write_text('\n'.join(demo[:20]) + '\n')
+    again = scaling('sweep', f'--out={sweep}', *SWEEP, f'--mc_files={questions}')
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert '4 done, 0 failed' in again.stdout
     assert not any(f': {name} (' in again.stdout for name in first_done), 'a finished point ran again'
+    assert again.stdout.count('on 20 questions') == 4, again.stdout[-3000:]
     points = json.loads((sweep / 'sweep.json').read_text())['points']
     assert len(points) == 4 and all((sweep / 'runs' / p / 'metrics.jsonl').exists() for p in points)
 
@@ -151,6 +156,13 @@ def test_a_tiny_sweep_runs_resumes_after_a_kill_collects_and_plots(tmp_path):
     rows = list(csv.DictReader(table.open()))
     assert len(rows) == 4 and {r['state'] for r in rows} == {'done'}
     assert all(float(r['flops']) > 0 and float(r['loss']) > 0 for r in rows)
+    for row in rows:
+        scores = json.loads((sweep / 'runs' / row['name'] / 'multiple_choice.json').read_text())
+        assert float(row['acc_norm']) == scores['acc_norm'] and scores['questions'] == 20
+        assert float(row['acc_error']) == pytest.approx(1 - scores['acc']) and float(row['acc_stderr']) > 0
+    drawn = scaling('plot', f'--csv={table}', f'--out={tmp_path / "plots"}', '--loss_column=acc_norm_error')
+    assert drawn.returncode == 0, drawn.stderr[-2000:]
+    assert (tmp_path / 'plots' / 'acc_norm_error_vs_flops.png').stat().st_size > 10_000
     fitted = scaling('fit', f'--csv={table}', f'--out={tmp_path / "fit.json"}')
     assert fitted.returncode == 2  # four runs cannot fit the law's five parameters, said in one line
     assert fitted.stderr.strip() == 'error: 4 points cannot fit 5 parameters: give at least 6.'

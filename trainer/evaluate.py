@@ -1,5 +1,5 @@
-"""python -m trainer.evaluate --model PATH --files PATTERN [--seq_len N] [--batch_size B] [--format sft] [--dtype D]
-[--json]
+"""python -m trainer.evaluate --model PATH --files PATTERN [--task multiple_choice] [--seq_len N] [--batch_size B]
+[--format sft] [--dtype D] [--json]
 
 Scores a model on whole files (every document, read once, not a sample): loss per token, perplexity, and
 bits per byte (comparable between tokenizers). PATH is a run's workdir, a checkpoint folder or a Hugging
@@ -7,6 +7,8 @@ Face model folder; the files are read with the model's data settings and tokeniz
 in training, and the batches are sharded over the model config's mesh. For a model fine-tuned on
 instructions (data.format 'sft', or --format sft for any model) the loss is over the answers only. A
 classifier (model.head 'classify') gets its accuracy and confusion matrix on labeled JSON lines instead.
+`--task multiple_choice` scores JSON lines {"context", "choices", "gold"} by each choice's log-likelihood:
+acc, acc_norm and acc_bytes as lm-evaluation-harness defines them (trainer/multiple_choice.py).
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ import tqdm
 from absl import app, flags
 from flax import nnx
 
-from trainer import cli, loading, steps
+from trainer import cli, loading, multiple_choice, steps
 from trainer import mesh as mesh_lib
 from trainer.data import examples, pipeline, sources
 from trainer.errors import ConfigError
+from trainer.loglikelihood import Scorer
 from trainer.model_flag import DTYPE, MODEL
 
 _FILES = flags.DEFINE_string('files', None, 'Comma-separated paths, globs or URLs of the text to score.')
@@ -37,6 +40,12 @@ _BATCH = flags.DEFINE_integer('batch_size', None, "Rows per batch; default: the 
 _JSON = flags.DEFINE_bool('json', False, 'Print the scores as one JSON object.')
 _FORMAT = flags.DEFINE_string(
     'format', None, "The files' config.data.format, if not the model's: 'sft' scores the answers of instruction data."
+)
+_TASK = flags.DEFINE_enum(
+    'task',
+    'loss',
+    ['loss', 'multiple_choice'],
+    "'loss': loss and bits per byte of the text; 'multiple_choice': acc of JSON lines {context, choices, gold}.",
 )
 flags.mark_flags_as_required(['files'])
 
@@ -133,6 +142,17 @@ def confusion_table(scores: Accuracy) -> str:
     return '\n'.join(lines)
 
 
+def print_choices(scores: multiple_choice.Accuracies, source: str) -> None:
+    if _JSON.value:
+        print(json.dumps(dataclasses.asdict(scores) | {'model': source, 'files': _FILES.value}))
+        return
+    print(
+        f'acc {scores.acc:.4f} ± {scores.acc_stderr:.4f} | acc_norm {scores.acc_norm:.4f} ± '
+        f'{scores.acc_norm_stderr:.4f} | acc_bytes {scores.acc_bytes:.4f} ± {scores.acc_bytes_stderr:.4f} | '
+        f'{scores.questions:,} questions, chance {scores.chance:.4f} | model {source}'
+    )
+
+
 def main(argv: list[str]) -> int:
     cli.start(argv)
     try:
@@ -150,12 +170,20 @@ def main(argv: list[str]) -> int:
         )
         if batch_size % split:
             raise ConfigError(f'--batch_size={batch_size} must be a multiple of the {split} batch shards of the mesh.')
-        if loaded.model_cfg.head == 'classify':
+        if _TASK.value == 'multiple_choice':
+            if loaded.model_cfg.head == 'classify':
+                raise ConfigError(f'{MODEL.value} is a classifier: --task=multiple_choice scores language models.')
+            scorer = Scorer(loaded, batch_size)
+            choices = multiple_choice.score(scorer, loaded.tokenizer, _FILES.value, progress=not _JSON.value)
+        elif loaded.model_cfg.head == 'classify':
             accuracy = classify(loaded, _FILES.value, batch_size, progress=not _JSON.value)
         else:
             scores = score(loaded, _FILES.value, seq_len, batch_size, progress=not _JSON.value)
     except ConfigError as error:
         cli.fail(str(error))
+    if _TASK.value == 'multiple_choice':
+        print_choices(choices, loaded.source)
+        return 0
     if loaded.model_cfg.head == 'classify':
         if _JSON.value:
             print(json.dumps(dataclasses.asdict(accuracy) | {'model': loaded.source, 'files': _FILES.value}))

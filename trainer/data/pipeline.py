@@ -244,8 +244,13 @@ def prefetch(dataset: grain.IterDataset, data_cfg: config_dict.ConfigDict) -> gr
 
 
 def batch_shards(sharding: NamedSharding, global_shape: tuple[int, ...]) -> int:
-    """How many distinct blocks of rows the devices hold: the product of the batch's mesh axes."""
-    return len({(index[0].start, index[0].stop) for index in sharding.devices_indices_map(global_shape).values()})
+    """How many distinct blocks of rows the devices hold: the product of the batch's mesh axes.
+
+    Asked of a shape every sharding divides (the device count on each axis of `global_shape`'s rank), so that a
+    batch that does not split evenly gets its count, for a one-line error, instead of jax's IndivisibleError.
+    """
+    shape = (sharding.mesh.size,) * len(global_shape)
+    return len({(index[0].start, index[0].stop) for index in sharding.devices_indices_map(shape).values()})
 
 
 def stream_count(num_streams: int, global_batch: int) -> int:

@@ -51,7 +51,14 @@ _CSV = flags.DEFINE_string('csv', None, 'fit, plot: a CSV with columns params, t
 _FIT = flags.DEFINE_string('fit', None, "plot: fit's JSON (without it, the runs alone).")
 _BUDGET = flags.DEFINE_float('budget', None, 'fit: a FLOP budget to allocate: "train N parameters on D tokens".')
 _BOOTSTRAP = flags.DEFINE_integer('bootstrap', 200, 'fit: bootstrap resamples for the standard errors.')
-_LOSS = flags.DEFINE_string('loss_column', 'loss', "fit, plot: the CSV column to fit ('loss' or 'eval_loss').")
+_LOSS = flags.DEFINE_string(
+    'loss_column',
+    'loss',
+    "fit, plot: the CSV column to fit: 'loss', 'eval_loss', or an error rate ('acc_error', 'acc_norm_error').",
+)
+_MC_FILES = flags.DEFINE_string(
+    'mc_files', '', 'sweep: multiple-choice JSON lines to score each point on at its end (acc, acc_norm in collect).'
+)
 _STEPS = flags.DEFINE_integer('steps', 5, 'coord_check: training steps to follow.')
 _LR = flags.DEFINE_float('lr', 1e-2, 'coord_check: the learning rate of every width.')
 _DEPTH = flags.DEFINE_integer('depth', 2, 'lr_transfer: layers of every width (muP transfers across width).')
@@ -154,7 +161,7 @@ def do_sweep() -> int:
     if _EMIT.value != 'run':
         print(f'wrote {sweep.emit(folder, commands, _EMIT.value)}')
         return 0
-    done, failed, stopped = sweep.run(folder, commands, points)
+    done, failed, stopped = sweep.run(folder, commands, points, mc_files=_MC_FILES.value)
     if stopped:
         print(
             f'stopped: {done} of {len(points)} points done, the running one saved; run the same command to resume '
@@ -257,6 +264,7 @@ def do_plot() -> None:
         fit3,
         fit2,
         k,
+        _LOSS.value,
     )
     print('wrote ' + ', '.join(str(p) for p in written))
 

@@ -20,6 +20,12 @@ COLUMNS = (
     'budget',
     'loss',
     'eval_loss',
+    'acc',  # on the sweep's --mc_files, with the harness's standard errors; *_error = 1 - acc, for fit and plot
+    'acc_stderr',
+    'acc_error',
+    'acc_norm',
+    'acc_norm_stderr',
+    'acc_norm_error',
     'learning_rate',
     'width',
     'depth',
@@ -70,6 +76,15 @@ def rows(sweep: pathlib.Path, per_eval: bool = False) -> list[dict[str, Any]]:
             'depth': point['depth'],
             'wall_s': status.get('wall_s', ''),
         }
+        scores_file = workdir / 'multiple_choice.json'  # sweep.SCORES_FILE (collect does not import the runner)
+        if scores_file.exists():
+            scores = json.loads(scores_file.read_text())
+            for name in ('acc', 'acc_norm'):
+                common |= {
+                    name: scores[name],
+                    f'{name}_stderr': scores[f'{name}_stderr'],
+                    f'{name}_error': 1 - scores[name],
+                }
         config_file = workdir / 'config.json'
         if not config_file.exists():
             table.append(common | {'params': point['params']})

@@ -37,8 +37,19 @@ def _save(figure, path, warning: str = '') -> None:
     plt.close(figure)
 
 
-def loss_against_flops(path, params, flops, loss, fit3: Approach3 | None, k: float) -> None:
-    """Each run's loss against its FLOPs, colored by size, with the law's compute-optimal frontier."""
+# What the fitted column is, for the axes: a loss, or a multiple-choice error rate (1 - acc) from collect.
+QUANTITIES = {
+    'loss': 'loss (nats per token)',
+    'eval_loss': 'eval loss (nats per token)',
+    'acc_error': 'multiple-choice error (1 - acc)',
+    'acc_norm_error': 'multiple-choice error (1 - acc_norm)',
+}
+
+
+def loss_against_flops(
+    path, params, flops, loss, fit3: Approach3 | None, k: float, quantity: str = QUANTITIES['loss']
+) -> None:
+    """Each run's loss (or error) against its FLOPs, colored by size, with the law's compute-optimal frontier."""
     figure, axes = plt.subplots(figsize=(6, 4.5))
     scatter = axes.scatter(flops, loss, c=np.log10(params), cmap='viridis', s=25)
     figure.colorbar(scatter, label='log10 parameters')
@@ -47,7 +58,8 @@ def loss_against_flops(path, params, flops, loss, fit3: Approach3 | None, k: flo
         frontier = [fit3.law.loss(*fit3.law.optimal(c, k)) for c in budgets]
         axes.plot(budgets, frontier, 'k--', label='fitted compute-optimal frontier')
         axes.legend()
-    axes.set(xscale='log', xlabel='training FLOPs', ylabel='loss (nats per token)', title='Loss against compute')
+    title = f'{quantity.split(" (")[0].capitalize()} against compute'
+    axes.set(xscale='log', xlabel='training FLOPs', ylabel=quantity, title=title)
     _save(figure, path, fit3.warning if fit3 is not None else '')
 
 
@@ -100,13 +112,16 @@ def residuals(path, params, tokens, loss, fit3: Approach3) -> None:
     _save(figure, path, fit3.warning)
 
 
-def all_figures(out: pathlib.Path, params, tokens, flops, loss, fit3, fit2, k: float) -> list[pathlib.Path]:
-    """Writes the figures the data allows; returns their paths."""
+def all_figures(
+    out: pathlib.Path, params, tokens, flops, loss, fit3, fit2, k: float, column: str = 'loss'
+) -> list[pathlib.Path]:
+    """Writes the figures the data allows (of `column`, a loss or an error rate); returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if flops is not None:
-        loss_against_flops(out / 'loss_vs_flops.png', params, flops, loss, fit3, k)
-        written.append(out / 'loss_vs_flops.png')
+        name = 'loss_vs_flops.png' if column in ('loss', 'eval_loss') else f'{column}_vs_flops.png'
+        loss_against_flops(out / name, params, flops, loss, fit3, k, QUANTITIES.get(column, column))
+        written.append(out / name)
     if fit2 is not None:
         isoflop_curves(out / 'isoflop.png', fit2)
         written.append(out / 'isoflop.png')

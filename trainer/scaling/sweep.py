@@ -287,11 +287,32 @@ def _run_point(argv: list[str], workdir: pathlib.Path, index: int, point: Point,
     return code, meaningful[-1] if meaningful else '', trained
 
 
-def run(folder: pathlib.Path, commands: list[list[str]], points: list[Point], echo=print) -> tuple[int, int, bool]:
+SCORES_FILE = 'multiple_choice.json'  # a point's acc and acc_norm on the sweep's --mc_files, which collect reads
+
+
+def score_point(workdir: pathlib.Path, mc_files: str) -> str:
+    """Scores a finished point on multiple-choice files (python -m trainer.evaluate, in its own process, as a
+    user would), writing workdir/multiple_choice.json; returns a line for the log."""
+    argv = [sys.executable, '-m', 'trainer.evaluate', '--model', str(workdir), '--task', 'multiple_choice']
+    result = subprocess.run([*argv, '--files', mc_files, '--json'], capture_output=True, text=True)
+    with open(workdir / 'train.log', 'a', encoding='utf-8') as log:
+        log.write(result.stderr)
+    if result.returncode:  # the training is kept; the same command scores it again
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        return f'not scored on --mc_files: {lines[-1] if lines else f"exit {result.returncode}"}'
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    (workdir / SCORES_FILE).write_text(json.dumps(scores, indent=2) + '\n')
+    return f'acc {scores["acc"]:.4f}, acc_norm {scores["acc_norm"]:.4f} on {scores["questions"]} questions'
+
+
+def run(
+    folder: pathlib.Path, commands: list[list[str]], points: list[Point], echo=print, mc_files: str = ''
+) -> tuple[int, int, bool]:
     """Runs the points one after another, skipping finished ones; returns (done, failed, stopped).
 
     A SIGINT or SIGTERM lets the running point save (the trainer's own stop) and ends the sweep; the same
-    command then resumes that point from its checkpoint.
+    command then resumes that point from its checkpoint. With `mc_files`, each finished point is scored on
+    those multiple-choice files (points finished before, and not scored yet, too).
     """
     statuses = {}
     for point in points:
@@ -304,6 +325,8 @@ def run(folder: pathlib.Path, commands: list[list[str]], points: list[Point], ec
     try:
         for i, (argv, point) in enumerate(zip(commands, points, strict=True)):
             if point.name in finished:
+                if mc_files and not (folder / 'runs' / point.name / SCORES_FILE).exists() and not signals.received:
+                    progress.message(f'  {point.name}: {score_point(folder / "runs" / point.name, mc_files)}')
                 continue
             if signals.received:
                 break
@@ -319,6 +342,8 @@ def run(folder: pathlib.Path, commands: list[list[str]], points: list[Point], ec
                 done += 1
                 progress.finished(point, trained)
                 progress.message(f'  done in {seconds:.0f}s: {last}')
+                if mc_files:
+                    progress.message(f'  {score_point(workdir, mc_files)}')
             elif code == EXIT_STOPPED or signals.received:
                 record = {'state': 'stopped', 'wall_s': seconds, 'exit_code': code, 'message': last}
                 progress.message(f'  {last}')

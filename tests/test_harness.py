@@ -1,0 +1,170 @@
+"""Multiple-choice scoring and our lm-evaluation-harness model, against the harness's own `hf` model.
+
+tests/fixtures/lm_eval/reference.json holds what lm-eval 0.4.13's `hf` model (transformers, torch) scored on
+the tiny Hugging Face fixtures for three local tasks; scripts/make_lm_eval_fixtures.py made it. No torch here.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from trainer import loading, multiple_choice
+from trainer.loglikelihood import Scorer, encode_pair
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / 'scripts'))
+import make_lm_eval_fixtures  # noqa: E402  (scripts/: the task YAMLs; torch is imported only by its main)
+
+FIXTURES = REPO / 'tests' / 'fixtures'
+REFERENCE = json.loads((FIXTURES / 'lm_eval' / 'reference.json').read_text())['models']
+MC_FILE = FIXTURES / 'lm_eval' / 'tiny_mc.jsonl'
+
+
+def reference_logprobs(model: str) -> list[list[float]]:
+    return [[ll for ll, _ in doc] for doc in REFERENCE[model]['shardtrain_tiny_mc']['responses']]
+
+
+@pytest.fixture(scope='module', params=make_lm_eval_fixtures.MODELS)
+def model(request) -> tuple[str, loading.LoadedModel]:
+    return request.param, loading.load(str(FIXTURES / 'hf' / request.param))
+
+
+@pytest.fixture
+def offline_datasets(tmp_path, monkeypatch) -> pathlib.Path:
+    """The harness reads the local tasks' JSON lines through `datasets`: offline, cached in tmp_path."""
+    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('HF_DATASETS_CACHE', str(tmp_path / 'datasets'))
+    make_lm_eval_fixtures.write_tasks(tmp_path / 'tasks')
+    return tmp_path / 'tasks'
+
+
+def test_the_token_boundaries_are_the_harness_s(model):
+    name, loaded = model
+    tokenizer = loaded.tokenizer
+    # The space that ends a context moves to the continuation; the pair is tokenized together.
+    context, continuation = encode_pair(tokenizer, 'a big red ', 'ball')
+    assert context == tokenizer.encode('a big red').tolist()
+    assert context + continuation == tokenizer.encode('a big red ball').tolist()
+    # No context: the BOS (else EOS) token alone conditions the continuation.
+    context, continuation = encode_pair(tokenizer, '', 'good bye')
+    assert context == [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id]
+    assert continuation == tokenizer.encode('good bye', add_special_tokens=False).tolist()
+    adds_bos = tokenizer.encode('x').tolist()[0] == tokenizer.bos_id
+    assert adds_bos == (name == 'llama_gqa')  # both kinds of tokenizer are covered
+
+
+def test_native_multiple_choice_scores_are_the_harness_hf_model_s(model):
+    name, loaded = model
+    questions = multiple_choice.read_questions(str(MC_FILE))
+    logprobs = multiple_choice.choice_logprobs(Scorer(loaded, 4), loaded.tokenizer, questions)
+    expected = reference_logprobs(name)
+    np.testing.assert_allclose(np.concatenate(logprobs), np.concatenate(expected), rtol=1e-4, atol=1e-4)
+    scores = multiple_choice.accuracies(questions, logprobs)
+    metrics = REFERENCE[name]['shardtrain_tiny_mc']['metrics']
+    assert scores.acc == metrics['acc,none'] and scores.acc_norm == metrics['acc_norm,none']
+    assert scores.acc_stderr == pytest.approx(metrics['acc_stderr,none'], rel=1e-9)
+    assert scores.acc_norm_stderr == pytest.approx(metrics['acc_norm_stderr,none'], rel=1e-9)
+    assert scores.questions == 12 and scores.chance == pytest.approx(np.mean([1 / len(q.choices) for q in questions]))
+
+
+def test_the_harness_scores_our_model_as_it_scores_its_hf_model(model, offline_datasets):
+    """Multiple choice, rolling log-likelihood and greedy generation through lm_eval.simple_evaluate."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from trainer.harness import ShardtrainLM
+
+    name, _ = model
+    out = lm_eval.simple_evaluate(
+        model=ShardtrainLM(path=str(FIXTURES / 'hf' / name), batch_size=4),
+        tasks=list(make_lm_eval_fixtures.TASKS),
+        task_manager=TaskManager(include_path=str(offline_datasets)),
+        log_samples=True,
+    )
+    found = {task: make_lm_eval_fixtures.responses(out['samples'][task]) for task in make_lm_eval_fixtures.TASKS}
+    expected = REFERENCE[name]
+    mc = [ll for doc in found['shardtrain_tiny_mc'] for ll, _ in doc]
+    np.testing.assert_allclose(mc, np.concatenate(reference_logprobs(name)), rtol=1e-4, atol=1e-4)
+    for metric in ('acc,none', 'acc_norm,none'):
+        assert out['results']['shardtrain_tiny_mc'][metric] == expected['shardtrain_tiny_mc']['metrics'][metric]
+    rolling = [doc[0] for doc in found['shardtrain_tiny_rolling']]
+    np.testing.assert_allclose(rolling, [d[0] for d in expected['shardtrain_tiny_rolling']['responses']], rtol=1e-4)
+    bits = out['results']['shardtrain_tiny_rolling']['bits_per_byte,none']
+    assert bits == pytest.approx(expected['shardtrain_tiny_rolling']['metrics']['bits_per_byte,none'], rel=1e-4)
+    # Greedy text, character for character. The question with no context is left out: the harness hands hf's
+    # generate a prompt of zero tokens there (with the GPT-2 tokenizer, which adds no BOS), whose result transformers
+    # does not define; we start from the BOS (else EOS) token, as the harness's log-likelihoods do.
+    empty = [i for i, line in enumerate(MC_FILE.read_text().splitlines()) if not json.loads(line)['context']]
+    assert empty == [3]
+    generated, reference = found['shardtrain_tiny_generate'], expected['shardtrain_tiny_generate']['responses']
+    assert [g for i, g in enumerate(generated) if i not in empty] == [
+        r for i, r in enumerate(reference) if i not in empty
+    ]
+
+
+def test_the_evaluate_command_scores_multiple_choice_and_skips_bad_records(tmp_path):
+    questions = tmp_path / 'questions.jsonl'
+    bad = ['{"context": "x", "choices": ["a"], "gold": 0}', 'not json', '{"context": "x", "choices": ["a", "b"]}']
+    questions.write_text(MC_FILE.read_text() + '\n'.join(bad) + '\n')
+    base = [sys.executable, '-m', 'trainer.evaluate', '--model', str(FIXTURES / 'hf' / 'llama_gqa')]
+    command = [*base, '--task', 'multiple_choice', '--files', str(questions), '--batch_size', '8']
+    result = subprocess.run([*command, '--json'], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    metrics = REFERENCE['llama_gqa']['shardtrain_tiny_mc']['metrics']
+    assert scores['acc'] == metrics['acc,none'] and scores['questions'] == 12
+    for line, why in ((13, 'at least two'), (14, 'not JSON'), (15, '"gold" is not the index')):
+        assert f'{questions}:{line} skipped: ' in result.stderr and why in result.stderr
+    text = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert text.returncode == 0 and text.stdout.startswith(f'acc {metrics["acc,none"]:.4f} ± ')
+    assert '12 questions, chance 0.3611 | model ' in text.stdout
+    empty = tmp_path / 'empty.jsonl'
+    empty.write_text('\n'.join(bad) + '\n')
+    failed = subprocess.run(
+        [*base, '--task', 'multiple_choice', '--files', str(empty)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert failed.returncode == 2 and failed.stderr.strip().splitlines()[-1].startswith('error: --files=')
+    assert 'holds no valid question' in failed.stderr and 'Traceback' not in failed.stderr
+    # A batch the 8 devices cannot split: one line (it was jax's IndivisibleError, for every --task).
+    uneven = subprocess.run([*command[:-1], '4'], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert uneven.returncode == 2 and 'Traceback' not in uneven.stderr, uneven.stderr[-2000:]
+    assert uneven.stderr.strip().endswith('--batch_size=4 must be a multiple of the 8 batch shards of the mesh.')
+
+
+def test_the_harness_command_runs_lm_eval_with_our_model(offline_datasets):
+    env = dict(os.environ, HF_DATASETS_OFFLINE='1', HF_HUB_OFFLINE='1')
+    command = [sys.executable, '-m', 'trainer.harness', '--model', 'shardtrain', '--tasks', 'shardtrain_tiny_mc']
+    command += ['--include_path', str(offline_datasets), '--batch_size', '4']
+    path = FIXTURES / 'hf' / 'gpt2'
+    result = subprocess.run(
+        [*command, '--model_args', f'path={path}'], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    acc = REFERENCE['gpt2']['shardtrain_tiny_mc']['metrics']['acc,none']
+    assert 'shardtrain_tiny_mc' in result.stdout and f'{acc:.4f}' in result.stdout, result.stdout[-2000:]
+    missing = subprocess.run(
+        [*command, '--model_args', 'path=/no/such/run'], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert missing.returncode == 2 and 'Traceback' not in missing.stderr, missing.stderr[-2000:]
+    assert missing.stderr.strip().splitlines()[-1].startswith('error: path=/no/such/run is not a folder')
+
+
+def test_the_bundled_demo_task_is_what_its_script_makes_and_every_record_is_valid():
+    import make_mc_data
+
+    bundled = make_mc_data.OUT.read_text().splitlines()
+    assert bundled == [json.dumps(q) for q in make_mc_data.questions()]
+    questions = multiple_choice.read_questions(str(make_mc_data.OUT))
+    assert len(questions) == 400 and all(len(q.choices) == 4 for q in questions)
+    assert all(len(set(q.choices)) == 4 for q in questions)  # no distractor is the answer itself
+    assert 0.2 < np.mean([q.gold == 0 for q in questions]) < 0.3  # gold positions are shuffled
