@@ -168,3 +168,15 @@ def test_the_bundled_demo_task_is_what_its_script_makes_and_every_record_is_vali
     assert len(questions) == 400 and all(len(q.choices) == 4 for q in questions)
     assert all(len(set(q.choices)) == 4 for q in questions)  # no distractor is the answer itself
     assert 0.2 < np.mean([q.gold == 0 for q in questions]) < 0.3  # gold positions are shuffled
+
+
+def test_without_lm_eval_the_harness_command_says_how_to_install_it(tmp_path):
+    (tmp_path / 'lm_eval').mkdir()
+    (tmp_path / 'lm_eval' / '__init__.py').write_text("raise ImportError('not installed')\n")
+    env = dict(os.environ, PYTHONPATH=f'{tmp_path}{os.pathsep}{REPO}')
+    result = subprocess.run(
+        [sys.executable, '-m', 'trainer.harness', '--help'], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: lm-evaluation-harness is not installed: pip install 'shardtrain[lm_eval]'."
+    ]

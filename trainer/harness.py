@@ -18,8 +18,9 @@ try:
     from lm_eval import utils as lm_eval_utils
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
-except ImportError:  # an optional extra: say how to get it, in one line
-    sys.exit("error: lm-evaluation-harness is not installed: pip install 'shardtrain[lm_eval]'.")
+except ImportError:  # an optional extra: say how to get it, in one line, with the exit code of bad input
+    print("error: lm-evaluation-harness is not installed: pip install 'shardtrain[lm_eval]'.", file=sys.stderr)
+    sys.exit(2)
 
 import numpy as np
 import tqdm
