@@ -28,7 +28,7 @@ import tqdm
 from trainer import cli, loading
 from trainer.decoding import Generator
 from trainer.errors import ConfigError
-from trainer.loglikelihood import Scorer, encode_pair
+from trainer.loglikelihood import Scorer, encode_pair, prefix_id
 from trainer.sampling import GREEDY, Sampling
 from trainer.streaming import cut_at_stop
 
@@ -63,9 +63,6 @@ class ShardtrainLM(LM):
         )
         self._batch_size, self._max_gen_toks = self._scorer.batch_size, int(max_gen_toks)  # rows: whole shards
 
-    def _prefix(self) -> int:
-        return self._tokenizer.bos_id if self._tokenizer.bos_id is not None else self._tokenizer.eos_id
-
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(log-likelihood, is greedy) of each request's continuation given its context."""
         pairs = [encode_pair(self._tokenizer, *request.args) for request in requests]
@@ -76,7 +73,9 @@ class ShardtrainLM(LM):
         windows, owners = [], []
         for index, request in enumerate(requests):
             ids = self._tokenizer.encode(request.args[0]).tolist()
-            for window in lm_eval_utils.get_rolling_token_windows(ids, self._prefix(), self._scorer.max_length, 1):
+            for window in lm_eval_utils.get_rolling_token_windows(
+                ids, prefix_id(self._tokenizer), self._scorer.max_length, 1
+            ):
                 windows.append(lm_eval_utils.make_disjoint_window(window))
                 owners.append(index)
         totals = np.zeros(len(requests))
@@ -100,7 +99,8 @@ class ShardtrainLM(LM):
             max_new = min(int(kwargs.get('max_gen_toks', self._max_gen_toks)), self._scorer.max_length - 1)
             room = self._generator.max_prompt_tokens(max_new)
             prompts = [
-                (self._tokenizer.encode(requests[i].args[0]).tolist() or [self._prefix()])[-room:] for i in chunk
+                (self._tokenizer.encode(requests[i].args[0]).tolist() or [prefix_id(self._tokenizer)])[-room:]
+                for i in chunk
             ]
             prompts += prompts[-1:] * (self._batch_size - len(prompts))  # a full batch: its rows split over the mesh
             generated, _ = self._generator.generate(

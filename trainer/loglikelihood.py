@@ -27,11 +27,16 @@ from trainer.data.tokenizers import Tokenizer
 _WIDTH_MULTIPLE = 64  # rows are padded to a multiple of this many tokens: few shapes, few compilations
 
 
+def prefix_id(tokenizer: Tokenizer) -> int:
+    """The token that stands for an empty context, as in the harness: the BOS, else the EOS."""
+    return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+
+
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Ids of `context` and of what `continuation` adds to it, as lm-evaluation-harness splits them."""
-    if not context:  # the harness conditions on the BOS (else the EOS) token alone
+    if not context:  # the harness conditions on the prefix token alone
         ids = tokenizer.encode(continuation, add_special_tokens=False).tolist()
-        prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        prefix = prefix_id(tokenizer)
         return ([prefix], ids) if ids[:1] != [prefix] else (ids[:1], ids[1:])
     spaces = len(context) - len(context.rstrip())
     if spaces:

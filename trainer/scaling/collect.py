@@ -8,6 +8,7 @@ import pathlib
 from typing import Any
 
 from trainer import counts, saved_config
+from trainer.scaling.sweep import SCORES_FILE
 from trainer.train import model_config
 
 COLUMNS = (
@@ -76,7 +77,7 @@ def rows(sweep: pathlib.Path, per_eval: bool = False) -> list[dict[str, Any]]:
             'depth': point['depth'],
             'wall_s': status.get('wall_s', ''),
         }
-        scores_file = workdir / 'multiple_choice.json'  # sweep.SCORES_FILE (collect does not import the runner)
+        scores_file = workdir / SCORES_FILE
         if scores_file.exists():
             scores = json.loads(scores_file.read_text())
             for name in ('acc', 'acc_norm'):
