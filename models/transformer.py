@@ -297,7 +297,9 @@ class KVCache:
     v_LBSKH: jax.Array
     positions_BS: jax.Array  # each slot's position; -1 while empty
     segment_ids_BS: jax.Array  # each slot's document; 0 while empty and for padding
-    index: jax.Array  # int32: the next slot to write, the same for every row (prompts are left-padded)
+    # int32: the next slot to write: one for every row (prompts left-padded, trainer.decoding), or one per row,
+    # shape (B,), where each row holds its own sequence from slot 0 (continuous batching, trainer.batching)
+    index: jax.Array
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, slots: int) -> KVCache:
@@ -309,6 +311,17 @@ class KVCache:
             segment_ids_BS=jnp.zeros((batch, slots), jnp.int32),
             index=jnp.zeros((), jnp.int32),
         )
+
+
+def write_slots(buffer_BS: jax.Array, new_BT: jax.Array, index: jax.Array) -> jax.Array:
+    """`new_BT` written into `buffer_BS` (slots on axis 1) from slot `index`: one slot for all rows, or one per row."""
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice_in_dim(buffer_BS, new_BT, index, axis=1)
+
+    def write_row(row_S: jax.Array, new_T: jax.Array, at: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_update_slice_in_dim(row_S, new_T, at, axis=0)
+
+    return jax.vmap(write_row)(buffer_BS, new_BT, index)
 
 
 @struct.dataclass
@@ -407,9 +420,8 @@ class Attention(nnx.Module):
         if keys is None:
             k_BSKH, v_BSKH, k_positions_BS, k_segments_BS = k_BTKH, v_BTKH, positions_BT, segment_ids_BT
         else:
-            at = (0, keys.index, 0, 0)
-            k_BSKH = jax.lax.dynamic_update_slice(keys.k_BSKH, k_BTKH.astype(keys.k_BSKH.dtype), at)
-            v_BSKH = jax.lax.dynamic_update_slice(keys.v_BSKH, v_BTKH.astype(keys.v_BSKH.dtype), at)
+            k_BSKH = write_slots(keys.k_BSKH, k_BTKH.astype(keys.k_BSKH.dtype), keys.index)
+            v_BSKH = write_slots(keys.v_BSKH, v_BTKH.astype(keys.v_BSKH.dtype), keys.index)
             k_positions_BS, k_segments_BS = keys.positions_BS, keys.segment_ids_BS
             keys = keys.replace(k_BSKH=k_BSKH, v_BSKH=v_BSKH)
             k_BSKH = constrain(k_BSKH, heads, cfg.sharding_rules)
@@ -596,9 +608,8 @@ class Decoder(nnx.Module):
         if cache is None:
             layer_kv = None
         else:
-            at = (0, cache.index)
-            k_positions_BS = jax.lax.dynamic_update_slice(cache.positions_BS, positions_BT.astype(jnp.int32), at)
-            k_segments_BS = jax.lax.dynamic_update_slice(cache.segment_ids_BS, segment_ids_BT.astype(jnp.int32), at)
+            k_positions_BS = write_slots(cache.positions_BS, positions_BT.astype(jnp.int32), cache.index)
+            k_segments_BS = write_slots(cache.segment_ids_BS, segment_ids_BT.astype(jnp.int32), cache.index)
             layer_kv = (cache.k_LBSKH, cache.v_LBSKH)
 
         def run_layer(x_BTD, inputs):

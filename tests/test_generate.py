@@ -16,7 +16,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from models.transformer import Decoder, KVCache
-from trainer import loading, sampling
+from trainer import decoding, loading, sampling
 from trainer.decoding import Generator
 from trainer.train import model_config
 
@@ -75,8 +75,16 @@ def test_prefill_and_every_step_update_the_kv_cache_in_place():
     generator.generate([[1, 2, 3]], 4)
     (_, rows, width, slots), prefill = next((k, f) for k, f in generator._compiled.items() if k[0] == 'prefill')
     step = next(f for k, f in generator._compiled.items() if k[0] == 'step')
-    old_caches = [jax.device_put(KVCache.empty(generator.cfg, rows, slots), generator._cache_shardings())]
-    old_caches.append(jax.device_put(KVCache.empty(generator.cfg, rows, slots), generator._cache_shardings()))
+    old_caches = [
+        jax.device_put(
+            KVCache.empty(generator.cfg, rows, slots), decoding.cache_shardings(generator.cfg, generator._mesh)
+        )
+    ]
+    old_caches.append(
+        jax.device_put(
+            KVCache.empty(generator.cfg, rows, slots), decoding.cache_shardings(generator.cfg, generator._mesh)
+        )
+    )
     ids, positions, segments = (jnp.ones((rows, width), jnp.int32) for _ in range(3))
     logits, _ = prefill(generator._params, ids, positions, segments, old_caches[0])
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old_caches[0])[:2]), 'prefill copied the cache'

@@ -45,8 +45,16 @@ class Timing:
     new_tokens: int  # over all rows, the padding steps of finished rows left out
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def cache_shardings(cfg: ModelConfig, mesh: Mesh) -> KVCache:
+    """A KV cache laid out by the model's rules: key/value heads over `tensor`, rows over the batch axes."""
+    rules = cfg.sharding_rules
+    kv = logical_sharding(('layers', 'activation_batch', 'activation_length', 'activation_heads', None), mesh, rules)
+    slots = logical_sharding(('activation_batch', 'activation_length'), mesh, rules)
+    return KVCache(kv, kv, slots, slots, NamedSharding(mesh, PartitionSpec()))
 
 
 def _prefill(graphdef, params, tokens_BT, positions_BT, segments_BT, cache):
@@ -80,15 +88,6 @@ class Generator:
         self._compiled[key] = jax.jit(function, donate_argnums=(donate,)).lower(*args).compile()
         return self._compiled[key], time.perf_counter() - start
 
-    def _cache_shardings(self) -> KVCache:
-        """The cache laid out by the model's rules: key/value heads over `tensor`, rows over the batch axes."""
-        rules = self.cfg.sharding_rules
-        kv = logical_sharding(
-            ('layers', 'activation_batch', 'activation_length', 'activation_heads', None), self._mesh, rules
-        )
-        slots = logical_sharding(('activation_batch', 'activation_length'), self._mesh, rules)
-        return KVCache(kv, kv, slots, slots, NamedSharding(self._mesh, PartitionSpec()))
-
     def max_prompt_tokens(self, max_new_tokens: int) -> int:
         """The longest prompt that leaves room for max_new_tokens in the model's context."""
         return self.cfg.max_seq_len - max_new_tokens
@@ -111,7 +110,7 @@ class Generator:
         """
         assert 0 < max(len(p) for p in prompts) <= self.max_prompt_tokens(max_new_tokens)
         rows, longest = len(prompts), max(len(p) for p in prompts)
-        width = min(_round_up(longest, _BUCKET), self.cfg.max_seq_len - max_new_tokens)
+        width = min(round_up(longest, _BUCKET), self.cfg.max_seq_len - max_new_tokens)
         slots = width + max_new_tokens
         tokens = np.zeros((rows, width), np.int32)
         positions = np.full((rows, width), -1, np.int32)
@@ -123,7 +122,7 @@ class Generator:
         with jax.set_mesh(self._mesh):
             batch = NamedSharding(self._mesh, PartitionSpec())
             inputs = [jax.device_put(a, batch) for a in (tokens, positions, segments)]
-            cache = jax.device_put(KVCache.empty(self.cfg, rows, slots), self._cache_shardings())
+            cache = jax.device_put(KVCache.empty(self.cfg, rows, slots), cache_shardings(self.cfg, self._mesh))
             prefill, compile_s = self._compile(
                 ('prefill', rows, width, slots),
                 functools.partial(_prefill, self._graphdef),

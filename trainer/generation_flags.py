@@ -1,12 +1,11 @@
-"""The flags that trainer.generate and trainer.chat share: the model, its mesh, and how tokens are chosen."""
+"""The flags that trainer.generate and trainer.chat share: the model (trainer.text_model), tokens, sampling."""
 
 from __future__ import annotations
 
 from absl import flags
 
-from trainer import loading
+from trainer import loading, text_model
 from trainer.errors import ConfigError
-from trainer.model_flag import DTYPE, MODEL
 from trainer.sampling import Sampling
 
 MAX_NEW = flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate at most, per prompt or reply.')
@@ -14,7 +13,6 @@ TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 = 
 TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens only; 0 = all.')
 TOP_P = flags.DEFINE_float('top_p', 1.0, 'Sample among the most likely tokens that make up probability p; 1 = all.')
 SEED = flags.DEFINE_integer('seed', 0, 'Seed of the sampling: the same seed gives the same text.')
-TENSOR = flags.DEFINE_integer('tensor_parallel', 1, 'Devices to split the heads over (mesh.tensor).')
 
 
 def sampling() -> Sampling:
@@ -25,15 +23,8 @@ def sampling() -> Sampling:
 
 
 def load_model() -> loading.LoadedModel:
-    """The model of --model on the first --tensor_parallel devices; one without a tokenizer is a ConfigError."""
-    loaded = loading.load(MODEL.value, {'data': 1, 'fsdp': 1, 'tensor': TENSOR.value}, DTYPE.value)
-    if loaded.tokenizer is None:
-        raise ConfigError(f'{MODEL.value} has no tokenizer.json: text cannot be turned into its ids.')
-    if loaded.model_cfg.head != 'lm':
-        raise ConfigError(
-            f'{MODEL.value} is a classifier, which writes no text: score it with python -m trainer.evaluate '
-            f'--model {MODEL.value} --files LABELED.jsonl.'
-        )
+    """The model of --model (text_model.load), with room in its context for --max_new_tokens."""
+    loaded = text_model.load()
     if not 0 < MAX_NEW.value < loaded.model_cfg.max_seq_len:
         raise ConfigError(
             f'--max_new_tokens={MAX_NEW.value} must be between 1 and the context length minus one '

@@ -39,14 +39,15 @@ def keep_top_k(logits_BV: jax.Array, k: int) -> jax.Array:
     return jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
 
 
-def keep_top_p(logits_BV: jax.Array, p: float) -> jax.Array:
-    """Logits outside the smallest set of most likely tokens whose probabilities reach p set to -inf."""
-    if p >= 1.0:
+def keep_top_p(logits_BV: jax.Array, p: float | jax.Array) -> jax.Array:
+    """Logits outside the smallest set of most likely tokens whose probabilities reach p set to -inf; p is one
+    number, or one per row, shape (B, 1)."""
+    if isinstance(p, float) and p >= 1.0:
         return logits_BV
     sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
     probabilities_BV = jax.nn.softmax(sorted_BV, axis=-1)
     before_BV = jnp.cumsum(probabilities_BV, axis=-1) - probabilities_BV  # mass of the more likely tokens
-    kept_BV = before_BV < p  # the most likely token always stays
+    kept_BV = (before_BV < p) | (p >= 1.0)  # the most likely token always stays; p = 1 keeps all
     threshold_B1 = jnp.min(jnp.where(kept_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
 
@@ -57,3 +58,22 @@ def next_tokens(logits_BV: jax.Array, rng: jax.Array, sampling: Sampling) -> jax
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     logits_BV = keep_top_p(keep_top_k(logits_BV / sampling.temperature, sampling.top_k), sampling.top_p)
     return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def keep_top_k_per_row(logits_BV: jax.Array, k_B: jax.Array) -> jax.Array:
+    """keep_top_k with each row's own k (0 = all), for rows of different requests in one batch."""
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    kth_B1 = jnp.take_along_axis(sorted_BV, jnp.clip(k_B - 1, 0, logits_BV.shape[-1] - 1)[:, None], axis=-1)
+    kth_B1 = jnp.where(k_B[:, None] > 0, kth_B1, -jnp.inf)
+    return jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+
+
+def next_tokens_per_row(
+    logits_BV: jax.Array, keys_B: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array
+) -> jax.Array:
+    """next_tokens with each row's own key and Sampling (given as arrays); a row with temperature 0 is greedy."""
+    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    scaled_BV = logits_BV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
+    filtered_BV = keep_top_p(keep_top_k_per_row(scaled_BV, top_k_B), top_p_B[:, None])
+    sampled_B = jax.vmap(lambda key, logits_V: jax.random.categorical(key, logits_V))(keys_B, filtered_BV)
+    return jnp.where(temperature_B > 0, sampled_B.astype(jnp.int32), greedy_B)

@@ -21,33 +21,53 @@ def ids_of(ids: list[int], completion: str, decode) -> list[int]:
     return ids
 
 
-class Streamer:
-    """Prints one row's text as its tokens come, whole characters only, up to a stop string."""
+class TextStream:
+    """One row's text as its tokens come: whole characters only, never what could still become a stop string."""
 
     def __init__(self, decode, stops: list[str]):
         self._decode, self._stops = decode, stops
         self._ids: list[int] = []
-        self._printed = ''
+        self._given = ''
         self.done = False
 
-    def __call__(self, new_tokens: np.ndarray) -> None:
+    def add(self, token: int) -> tuple[str, bool]:
+        """The new text that is sure now, and whether a stop string has appeared (the text ends before it)."""
         if self.done:
-            return
-        self._ids.append(int(new_tokens[0]))
+            return '', True
+        self._ids.append(token)
         text, self.done = cut_at_stop(self._decode(self._ids), self._stops)
         if not self.done:
             text = text.rstrip('\ufffd')  # a character whose bytes have not all come yet
             # Hold back what could still become a stop string.
             hold = max((len(s) - 1 for s in self._stops), default=0)
-            text = text[: max(len(self._printed), len(text) - hold)]
-        self._show(text)
+            text = text[: max(len(self._given), len(text) - hold)]
+        return self._give(text), self.done
+
+    def finish(self) -> str:
+        """What was held back, once the row has ended."""
+        return self._give(cut_at_stop(self._decode(self._ids), self._stops)[0])
+
+    def _give(self, text: str) -> str:
+        new = text[len(self._given) :]
+        self._given = max(text, self._given, key=len)
+        return new
+
+
+class Streamer:
+    """Prints one row's text as its tokens come, whole characters only, up to a stop string."""
+
+    def __init__(self, decode, stops: list[str]):
+        self._text = TextStream(decode, stops)
+
+    def __call__(self, new_tokens: np.ndarray) -> None:
+        self._show(self._text.add(int(new_tokens[0]))[0])
 
     def finish(self) -> None:
         """Prints what was held back, once the row has ended."""
-        self._show(cut_at_stop(self._decode(self._ids), self._stops)[0])
+        self._show(self._text.finish())
         print(flush=True)
 
-    def _show(self, text: str) -> None:
-        sys.stdout.write(text[len(self._printed) :])
+    @staticmethod
+    def _show(text: str) -> None:
+        sys.stdout.write(text)
         sys.stdout.flush()
-        self._printed = max(text, self._printed, key=len)

@@ -1,0 +1,154 @@
+"""Continuous batching: rows with their own positions decode what each sequence decodes alone."""
+
+import pathlib
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+from flax import nnx
+
+from models.transformer import Decoder, KVCache
+from trainer import loading, sampling
+from trainer.batching import Engine, Request
+from trainer.decoding import Generator
+from trainer.train import model_config
+
+FIXTURE = pathlib.Path(__file__).resolve().parent / 'fixtures' / 'hf' / 'llama_gqa'
+
+
+def test_a_cache_with_one_write_index_per_row_decodes_each_row_as_alone():
+    """Rows at different positions in one cache (each from slot 0) give the logits each sequence has alone."""
+    cfg = model_config(tiny_config('llama'))
+    graphdef, params = nnx.split(Decoder(cfg, nnx.Rngs(0)))
+    extend = jax.jit(lambda *args: nnx.merge(graphdef, params).extend(*args))  # eager decoding takes 20 s here
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+    lengths = [3, 7]  # row 0 has read 3 tokens, row 1 seven, when they decode together
+    cache = KVCache.empty(cfg, batch=2, slots=16).replace(index=jnp.zeros(2, jnp.int32))
+    prompt = jnp.where(jnp.arange(7)[None] < jnp.array(lengths)[:, None], tokens[:, :7], 0)
+    real = (jnp.arange(7)[None] < jnp.array(lengths)[:, None]).astype(jnp.int32)
+    positions = jnp.where(real == 1, jnp.arange(7)[None], -1)
+    _, cache = extend(prompt, positions, real, cache)
+    position = jnp.array(lengths, jnp.int32)
+    full = jax.jit(lambda t: nnx.merge(graphdef, params)(t))(
+        tokens
+    )  # causal: position t's logits are those of the sequence cut after t
+    for step in range(4):
+        new = jnp.stack([tokens[0, lengths[0] + step], tokens[1, lengths[1] + step]])[:, None]
+        logits, cache = extend(new, position[:, None], jnp.ones((2, 1), jnp.int32), cache.replace(index=position))
+        for row in range(2):
+            alone = full[row, lengths[row] + step]
+            np.testing.assert_allclose(logits[row, 0], alone, rtol=1e-4, atol=1e-5, err_msg=f'row {row} step {step}')
+        position = position + 1
+
+
+@pytest.fixture(scope='module')
+def loaded():
+    return loading.load(str(FIXTURE), {'data': 1, 'fsdp': 1, 'tensor': 1})
+
+
+def decode_ids(ids) -> str:
+    return ''.join(f'{int(i)} ' for i in ids)  # one word per token: the text says which tokens came
+
+
+def run_engine(loaded, requests: list[dict], max_batch: int, max_queue: int = 64) -> tuple[list, Engine]:
+    """Submits every request at once; (text, finish_reason, completion_tokens) for each, and the engine."""
+    engine = Engine(loaded.graphdef, loaded.params, loaded.model_cfg, loaded.mesh, decode_ids, max_batch, 64, max_queue)
+    engine.start()
+    results, done = [None] * len(requests), threading.Event()
+    texts = [[] for _ in requests]
+
+    def on_update(i):
+        def record(update):
+            texts[i].append(update.text)
+            if update.finish_reason:
+                results[i] = (''.join(texts[i]), update.finish_reason, update.completion_tokens)
+                if all(results):
+                    done.set()
+
+        return record
+
+    for i, fields in enumerate(requests):
+        assert engine.submit(Request(on_update=on_update(i), **fields))
+    assert done.wait(120)
+    engine.close(10)
+    return results, engine
+
+
+def test_requests_joining_and_leaving_the_batch_get_what_each_gets_alone(loaded):
+    generator = Generator(loaded.graphdef, loaded.params, loaded.model_cfg, loaded.mesh)
+    prompts = [[5, 17, 33], [8, 9, 10, 11, 12, 13, 14], [40], list(range(1, 50)), [7, 7], [3, 1, 4, 1, 5]]
+    lengths = [10, 4, 12, 15, 1, 9]  # rows leave at different steps; the later prompts join as they do
+    requests = [{'prompt_ids': p, 'max_tokens': n} for p, n in zip(prompts, lengths, strict=True)]
+    results, engine = run_engine(loaded, requests, max_batch=3)
+    for prompt, n, (text, reason, count) in zip(prompts, lengths, results, strict=True):
+        alone = generator.generate([prompt], n)[0][0].ids
+        assert text == decode_ids(alone) and (reason, count) == ('length', n), prompt
+    assert engine.busiest == 3 and engine.steps < sum(lengths), 'the rows did not decode together'
+
+
+def test_a_long_prompt_runs_to_the_end_of_its_row_and_stops_at_a_stop_token(loaded):
+    generator = Generator(loaded.graphdef, loaded.params, loaded.model_cfg, loaded.mesh)
+    prompt = list(range(1, 60))
+    expected = generator.generate([prompt], 5)[0][0].ids
+    stop = expected[2]
+    (long, stopped), _ = run_engine(
+        loaded,
+        [{'prompt_ids': prompt, 'max_tokens': 100}, {'prompt_ids': prompt, 'max_tokens': 100, 'stop_ids': [stop]}],
+        2,
+    )
+    assert long == (decode_ids(expected), 'length', 5)  # 59 + 5 fill the 64 slots
+    first = expected.index(stop)
+    assert stopped == (decode_ids(expected[:first]), 'stop', first + 1)  # the stop token counts, is not shown
+
+
+def test_stop_strings_end_the_text_before_them(loaded):
+    generator = Generator(loaded.graphdef, loaded.params, loaded.model_cfg, loaded.mesh)
+    expected = generator.generate([[5, 17, 33]], 10)[0][0].ids
+    stop = f'{expected[3]} {expected[4]}'
+    [(text, reason, _)], _ = run_engine(loaded, [{'prompt_ids': [5, 17, 33], 'max_tokens': 10, 'stops': [stop]}], 2)
+    assert (text, reason) == (decode_ids(expected[:3]), 'stop')
+
+
+def test_a_seeded_request_samples_the_same_text_whoever_shares_its_batch(loaded):
+    warm = sampling.Sampling(temperature=1.5, top_k=20, top_p=0.9)
+    mine = {'prompt_ids': [5, 17, 33], 'max_tokens': 12, 'sampling': warm, 'seed': 7}
+    others = [{'prompt_ids': [i, i + 1], 'max_tokens': 12, 'sampling': warm, 'seed': i} for i in range(3)]
+    alone, _ = run_engine(loaded, [mine], 4)
+    crowded, _ = run_engine(loaded, [*others[:2], mine, others[2]], 4)
+    assert crowded[2] == alone[0]
+    assert run_engine(loaded, [{**mine, 'seed': 8}], 4)[0][0] != alone[0]
+    greedy, _ = run_engine(loaded, [{**mine, 'sampling': sampling.GREEDY}], 4)
+    top_1, _ = run_engine(loaded, [{**mine, 'sampling': sampling.Sampling(temperature=1.5, top_k=1)}], 4)
+    assert top_1 == greedy
+
+
+def test_per_row_filters_keep_what_the_shared_ones_keep():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 3))
+    kept = sampling.keep_top_k_per_row(logits, jnp.array([2, 0, 1]))
+    assert np.isfinite(kept).tolist() == [[True, True, False, False], [True] * 4, [True, False, False, False]]
+    kept = sampling.keep_top_p(logits, jnp.array([[0.8], [1.0], [0.81]]))
+    assert np.isfinite(kept).tolist() == [[True, True, False, False], [True] * 4, [True, True, True, False]]
+
+
+def test_a_cancelled_request_frees_its_row_and_a_full_queue_refuses(loaded):
+    engine = Engine(loaded.graphdef, loaded.params, loaded.model_cfg, loaded.mesh, decode_ids, 1, 64, 1)
+    ended, updates, served = threading.Event(), [], threading.Event()
+
+    def on_update(update):
+        updates.append(update)
+        if update.finish_reason:
+            ended.set()
+
+    first = Request([1, 2, 3], 60, on_update)
+    waiting = Request([4, 5], 3, lambda update: update.finish_reason and served.set())
+    assert engine.submit(first) and engine.submit(waiting)  # before start: one for the row, one queued
+    assert not engine.submit(Request([6], 3, lambda update: None)), 'a third request passed one row and a queue of 1'
+    engine.start()
+    engine.cancel(first)
+    assert ended.wait(60) and updates[-1].finish_reason == 'cancelled' and updates[-1].completion_tokens < 60
+    assert served.wait(60), 'the row of the cancelled request was not given to the next'
+    engine.close(30)
+    assert engine.load() == (0, 0)
