@@ -100,6 +100,7 @@ def test_the_cudnn_path_computes_what_xla_attention_does_on_packed_documents(mon
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), cudnn_grads, xla_grads)
 
 
+@pytest.mark.slow  # 53 s here; the default suite keeps the cudnn path computes what xla attention does
 def test_the_cudnn_path_trains_sharded_like_xla(monkeypatch):
     """One train step on a (data 2, fsdp 2, tensor 2) mesh: the same loss and gradient norm either way."""
     monkeypatch.setattr(transformer.cudnn_attention, 'dot_product_attention', emulated_cudnn)

@@ -152,3 +152,33 @@ def test_a_cancelled_request_frees_its_row_and_a_full_queue_refuses(loaded):
     assert served.wait(60), 'the row of the cancelled request was not given to the next'
     engine.close(30)
     assert engine.load() == (0, 0)
+
+
+def test_heads_split_over_two_devices_serve_the_same_tokens(loaded):
+    split = loading.load(str(FIXTURE), {'data': 1, 'fsdp': 1, 'tensor': 2}, 'float32')
+    assert len(split.params['blocks']['attention']['wk_DKH'].sharding.device_set) == 2
+    requests = [{'prompt_ids': [5, 17, 33], 'max_tokens': 8}, {'prompt_ids': list(range(1, 30)), 'max_tokens': 8}]
+    assert run_engine(split, requests, 2)[0] == run_engine(loaded, requests, 2)[0]
+
+
+def test_a_failing_device_ends_every_request_with_an_error_instead_of_hanging(loaded):
+    engine = Engine(loaded.graphdef, loaded.params, loaded.model_cfg, loaded.mesh, decode_ids, 1, 64, 4)
+    ended, reasons = threading.Event(), []
+
+    def fail():
+        raise RuntimeError('the device is gone')
+
+    engine._decode_one_step = fail  # as a device that fails would
+
+    def on_update(update):
+        if update.finish_reason:
+            reasons.append(update.finish_reason)
+            if len(reasons) == 3:
+                ended.set()
+
+    for prompt in ([1, 2], [3], [4, 5, 6]):  # one in the row, two waiting
+        assert engine.submit(Request(prompt, 5, on_update))
+    engine.start()
+    assert ended.wait(60) and reasons == ['error'] * 3
+    assert not engine.submit(Request([1], 5, on_update)), 'a failed engine took a request'
+    engine.close(5)

@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = (
     '--config.model.num_layers=1 --config.model.d_model=32 --config.model.num_heads=2 --config.model.num_kv_heads=2 '
@@ -15,6 +17,7 @@ TINY = (
 ONE_DEVICE = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # not the tests' 8
 
 
+@pytest.mark.slow  # a benchmark of several variants (54 s here)
 def test_bench_reports_speed_overhead_mfu_and_memory_for_each_variant():
     command = [sys.executable, 'scripts/bench.py', '--config', 'configs/small_lm.py', *TINY]
     command += [
@@ -56,6 +59,7 @@ def test_bench_refuses_a_variant_naming_no_field():
     )
 
 
+@pytest.mark.slow  # 27 s here
 def test_bench_times_the_framework_for_the_first_config_only_when_asked():
     """--framework first: the variant gets its bare loop (and MFU of it) alone; the table prints either way."""
     command = [sys.executable, 'scripts/bench.py', '--config', 'configs/small_lm.py', *TINY, '--steps', '2']

@@ -157,6 +157,7 @@ def test_nan_loss_stops_the_run_naming_the_step_and_is_never_saved(tmp_path):
             assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params)), step
 
 
+@pytest.mark.slow  # an overlap property of the loop, 31 s here
 def test_the_host_runs_at_most_one_step_ahead_of_the_device(tmp_path, monkeypatch, caplog):
     """So that a stop, a save or a divergence waits for one step, not for all that the host could queue.
 

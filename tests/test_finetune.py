@@ -191,6 +191,7 @@ def test_the_role_table_decides_by_the_first_match():
     assert roles['embedding_VD'] == param_roles.NO_DECAY
 
 
+@pytest.mark.slow  # the roles table itself is tested by the default suite (39 s here)
 def test_learning_rate_multipliers_scale_the_updates():
     """With a constant schedule and no decay, a parameter with multiplier 0.5 moves half as far on step 1."""
     from conftest import random_batch
@@ -250,6 +251,7 @@ def test_lora_trains_only_the_adapters_and_keeps_optimizer_state_for_them_alone(
     assert adapters < 0.5 * sum(x.size for x in jax.tree.leaves(initial))
 
 
+@pytest.mark.slow  # 23 s here; LoRA training is in the default suite
 def test_lora_base_weights_can_be_held_in_bfloat16():
     config = lora_config(fsdp=8)
     config.lora.base_dtype = 'bfloat16'
@@ -258,6 +260,7 @@ def test_lora_base_weights_can_be_held_in_bfloat16():
     assert final['blocks']['attention']['lora']['q']['a'].dtype == np.float32 and np.isfinite(losses[0])
 
 
+@pytest.mark.slow  # 25 s here
 def test_a_base_weight_unfrozen_beside_lora_is_stored_and_trained_in_param_dtype():
     """lora.base_dtype is for the frozen base: a base weight that train.param_roles makes trainable is float32, so
     its small updates do not round away in bfloat16."""
@@ -271,6 +274,7 @@ def test_a_base_weight_unfrozen_beside_lora_is_stored_and_trained_in_param_dtype
     assert (moved > 0).mean() > 0.9  # nearly every entry moved
 
 
+@pytest.mark.slow  # 52 s here; sharded == one device is in the default suite for the base model
 def test_lora_on_a_2x2x2_mesh_equals_one_device():
     _, _, one, _, one_losses = run_steps(lora_config(fsdp=1))
     _, _, mesh, _, mesh_losses = run_steps(lora_config(data=2, fsdp=2, tensor=2))
@@ -330,7 +334,7 @@ def classify_config(tmp_path: pathlib.Path, **mesh_sizes):
     return config
 
 
-@pytest.mark.parametrize('pool', ['last', 'mean'])
+@pytest.mark.parametrize('pool', ['last', pytest.param('mean', marks=pytest.mark.slow)])
 def test_a_classifier_learns_a_separable_task_to_full_accuracy(tmp_path, pool):
     config = classify_config(tmp_path, fsdp=8)
     config.model.pool = pool

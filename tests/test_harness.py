@@ -141,6 +141,7 @@ def test_the_evaluate_command_scores_multiple_choice_and_skips_bad_records(tmp_p
     assert uneven.stderr.strip().endswith('--batch_size=4 must be a multiple of the 8 batch shards of the mesh.')
 
 
+@pytest.mark.slow  # two start-ups of lm-eval's command (58 s here); the default suite uses lm_eval.simple_evaluate
 def test_the_harness_command_runs_lm_eval_with_our_model(offline_datasets):
     env = dict(os.environ, HF_DATASETS_OFFLINE='1', HF_HUB_OFFLINE='1')
     command = [sys.executable, '-m', 'trainer.harness', '--model', 'shardtrain', '--tasks', 'shardtrain_tiny_mc']

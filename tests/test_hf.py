@@ -182,6 +182,7 @@ def test_a_run_whose_model_differs_from_the_folder_names_the_field(tmp_path):
     )
 
 
+@pytest.mark.slow  # 27 s here; fine-tuning an imported model is in test_finetune
 def test_fine_tuning_an_imported_model_lowers_its_loss(tmp_path):
     result = run_trainer_in(
         tmp_path,

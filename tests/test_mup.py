@@ -77,6 +77,7 @@ def test_mup_at_its_base_width_is_sp_exactly():
     jax.tree.map(np.testing.assert_array_equal, mup_params, sp_params)
 
 
+@pytest.mark.slow  # 83 s here; muP's scaling rules are checked by the default suite
 def test_the_coordinate_check_stays_flat_under_mup_and_grows_under_sp():
     base = tiny_config('llama')
     base.model.update(num_layers=2, vocab_size=256, max_seq_len=32)

@@ -137,7 +137,10 @@ def test_weight_decay_leaves_norm_scales_alone():
     assert np.all(np.asarray(updates['blocks']['mlp']['w_up_DF']) < 0)
 
 
-@pytest.mark.parametrize('chunk', [7, 16, 38])  # blocks that do not divide the vocabulary (38), and one block
+# blocks that do not divide the vocabulary (38, the default suite's), one block (16) and many (7): 40-46 s each here
+@pytest.mark.parametrize(
+    'chunk', [pytest.param(7, marks=pytest.mark.slow), pytest.param(16, marks=pytest.mark.slow), 38]
+)
 def test_the_vocabulary_chunked_loss_equals_the_plain_one_with_its_gradient(chunk):
     from flax import nnx
 

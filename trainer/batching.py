@@ -128,6 +128,7 @@ class Engine:
         self._closing = False
         self._in_hand = 0  # requests submitted and not yet ended: in a row, waiting, or between the two
         self._thread: threading.Thread | None = None
+        self._admitting: list[Request] = []
         self._compiled: dict[tuple, Callable] = {}
         self.steps = 0  # decode steps run, for tests and logs
         self.finished: collections.Counter[str] = collections.Counter()  # requests ended, by finish reason
@@ -180,25 +181,31 @@ class Engine:
 
     # -- the decode thread ----------------------------------------------------------------------------------------
 
-    def _compile(self, key: tuple, function: Callable, donate: tuple[int, ...], *args) -> Callable:
+    def _compile(self, key: tuple, function: Callable, donate: tuple[int, ...], out_shardings, *args) -> Callable:
+        """`function` compiled once for these arguments; `out_shardings` keeps the donated cache and logits in the
+        layout they came in (left to itself, XLA may return the logits split over `tensor`, as the vocabulary is)."""
         if key not in self._compiled:
             start = time.perf_counter()
-            self._compiled[key] = jax.jit(function, donate_argnums=donate).lower(*args).compile()
+            jitted = jax.jit(function, donate_argnums=donate, out_shardings=out_shardings)
+            self._compiled[key] = jitted.lower(*args).compile()
             logging.info('compiled %s in %.1f s', key, time.perf_counter() - start)
         return self._compiled[key]
 
     def _compile_step(self) -> None:
         rows, replicated = self.max_batch, NamedSharding(self._mesh, PartitionSpec())
         with jax.set_mesh(self._mesh):
+            self._cache_shardings = cache_shardings(self.cfg, self._mesh)
+            self._replicated = replicated
             self._cache = jax.device_put(
                 KVCache.empty(self.cfg, rows, self.max_seq_len).replace(index=jnp.zeros(rows, jnp.int32)),
-                cache_shardings(self.cfg, self._mesh),
+                self._cache_shardings,
             )
             self._logits = jax.device_put(jnp.zeros((rows, self.cfg.padded_vocab), jnp.float32), replicated)
             self._step = self._compile(
                 ('step', rows, self.max_seq_len),
                 functools.partial(_step, self._graphdef),
                 (1, 9),  # the logits and the cache are updated in place
+                (replicated, replicated, self._cache_shardings),
                 self._params,
                 self._logits,
                 *self._step_inputs(),
@@ -226,8 +233,8 @@ class Engine:
             logging.exception('the decode loop failed')
             with self._wake:
                 self._closing = True
-                requests = [row.request for row in self._rows if row] + list(self._waiting)
-                self._rows, self._waiting = [None] * self.max_batch, collections.deque()
+                requests = [row.request for row in self._rows if row] + self._admitting + list(self._waiting)
+                self._rows, self._waiting, self._admitting = [None] * self.max_batch, collections.deque(), []
             for request in requests:
                 self._end(request, Update('', 0, 'error'))
 
@@ -247,11 +254,13 @@ class Engine:
                     self._waiting.remove(request)
             for request in cancelled_waiting:
                 self._end(request, Update('', 0, 'cancelled'))
+            self._admitting = [request for _, request in newcomers]  # in neither the queue nor a row
             for i, request in newcomers:
                 if request.cancelled:
                     self._end(request, Update('', 0, 'cancelled'))
                 else:
                     self._admit(i, request)
+                self._admitting.remove(request)
             for i, row in enumerate(self._rows):
                 if row is not None and row.request.cancelled:
                     self._finish(i, 'cancelled')
@@ -268,6 +277,7 @@ class Engine:
                 ('admit', width, self.max_batch, self.max_seq_len),
                 functools.partial(_admit, self._graphdef, self.max_seq_len),
                 (4, 5),  # the cache and the logits are updated in place
+                (self._cache_shardings, self._replicated),
                 self._params,
                 tokens,
                 np.int32(length),
