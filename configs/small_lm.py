@@ -70,6 +70,10 @@ def get_config() -> config_dict.ConfigDict:
     model.base_width = 0  # muP: the d_model where the hyperparameters were tuned (0 = d_model: muP equals SP)
     model.base_head_dim = 0  # muP: the head_dim of the base model (0 = head_dim)
     model.mup_zero_readout = False  # muP: start the output layer at zero (its 1/m multiplier is kept)
+    # muP's weight decay on hidden matrices, whose learning rate is lr / m: 'coupled' (AdamW's lr/m x wd: they
+    # decay m times less than at the base) or 'constant' (the mup package's MuAdamW: wd x m, so lr x wd is the
+    # base's at every width)
+    model.mup_weight_decay = 'coupled'
 
     # LoRA (Hu et al. 2021): low-rank adapters beside the chosen projections; only they (and a classifier
     # head) are trained and have optimizer state. rank 0 = full fine-tuning.

@@ -38,6 +38,7 @@ except ImportError:  # every jax this project installs has it
 
 FAMILIES = ('llama', 'gpt2')
 PARAMETRIZATIONS = ('sp', 'mup')  # standard, or maximal update (Yang et al. 2022, Tensor Programs V)
+MUP_WEIGHT_DECAYS = ('coupled', 'constant')  # muP's hidden-matrix decay: AdamW's lr_i x wd, or the mup package's
 HEADS = ('lm', 'classify')  # next-token logits, or one label per sequence
 POOLINGS = ('last', 'mean')  # which positions a classifier reads: the last token, or the mean of all
 # Projections that LoRA can adapt, and the parameter each one updates.
@@ -122,6 +123,7 @@ class ModelConfig:
     base_width: int = 0  # muP: the d_model where muP equals SP (0 = d_model)
     base_head_dim: int = 0  # muP: the head_dim where attention scales as in SP (0 = head_dim)
     mup_zero_readout: bool = False  # muP: start the output layer at 0 (its multiplier is kept)
+    mup_weight_decay: str = 'coupled'  # muP: MUP_WEIGHT_DECAYS; read by trainer.param_roles, not by the model
     loss_vocab_chunk: int = 0  # the trainer's loss reads the logits this many vocabulary ids at a time; 0 = all
     sharding_rules: Rules = ()
 
@@ -562,9 +564,9 @@ class Decoder(nnx.Module):
         cfg = self.cfg
         x_BTD = self.final_norm(x_BTD)
         if self.classifier_DC is not None:
-            logits_BTC = dense(x_BTD, self.classifier_DC[...].astype(cfg.dtype))
-            logits_BTC += self.classifier_bias_C[...].astype(cfg.dtype)[None, None]
-            return logits_BTC.astype(jnp.float32) / cfg.width_multiplier
+            logits_BTC = dense(x_BTD, self.classifier_DC[...].astype(cfg.dtype)).astype(jnp.float32)
+            # muP's 1/m multiplies the matrix's output, not the bias, as the mup package's MuReadout does
+            return logits_BTC / cfg.width_multiplier + self.classifier_bias_C[...].astype(jnp.float32)[None, None]
         if self.unembedding_DV is None:
             logits_BTV = dense(x_BTD, self.embedding_VD[...].astype(cfg.dtype).T)
         else:

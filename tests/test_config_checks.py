@@ -46,6 +46,7 @@ def failure(changes: dict, num_devices: int = 8, **mesh_sizes) -> str:
         ({'train.warmup_steps': -1}, 'config.train.warmup_steps=-1 must not be negative'),
         ({'train.steps': 0}, 'config.train.steps=0 must be a positive integer'),
         ({'model.dropout': 1.0}, 'config.model.dropout=1.0 must be in [0, 1)'),
+        ({'model.mup_weight_decay': 'decoupled'}, "config.model.mup_weight_decay='decoupled' is not known: use one of"),
         ({'model.attention_impl': 'cudnn'}, "config.model.attention_impl='cudnn' needs an NVIDIA GPU"),
         ({'model.attention_max_segments': -1}, 'config.model.attention_max_segments=-1 must be 0 (seq_len) or'),
     ],

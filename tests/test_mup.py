@@ -9,7 +9,8 @@ import pytest
 from conftest import mesh_for, random_batch, tiny_config
 from flax import nnx
 
-from trainer import checkpoints, loading, param_roles, train
+from models.transformer import Decoder
+from trainer import checkpoints, loading, optimizer, param_roles, train
 from trainer.scaling import coord_check
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -37,6 +38,43 @@ def test_the_role_table_holds_mups_multipliers():
     roles = param_roles.partition(config, shapes).roles
     assert roles['unembedding_DV'].init_multiplier == 0.0
     assert train.model_config(config).width_multiplier == 4.0
+    config.model.mup_weight_decay = 'constant'  # the mup package's MuAdamW: weight_decay x m on hidden matrices
+    roles = param_roles.partition(config, shapes).roles
+    assert roles['blocks']['mlp']['w_up_DF'] == param_roles.Role(
+        lr_multiplier=0.25, weight_decay_multiplier=4.0, init_multiplier=0.5
+    )
+
+
+@pytest.mark.parametrize('rule, decay_per_step', [('coupled', 1e-2 * 0.1 / 4), ('constant', 1e-2 * 0.1)])
+def test_mup_weight_decay_of_hidden_matrices_follows_its_rule(rule, decay_per_step):
+    """With no gradient, an AdamW step is the decay alone: p <- p - lr_i x wd_i x p. MuAdamW (the mup package)
+    gives a hidden matrix lr / m and wd x m: the base's lr x wd at every width ('constant')."""
+    config = mup_config(width=96, base_width=24)  # m = 4
+    config.model.mup_weight_decay = rule
+    config.train.update(learning_rate=1e-2, weight_decay=0.1, lr_schedule='constant', warmup_steps=0, grad_clip=0.0)
+    params = {'blocks': {'mlp': {'w_up_DF': np.ones((96, 192), np.float32)}}, 'embedding_VD': np.ones((8, 96))}
+    tx, _ = optimizer.make_optimizer(config.train, param_roles.partition(config, params).trainable_roles())
+    updates, _ = tx.update(jax.tree.map(np.zeros_like, params), tx.init(params), params)
+    np.testing.assert_allclose(updates['blocks']['mlp']['w_up_DF'], -decay_per_step, rtol=1e-6)
+    np.testing.assert_array_equal(updates['embedding_VD'], 0.0)  # embeddings are not decayed, in either rule
+
+
+def test_a_mup_classifier_divides_its_matrix_not_its_bias_as_mureadout():
+    """mup's MuReadout computes linear(x / m, W, b): the bias is added after the 1/m, not divided by it."""
+    config = mup_config(width=96, base_width=24)
+    config.model.update(head='classify', num_classes=3)
+    cfg = train.model_config(config)
+    model = Decoder(cfg, nnx.Rngs(0))
+    model.classifier_DC[...] = jax.random.normal(jax.random.key(1), model.classifier_DC[...].shape)
+    states = jax.random.normal(jax.random.key(2), (2, 5, 96))
+    without_bias = model.logits(states)
+    model.classifier_bias_C[...] = np.array([1.0, -2.0, 0.5], np.float32)
+    np.testing.assert_allclose(
+        model.logits(states) - without_bias, np.broadcast_to([1.0, -2.0, 0.5], (2, 5, 3)), rtol=1e-5
+    )
+    normed = model.final_norm(states)
+    expected = np.einsum('btd,dc->btc', normed, model.classifier_DC[...]) / 4 + np.array([1.0, -2.0, 0.5])
+    np.testing.assert_allclose(model.logits(states), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_mup_initializes_and_scales_as_its_roles_say():

@@ -15,6 +15,7 @@ from models.transformer import (
     FAMILIES,
     HEADS,
     LORA_TARGETS,
+    MUP_WEIGHT_DECAYS,
     PARAMETRIZATIONS,
     POOLINGS,
     REMAT_POLICIES,
@@ -96,6 +97,7 @@ def check_model(model: config_dict.ConfigDict) -> None:
     )
     _require(0.0 <= model.dropout < 1.0, f'config.model.dropout={model.dropout} must be in [0, 1).')
     _one_of(model.parametrization, PARAMETRIZATIONS, 'config.model.parametrization')
+    _one_of(model.mup_weight_decay, MUP_WEIGHT_DECAYS, 'config.model.mup_weight_decay')
     _require(
         model.loss_vocab_chunk >= 0,
         f'config.model.loss_vocab_chunk={model.loss_vocab_chunk} must be 0 (off) or positive.',

@@ -43,13 +43,17 @@ def mup_roles(model: config_dict.ConfigDict) -> list[tuple[str, Role]]:
 
     Hidden matrices: init std / sqrt(m), learning rate / m. Embeddings, norms and biases: unchanged. The
     readout keeps its init and learning rate (its output is multiplied by 1/m in the model), or starts at
-    zero with mup_zero_readout. Weight decay stays coupled to the learning rate, as AdamW's is.
+    zero with mup_zero_readout. Weight decay on hidden matrices: with mup_weight_decay='coupled' AdamW's
+    (learning rate / m) x wd; with 'constant' wd x m, so that their decay per step, lr x wd, is the base's
+    (the mup package's MuAdam and MuAdamW scale each hidden matrix's weight_decay by its width multiplier).
     """
     if model.parametrization != 'mup':
         return []
     m = model.d_model / (model.base_width or model.d_model)
     readout = Role(init_multiplier=0.0) if model.mup_zero_readout else Role()
-    return [(HIDDEN_PATTERN, Role(lr_multiplier=1 / m, init_multiplier=m**-0.5)), (READOUT_PATTERN, readout)]
+    decay = m if model.mup_weight_decay == 'constant' else 1.0
+    hidden = Role(lr_multiplier=1 / m, weight_decay_multiplier=decay, init_multiplier=m**-0.5)
+    return [(HIDDEN_PATTERN, hidden), (READOUT_PATTERN, readout)]
 
 
 def table(config: config_dict.ConfigDict) -> list[tuple[str, Role]]:
