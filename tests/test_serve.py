@@ -242,3 +242,24 @@ def test_the_command_explains_what_it_cannot_do_in_one_line(tmp_path):
     env = dict(os.environ, PYTHONPATH=f'{tmp_path}{os.pathsep}{REPO}')
     missing = serve(env=env)
     assert missing.returncode == 2 and "pip install 'shardtrain[serve]'" in missing.stderr
+
+
+def test_a_model_without_a_chat_template_gets_the_plain_one_and_its_stop():
+    """The default byte-level model has no template: chat replies end where the next 'User:' would begin."""
+    import types
+
+    from trainer.openai_api import ChatRequest, CompletionRequest, parse
+    from trainer.serve import Service
+
+    tokenizer = make_tokenizer('byte', None)
+    engine = types.SimpleNamespace(max_seq_len=64, cfg=types.SimpleNamespace(vocab_size=256))
+    service = Service(engine, tokenizer, chat_template.for_tokenizer('byte'), 'small_lm')
+    chat = parse(ChatRequest, {'messages': [{'role': 'user', 'content': 'Hi'}], 'stop': 'END', 'temperature': 0})
+    ids = service.chat_ids(chat)
+    assert tokenizer.decode(ids) == 'User: Hi\n\nAssistant:'
+    request = service.engine_request(chat, ids, on_update=None)
+    assert list(request.stops) == ['END', chat_template.PLAIN_STOP] and request.max_tokens == 64 - len(ids)
+    completion = parse(CompletionRequest, {'prompt': 'ROMEO:', 'max_tokens': 1000})
+    request = service.engine_request(completion, service.completion_ids(completion), on_update=None)
+    assert list(request.stops) == [] and request.max_tokens == 64 - 6  # cut to the room the prompt leaves
+    assert service.engine_request(parse(CompletionRequest, {'prompt': 'x'}), [1], None).max_tokens == 16
