@@ -356,20 +356,24 @@ def main(argv: list[str]) -> int:
         access_log=False,
         timeout_graceful_shutdown=_SHUTDOWN_S.value,
     )
-    server = uvicorn.Server(config)
+    serving = (
+        f'serving {loaded.source} as {name!r} at http://{_HOST.value}:{_PORT.value}/v1 '
+        f'({_MAX_BATCH.value} rows, queue {_MAX_QUEUE.value})'
+    )
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, saying so once it listens (so that a client reading the log can connect at once)."""
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                log.info(serving)
+
+    server = Server(config)
     # uvicorn catches SIGTERM/SIGINT while it serves, shuts down gracefully, then raises the signal again
     # for the handlers it found: these no-ops make that graceful stop exit 0 instead of dying by the signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    log.info(
-        'serving %s as %r at http://%s:%d/v1 (%d rows, queue %d)',
-        loaded.source,
-        name,
-        _HOST.value,
-        _PORT.value,
-        _MAX_BATCH.value,
-        _MAX_QUEUE.value,
-    )
     try:
         server.run()
     finally:
