@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,7 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models.transformer import KVCache, ModelConfig
-from trainer.decoding import cache_shardings, round_up
+from trainer.decoding import cache_shardings, compile_once, round_up
 from trainer.sampling import GREEDY, Sampling, next_tokens_per_row
 from trainer.streaming import TextStream
 
@@ -182,14 +181,12 @@ class Engine:
     # -- the decode thread ----------------------------------------------------------------------------------------
 
     def _compile(self, key: tuple, function: Callable, donate: tuple[int, ...], out_shardings, *args) -> Callable:
-        """`function` compiled once for these arguments; `out_shardings` keeps the donated cache and logits in the
-        layout they came in (left to itself, XLA may return the logits split over `tensor`, as the vocabulary is)."""
-        if key not in self._compiled:
-            start = time.perf_counter()
-            jitted = jax.jit(function, donate_argnums=donate, out_shardings=out_shardings)
-            self._compiled[key] = jitted.lower(*args).compile()
-            logging.info('compiled %s in %.1f s', key, time.perf_counter() - start)
-        return self._compiled[key]
+        """decoding.compile_once, with `out_shardings` keeping the donated cache and logits in the layout they came
+        in (left to itself, XLA may return the logits split over `tensor`, as the vocabulary is)."""
+        compiled, seconds = compile_once(self._compiled, key, function, donate, *args, out_shardings=out_shardings)
+        if seconds:
+            logging.info('compiled %s in %.1f s', key, seconds)
+        return compiled
 
     def _compile_step(self) -> None:
         rows, replicated = self.max_batch, NamedSharding(self._mesh, PartitionSpec())

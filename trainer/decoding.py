@@ -57,6 +57,20 @@ def cache_shardings(cfg: ModelConfig, mesh: Mesh) -> KVCache:
     return KVCache(kv, kv, slots, slots, NamedSharding(mesh, PartitionSpec()))
 
 
+def compile_once(
+    compiled: dict[tuple, Callable], key: tuple, function: Callable, donate: tuple[int, ...], *args, out_shardings=None
+) -> tuple[Callable, float]:
+    """`function` jitted and compiled for these arguments' shapes once (kept in `compiled` under `key`), the
+    arguments `donate` (the KV cache) donated so that they are updated in place; and the seconds that took (0 when
+    compiled before). `out_shardings`, if given, fixes the outputs' layout."""
+    if key in compiled:
+        return compiled[key], 0.0
+    start = time.perf_counter()
+    layout = {} if out_shardings is None else {'out_shardings': out_shardings}
+    compiled[key] = jax.jit(function, donate_argnums=donate, **layout).lower(*args).compile()
+    return compiled[key], time.perf_counter() - start
+
+
 def _prefill(graphdef, params, tokens_BT, positions_BT, segments_BT, cache):
     model = nnx.merge(graphdef, params)
     logits_BTV, cache = model.extend(tokens_BT, positions_BT, segments_BT, cache)
@@ -78,15 +92,6 @@ class Generator:
     def __init__(self, graphdef: nnx.GraphDef, params: Any, cfg: ModelConfig, mesh: Mesh):
         self._graphdef, self._params, self.cfg, self._mesh = graphdef, params, cfg, mesh
         self._compiled: dict[tuple, Callable] = {}  # compiled ahead of time, by function and shapes
-
-    def _compile(self, key: tuple, function: Callable, donate: int, *args) -> tuple[Callable, float]:
-        """`function` jitted and compiled for these arguments' shapes (once), argument `donate` (the KV cache)
-        donated so that it is updated in place; and the seconds that took."""
-        if key in self._compiled:
-            return self._compiled[key], 0.0
-        start = time.perf_counter()
-        self._compiled[key] = jax.jit(function, donate_argnums=(donate,)).lower(*args).compile()
-        return self._compiled[key], time.perf_counter() - start
 
     def max_prompt_tokens(self, max_new_tokens: int) -> int:
         """The longest prompt that leaves room for max_new_tokens in the model's context."""
@@ -123,10 +128,11 @@ class Generator:
             batch = NamedSharding(self._mesh, PartitionSpec())
             inputs = [jax.device_put(a, batch) for a in (tokens, positions, segments)]
             cache = jax.device_put(KVCache.empty(self.cfg, rows, slots), cache_shardings(self.cfg, self._mesh))
-            prefill, compile_s = self._compile(
+            prefill, compile_s = compile_once(
+                self._compiled,
                 ('prefill', rows, width, slots),
                 functools.partial(_prefill, self._graphdef),
-                4,  # (params, tokens, positions, segments, cache)
+                (4,),  # (params, tokens, positions, segments, cache)
                 self._params,
                 *inputs,
                 cache,
@@ -137,10 +143,11 @@ class Generator:
             prefill_s = time.perf_counter() - start
             next_positions = jnp.asarray([len(p) for p in prompts], jnp.int32)
             rng = jax.random.key(seed)
-            step, step_compile_s = self._compile(
+            step, step_compile_s = compile_once(
+                self._compiled,
                 ('step', rows, slots, sampling),
                 functools.partial(_step, self._graphdef, sampling),
-                3,  # (params, logits, positions, cache, rng)
+                (3,),  # (params, logits, positions, cache, rng)
                 self._params,
                 logits,
                 next_positions,
