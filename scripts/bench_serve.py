@@ -35,6 +35,7 @@ TEXT = (
 
 
 def free_port() -> int:
+    # launch_local.free_port's twin: importing that script would import jax into this stdlib-only client
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]

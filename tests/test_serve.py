@@ -25,6 +25,9 @@ from trainer.data.tokenizers import make_tokenizer
 openai = pytest.importorskip('openai')
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / 'scripts'))
+from launch_local import free_port  # noqa: E402
+
 FIXTURE = REPO / 'tests' / 'fixtures' / 'hf' / 'llama_gqa'  # a Llama-2-style folder with its chat template
 CONTEXT = 1024
 
@@ -39,12 +42,6 @@ def model_folder(tmp_path_factory) -> pathlib.Path:
     config['max_position_embeddings'] = CONTEXT
     (folder / 'config.json').write_text(json.dumps(config))
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 class Server:
