@@ -74,6 +74,17 @@ def get_config() -> config_dict.ConfigDict:
     # decay m times less than at the base) or 'constant' (the mup package's MuAdamW: wd x m, so lr x wd is the
     # base's at every width)
     model.mup_weight_decay = 'coupled'
+    # muP's tunable base constants (Tensor Programs V's alpha_input and alpha_output; `python -m trainer.scaling
+    # tune_base` searches them at the base width): the embedding output x mup_input_multiplier, the logits x
+    # mup_output_multiplier / m. 1.0 = off; only under parametrization='mup'.
+    model.mup_input_multiplier = 1.0
+    model.mup_output_multiplier = 1.0
+    # Depth scaling, CompleteP (Dey et al. 2025): 'none' or 'completep', which multiplies each residual branch by
+    # (num_layers / base_depth)^-depth_alpha and initializes the output projections as at base_depth, so a learning
+    # rate tuned at base_depth layers transfers to deeper models (with muP, to wider ones too).
+    model.depth_scaling = 'none'
+    model.base_depth = 0  # completep: the depth where the hyperparameters were tuned (0 = num_layers: no change)
+    model.depth_alpha = 1.0  # completep: 1.0 (CompleteP) or 0.5 (the 1/sqrt(depth) rule); in [0.5, 1]
 
     # LoRA (Hu et al. 2021): low-rank adapters beside the chosen projections; only they (and a classifier
     # head) are trained and have optimizer state. rank 0 = full fine-tuning.

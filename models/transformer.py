@@ -38,6 +38,7 @@ except ImportError:  # every jax this project installs has it
 
 FAMILIES = ('llama', 'gpt2')
 PARAMETRIZATIONS = ('sp', 'mup')  # standard, or maximal update (Yang et al. 2022, Tensor Programs V)
+DEPTH_SCALINGS = ('none', 'completep')  # residual branches as they are, or x (L / base_depth)^-depth_alpha
 MUP_WEIGHT_DECAYS = ('coupled', 'constant')  # muP's hidden-matrix decay: AdamW's lr_i x wd, or the mup package's
 HEADS = ('lm', 'classify')  # next-token logits, or one label per sequence
 POOLINGS = ('last', 'mean')  # which positions a classifier reads: the last token, or the mean of all
@@ -124,6 +125,13 @@ class ModelConfig:
     base_head_dim: int = 0  # muP: the head_dim where attention scales as in SP (0 = head_dim)
     mup_zero_readout: bool = False  # muP: start the output layer at 0 (its multiplier is kept)
     mup_weight_decay: str = 'coupled'  # muP: MUP_WEIGHT_DECAYS; read by trainer.param_roles, not by the model
+    mup_input_multiplier: float = 1.0  # muP: the embedding output x this (the base's tunable alpha_input)
+    mup_output_multiplier: float = 1.0  # muP: the logits x this / width multiplier (MuReadout's output_mult)
+    # Depth (CompleteP, Dey et al. 2025): each residual branch x (num_layers / base_depth)^-depth_alpha, and the
+    # output projections' init std / sqrt(2 base_depth) instead of / sqrt(2 num_layers).
+    depth_scaling: str = 'none'
+    base_depth: int = 0  # depth_scaling='completep': the depth where it equals the plain model (0 = num_layers)
+    depth_alpha: float = 1.0  # depth_scaling='completep': 1 (CompleteP) or 0.5 (the sqrt(depth) rule)
     loss_vocab_chunk: int = 0  # the trainer's loss reads the logits this many vocabulary ids at a time; 0 = all
     sharding_rules: Rules = ()
 
@@ -135,6 +143,34 @@ class ModelConfig:
     def width_multiplier(self) -> float:
         """muP's m = d_model / base_width (1 under SP)."""
         return self.d_model / (self.base_width or self.d_model) if self.parametrization == 'mup' else 1.0
+
+    @property
+    def depth_multiplier(self) -> float:
+        """CompleteP's num_layers / base_depth (1 without depth scaling)."""
+        if self.depth_scaling != 'completep':
+            return 1.0
+        return self.num_layers / (self.base_depth or self.num_layers)
+
+    @property
+    def residual_scale(self) -> float:
+        """What each residual branch is multiplied by before it is added: (L / base_depth)^-depth_alpha, else 1."""
+        return self.depth_multiplier**-self.depth_alpha
+
+    @property
+    def output_init_std(self) -> float:
+        """The residual output projections' init (GPT-2's std / sqrt(2 L); CompleteP keeps the base depth's)."""
+        depth = (self.base_depth or self.num_layers) if self.depth_scaling == 'completep' else self.num_layers
+        return self.init_std / (2 * depth) ** 0.5
+
+    @property
+    def input_scale(self) -> float:
+        """What the embedding output is multiplied by: muP's tunable input multiplier (1 under SP)."""
+        return self.mup_input_multiplier if self.parametrization == 'mup' else 1.0
+
+    @property
+    def logit_scale(self) -> float:
+        """What the output layer's product is multiplied by: muP's output multiplier / m (1 under SP)."""
+        return self.mup_output_multiplier / self.width_multiplier if self.parametrization == 'mup' else 1.0
 
     @property
     def attention_scale(self) -> float:
@@ -376,7 +412,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        init, out_init = _normal(cfg.init_std), _normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+        init, out_init = _normal(cfg.init_std), _normal(cfg.output_init_std)
         self.wq_DNH = _param(rngs, init, (D, N, H), ('embed', 'heads', 'head_dim'), cfg)
         self.wk_DKH = _param(rngs, init, (D, K, H), ('embed', 'kv_heads', 'head_dim'), cfg)
         self.wv_DKH = _param(rngs, init, (D, K, H), ('embed', 'kv_heads', 'head_dim'), cfg)
@@ -448,7 +484,7 @@ class Mlp(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         D, F = cfg.d_model, cfg.d_ff
-        init, out_init = _normal(cfg.init_std), _normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+        init, out_init = _normal(cfg.init_std), _normal(cfg.output_init_std)
         self.w_up_DF = _param(rngs, init, (D, F), ('embed', 'mlp'), cfg)
         self.w_gate_DF = _param(rngs, init, (D, F), ('embed', 'mlp'), cfg) if cfg.family == 'llama' else None
         self.w_down_FD = _param(rngs, out_init, (F, D), ('mlp', 'embed'), cfg)
@@ -494,8 +530,14 @@ class Block(nnx.Module):
         lora_rng = jax.random.fold_in(dropout_rng, 1) if dropout_rng is not None and self.cfg.lora_dropout else None
         normed_BTD = self.attention_norm(x_BTD)
         attended_BTD, keys = self.attention(normed_BTD, positions_BT, segment_ids_BT, keys, lora_rng)
-        x_BTD += _dropout(checkpoint_name(attended_BTD, 'attention_out'), self.cfg.dropout, rngs[0])
+        attended_BTD = checkpoint_name(attended_BTD, 'attention_out')
+        scale = self.cfg.residual_scale
+        if scale != 1.0:  # CompleteP's depth scaling of each branch
+            attended_BTD *= jnp.asarray(scale, attended_BTD.dtype)
+        x_BTD += _dropout(attended_BTD, self.cfg.dropout, rngs[0])
         mlp_BTD = checkpoint_name(self.mlp(self.mlp_norm(x_BTD), lora_rng), 'mlp_out')
+        if scale != 1.0:
+            mlp_BTD *= jnp.asarray(scale, mlp_BTD.dtype)
         x_BTD += _dropout(mlp_BTD, self.cfg.dropout, rngs[1])
         x_BTD = constrain(x_BTD, ('activation_batch', 'activation_length', 'activation_embed'), self.cfg.sharding_rules)
         return x_BTD, keys
@@ -557,6 +599,8 @@ class Decoder(nnx.Module):
             # Padding has position -1: any row will do, attention never looks at it.
             positions = jnp.maximum(positions_BT, 0)
             x_BTD += jnp.take(self.position_embedding_PD[...], positions, axis=0).astype(self.cfg.dtype)
+        if self.cfg.input_scale != 1.0:  # muP's input multiplier
+            x_BTD *= jnp.asarray(self.cfg.input_scale, x_BTD.dtype)
         return x_BTD
 
     def logits(self, x_BTD: jax.Array) -> jax.Array:
@@ -565,8 +609,8 @@ class Decoder(nnx.Module):
         x_BTD = self.final_norm(x_BTD)
         if self.classifier_DC is not None:
             logits_BTC = dense(x_BTD, self.classifier_DC[...].astype(cfg.dtype)).astype(jnp.float32)
-            # muP's 1/m multiplies the matrix's output, not the bias, as the mup package's MuReadout does
-            return logits_BTC / cfg.width_multiplier + self.classifier_bias_C[...].astype(jnp.float32)[None, None]
+            # muP's output multiplier / m multiplies the matrix's output, not the bias, as the mup package's MuReadout
+            return logits_BTC * cfg.logit_scale + self.classifier_bias_C[...].astype(jnp.float32)[None, None]
         if self.unembedding_DV is None:
             logits_BTV = dense(x_BTD, self.embedding_VD[...].astype(cfg.dtype).T)
         else:
@@ -574,8 +618,8 @@ class Decoder(nnx.Module):
         logits_BTV = constrain(
             logits_BTV, ('activation_batch', 'activation_length', 'activation_vocab'), cfg.sharding_rules
         ).astype(jnp.float32)
-        if cfg.parametrization == 'mup':  # muP's readout multiplier: 1 / width multiplier
-            logits_BTV /= cfg.width_multiplier
+        if cfg.logit_scale != 1.0:  # muP's readout multiplier: output multiplier / width multiplier
+            logits_BTV *= cfg.logit_scale
         return logits_BTV
 
     def states(

@@ -128,9 +128,19 @@ def test_the_coordinate_check_stays_flat_under_mup_and_grows_under_sp():
     assert results['mup'][64] == results['sp'][64]  # the base width is the same model either way
 
 
-def test_a_mup_model_exports_to_a_standard_model_with_the_same_logits(tmp_path):
+@pytest.mark.parametrize(
+    'family, tuned',
+    [
+        ('llama', {}),
+        # the base constants and CompleteP's residual scale folded too; gpt2 for position embeddings and biases
+        ('gpt2', dict(mup_input_multiplier=3.0, mup_output_multiplier=0.5, depth_scaling='completep', base_depth=1)),
+    ],
+)
+def test_a_mup_model_exports_to_a_standard_model_with_the_same_logits(tmp_path, family, tuned):
     config = mup_config(width=48, base_width=12)  # m = 4; attention by 1/head_dim at head_dim 12, base 6
-    config.model.update(vocab_size=256, max_seq_len=16)
+    config.model.update(vocab_size=256, max_seq_len=16, family=family, **tuned)
+    if family == 'gpt2':
+        config.model.update(tie_embeddings=False, use_bias=True, num_kv_heads=config.model.num_heads)
     config.mesh.fsdp = 1
     logits_before, _, params = step_and_logits(config)
     assert not np.allclose(logits_before, 0)
@@ -143,7 +153,7 @@ def test_a_mup_model_exports_to_a_standard_model_with_the_same_logits(tmp_path):
         checkpoints.save_params(tmp_path / 'ckpt', placed, config.to_json_best_effort())
     convert_hf.export_checkpoint(str(tmp_path / 'ckpt'), tmp_path / 'hf', 'float32', 2**30)
     exported = loading.load(str(tmp_path / 'hf'), {'data': 1, 'fsdp': 1, 'tensor': 1}, 'float32')
-    assert exported.model_cfg.parametrization == 'sp'
+    assert exported.model_cfg.parametrization == 'sp' and exported.model_cfg.depth_scaling == 'none'
     with jax.set_mesh(exported.mesh):
         theirs = np.asarray(nnx.merge(exported.graphdef, exported.params)(tokens))
     np.testing.assert_allclose(theirs, ours, rtol=2e-5, atol=2e-5)
@@ -174,3 +184,67 @@ def test_the_best_rate_is_refined_between_grid_points_and_plotted(tmp_path):
     }
     lr_transfer.plot(table, str(tmp_path / 'lr.png'))
     assert (tmp_path / 'lr.png').stat().st_size > 10_000
+
+
+def test_mups_input_and_output_multipliers_scale_the_embeddings_and_the_logits():
+    config = mup_config(width=96, base_width=24)  # m = 4
+    plain = Decoder(train.model_config(config), nnx.Rngs(0))
+    config.model.update(mup_input_multiplier=3.0, mup_output_multiplier=2.0)
+    tuned = Decoder(train.model_config(config), nnx.Rngs(0))  # the same weights: the same seed, the same init
+    tokens = np.arange(10, dtype=np.int32).reshape(2, 5) % 38
+    positions = np.broadcast_to(np.arange(5), (2, 5))
+    np.testing.assert_allclose(tuned.embed(tokens, positions), 3.0 * plain.embed(tokens, positions), rtol=1e-6)
+    states = jax.random.normal(jax.random.key(2), (2, 5, 96))
+    np.testing.assert_allclose(tuned.logits(states), 2.0 * plain.logits(states), rtol=1e-5, atol=1e-6)
+    assert train.model_config(config).logit_scale == 0.5  # output multiplier 2 / m 4
+
+
+def test_completep_at_its_base_depth_is_the_plain_model_exactly():
+    plain = tiny_config('llama', fsdp=4, tensor=2)
+    completep = tiny_config('llama', fsdp=4, tensor=2)
+    completep.model.update(depth_scaling='completep', base_depth=completep.model.num_layers)
+    plain_logits, plain_metrics, plain_params = step_and_logits(plain)
+    logits, metrics, params = step_and_logits(completep)
+    np.testing.assert_array_equal(logits, plain_logits)
+    assert float(metrics['loss']) == float(plain_metrics['loss'])
+    jax.tree.map(np.testing.assert_array_equal, params, plain_params)
+
+
+def test_completep_scales_the_branches_and_keeps_the_base_depths_init():
+    config = tiny_config('llama')
+    config.model.update(num_layers=8, depth_scaling='completep', base_depth=2)
+    cfg = train.model_config(config)
+    assert cfg.residual_scale == 0.25  # (8 / 2)^-1
+    assert cfg.output_init_std == pytest.approx(0.02 / 2.0)  # std / sqrt(2 x base depth), not / sqrt(2 x 8)
+    config.model.depth_alpha = 0.5
+    assert train.model_config(config).residual_scale == 0.5
+    config.model.depth_scaling = 'none'
+    assert train.model_config(config).output_init_std == pytest.approx(0.02 / 4.0)
+    # The roles: (L / base_depth)^(alpha - 1) on the hidden matrices and the blocks' norms; nothing at alpha 1.
+    config.model.update(depth_scaling='completep', depth_alpha=0.5)
+    _, shapes, _ = train.state_lib.abstract_model(train.model_config(config))
+    roles = param_roles.partition(config, shapes).roles
+    assert roles['blocks']['mlp']['w_up_DF'] == param_roles.Role(lr_multiplier=0.5)
+    assert roles['blocks']['mlp_norm']['scale'] == param_roles.Role(lr_multiplier=0.5, weight_decay_multiplier=0.0)
+    assert roles['final_norm']['scale'] == param_roles.NO_DECAY and roles['embedding_VD'] == param_roles.NO_DECAY
+    config.model.update(parametrization='mup', d_model=48, d_ff=80, base_width=24)  # with muP: 0.5 / m
+    roles = param_roles.partition(config, shapes).roles
+    assert roles['blocks']['attention']['wq_DNH'].lr_multiplier == 0.25
+    config.model.depth_alpha = 1.0
+    roles = param_roles.partition(config, shapes).roles
+    assert roles['blocks']['attention']['wq_DNH'].lr_multiplier == 0.5  # muP's 1 / m alone
+    assert roles['blocks']['mlp_norm']['scale'] == param_roles.NO_DECAY
+
+
+def test_completep_initializes_the_output_projections_as_at_its_base_depth():
+    config = tiny_config('llama', fsdp=8)
+    config.model.update(num_layers=8, d_model=96, d_ff=192, init_std=0.05)
+    stds = {}
+    for scaling in ('none', 'completep'):
+        config.model.update(depth_scaling=scaling, base_depth=2)
+        mesh = mesh_for(config)
+        with jax.set_mesh(mesh):
+            params = jax.device_get(train.build(config, mesh).sharded.state.params)
+        stds[scaling] = float(np.std(params['blocks']['mlp']['w_down_FD']))
+    assert stds['none'] == pytest.approx(0.05 / 4, rel=0.05)  # GPT-2's std / sqrt(2 x 8)
+    assert stds['completep'] == pytest.approx(0.05 / 2, rel=0.05)  # std / sqrt(2 x 2)

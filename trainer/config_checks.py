@@ -12,6 +12,7 @@ from ml_collections import config_dict
 from models import transformer
 from models.transformer import (
     ATTENTION_IMPLS,
+    DEPTH_SCALINGS,
     FAMILIES,
     HEADS,
     LORA_TARGETS,
@@ -98,6 +99,21 @@ def check_model(model: config_dict.ConfigDict) -> None:
     _require(0.0 <= model.dropout < 1.0, f'config.model.dropout={model.dropout} must be in [0, 1).')
     _one_of(model.parametrization, PARAMETRIZATIONS, 'config.model.parametrization')
     _one_of(model.mup_weight_decay, MUP_WEIGHT_DECAYS, 'config.model.mup_weight_decay')
+    for name in ('mup_input_multiplier', 'mup_output_multiplier'):
+        _require(model[name] > 0, f'config.model.{name}={model[name]} must be positive (1.0 = off).')
+        _require(
+            model[name] == 1.0 or model.parametrization == 'mup',
+            f"config.model.{name}={model[name]} is a muP constant: set config.model.parametrization='mup' or leave "
+            'it at 1.0.',
+        )
+    _one_of(model.depth_scaling, DEPTH_SCALINGS, 'config.model.depth_scaling')
+    _require(
+        model.base_depth >= 0, f"config.model.base_depth={model.base_depth} must be 0 (the model's own) or positive."
+    )
+    _require(
+        0.5 <= model.depth_alpha <= 1.0,
+        f'config.model.depth_alpha={model.depth_alpha} must be in [0.5, 1] (1 = CompleteP, 0.5 = 1/sqrt(depth)).',
+    )
     _require(
         model.loss_vocab_chunk >= 0,
         f'config.model.loss_vocab_chunk={model.loss_vocab_chunk} must be 0 (off) or positive.',

@@ -46,14 +46,25 @@ def mup_roles(model: config_dict.ConfigDict) -> list[tuple[str, Role]]:
     zero with mup_zero_readout. Weight decay on hidden matrices: with mup_weight_decay='coupled' AdamW's
     (learning rate / m) x wd; with 'constant' wd x m, so that their decay per step, lr x wd, is the base's
     (the mup package's MuAdam and MuAdamW scale each hidden matrix's weight_decay by its width multiplier).
+    CompleteP's depth rule (depth_scaling='completep', Dey et al. 2025, Table 1) multiplies the learning rate
+    of the hidden matrices and of the blocks' norms and biases by (L / base_depth)^(depth_alpha - 1): 1 at
+    depth_alpha = 1, so CompleteP's own rule changes only the forward pass and the init.
     """
-    if model.parametrization != 'mup':
-        return []
-    m = model.d_model / (model.base_width or model.d_model)
-    readout = Role(init_multiplier=0.0) if model.mup_zero_readout else Role()
-    decay = m if model.mup_weight_decay == 'constant' else 1.0
-    hidden = Role(lr_multiplier=1 / m, weight_decay_multiplier=decay, init_multiplier=m**-0.5)
-    return [(HIDDEN_PATTERN, hidden), (READOUT_PATTERN, readout)]
+    mup = model.parametrization == 'mup'
+    depth = model.num_layers / (model.base_depth or model.num_layers) if model.depth_scaling == 'completep' else 1.0
+    depth_lr = depth ** (model.depth_alpha - 1)
+    rules = []
+    if mup or depth_lr != 1.0:
+        m = model.d_model / (model.base_width or model.d_model) if mup else 1.0
+        decay = m if mup and model.mup_weight_decay == 'constant' else 1.0
+        rules.append(
+            (HIDDEN_PATTERN, Role(lr_multiplier=depth_lr / m, weight_decay_multiplier=decay, init_multiplier=m**-0.5))
+        )
+    if depth_lr != 1.0:
+        rules.append((r'^blocks/.*(norm/|bias)', Role(lr_multiplier=depth_lr, weight_decay_multiplier=0.0)))
+    if mup:
+        rules.append((READOUT_PATTERN, Role(init_multiplier=0.0) if model.mup_zero_readout else Role()))
+    return rules
 
 
 def table(config: config_dict.ConfigDict) -> list[tuple[str, Role]]:

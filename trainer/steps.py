@@ -58,7 +58,7 @@ def chunked_next_token_losses(model: Any, batch: Batch, dropout_rng: jax.Array |
     def block(carry, inputs):
         running_max_BT, sum_exp_BT, target_logit_BT = carry
         w_DC, start = inputs
-        logits_BTC = dense(x_BTD, w_DC).astype(jnp.float32) / cfg.width_multiplier
+        logits_BTC = dense(x_BTD, w_DC).astype(jnp.float32) * cfg.logit_scale
         ids_C = start + jnp.arange(chunk)
         logits_BTC = jnp.where(ids_C < cfg.vocab_size, logits_BTC, -jnp.inf)
         new_max_BT = jnp.maximum(running_max_BT, logits_BTC.max(-1))

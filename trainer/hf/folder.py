@@ -56,29 +56,49 @@ def _copy_tokenizer(spec: str, out: pathlib.Path) -> None:
         shutil.copyfile(spec, out / 'tokenizer.json')
 
 
+def _scaled(tree: dict[str, Any], names: tuple[str, ...], factor: float) -> dict[str, Any]:
+    """A copy of the dict `tree` with its entries `names` (where present) multiplied by factor, in float32."""
+    return {k: np.asarray(v, np.float32) * factor if k in names else v for k, v in tree.items()}
+
+
 def fold_mup(params: dict[str, Any], cfg: ModelConfig) -> tuple[dict[str, Any], ModelConfig]:
-    """muP's forward multipliers folded into the weights (host arrays), so a standard model computes the same:
-    the logits' 1/m into the unembedding, the attention's sqrt(base_head_dim / head_dim) into the queries."""
-    if cfg.parametrization != 'mup':
+    """muP's and CompleteP's forward multipliers folded into the weights (host arrays), so a standard model
+    computes the same: the logits' output multiplier / m into the unembedding, the input multiplier into the
+    embeddings, the attention's sqrt(base_head_dim / head_dim) into the queries, the residual branches' scale
+    into the output projections."""
+    if cfg.parametrization != 'mup' and cfg.depth_scaling == 'none':
         return params, cfg
-    m, q_scale = cfg.width_multiplier, cfg.attention_scale * cfg.head_dim**0.5
-    if m != 1.0 and cfg.tie_embeddings:
+    logit, q_scale = cfg.logit_scale, cfg.attention_scale * cfg.head_dim**0.5
+    inputs, residual = cfg.input_scale, cfg.residual_scale
+    if cfg.tie_embeddings and (logit != 1.0 or inputs != 1.0):
         raise ConfigError(
-            f'this muP model ties its embeddings and multiplies its logits by 1/{m:g}: a standard model cannot '
-            'compute that with one shared matrix, so it does not export to Hugging Face (train it untied).'
+            f'this muP model ties its embeddings and multiplies its logits by {logit:g} (its embeddings by '
+            f'{inputs:g}): a standard model cannot compute that with one shared matrix, so it does not export to '
+            'Hugging Face (train it untied).'
         )
     folded = dict(params)
-    if m != 1.0:
-        folded['unembedding_DV'] = np.asarray(params['unembedding_DV'], np.float32) / m
+    if logit != 1.0:
+        folded['unembedding_DV'] = np.asarray(params['unembedding_DV'], np.float32) * logit
+    if inputs != 1.0:
+        folded = _scaled(folded, ('embedding_VD', 'position_embedding_PD'), inputs)
+    blocks = dict(params['blocks'])
     if q_scale != 1.0:
-        attention = dict(params['blocks']['attention'])
-        attention['wq_DNH'] = np.asarray(attention['wq_DNH'], np.float32) * q_scale
+        attention = _scaled(blocks['attention'], ('wq_DNH',), q_scale)
         if 'biases' in attention:
-            attention['biases'] = dict(
-                attention['biases'], q_NH=np.asarray(attention['biases']['q_NH'], np.float32) * q_scale
-            )
-        folded['blocks'] = dict(params['blocks'], attention=attention)
-    return folded, dataclasses.replace(cfg, parametrization='sp', base_width=0, base_head_dim=0)
+            attention['biases'] = _scaled(attention['biases'], ('q_NH',), q_scale)
+        blocks['attention'] = attention
+    if residual != 1.0:  # x + s * (y W + b) = x + y (s W) + s b
+        attention = _scaled(blocks['attention'], ('wo_NHD',), residual)
+        if 'biases' in attention:
+            attention['biases'] = _scaled(attention['biases'], ('o_D',), residual)
+        mlp = _scaled(blocks['mlp'], ('w_down_FD',), residual)
+        if 'biases' in mlp:
+            mlp['biases'] = _scaled(mlp['biases'], ('down_D',), residual)
+        blocks |= {'attention': attention, 'mlp': mlp}
+    folded['blocks'] = blocks
+    plain = dict(parametrization='sp', base_width=0, base_head_dim=0, depth_scaling='none', base_depth=0)
+    plain |= dict(mup_input_multiplier=1.0, mup_output_multiplier=1.0)
+    return folded, dataclasses.replace(cfg, **plain)
 
 
 def write(
