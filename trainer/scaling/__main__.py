@@ -9,7 +9,11 @@ fit      Chinchilla approaches 3 and 2 on a CSV (params, tokens, loss[, flops]):
 plot     the figures of a CSV and its fit:  --csv F --fit fit.json --out DIR
 coord_check  muP's coordinate check, SP beside muP:  --config C --out DIR [--widths 64,...,1024] [--steps 5]
 lr_transfer  a learning-rate sweep at several widths, SP and muP:  --config C --out DIR --widths 32,64,128,256
-         --lrs 1e-3,3e-3,... --tokens 2e5 [--depth 2] [--set ...]
+         --lrs 1e-3,3e-3,... --tokens 2e5 [--depth 2] [--mup_config tuned.py] [--mup_lrs ...] [--set ...]
+tune_base    search muP's base constants at the base width:  --config C --out DIR --width 64 --tokens 2e5
+         [--trials 27] [--search halving|random] [--eta 3] [--rungs 3] [--search_space field=lo:hi,...]
+depth_transfer  a learning-rate sweep at several depths, plain residuals and CompleteP:  --config C --out DIR
+         --width 64 --depths 2,8 --lrs ... --tokens 2e5 [--set ...]
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from ml_collections import config_dict
 
 from trainer import cli
 from trainer.errors import ConfigError
+from trainer.scaling import sweep, tune_base
 from trainer.train import model_config
 
 _CONFIG = flags.DEFINE_string('config', None, 'counts, sweep: the base config file (file.py or file.py:ARG).')
@@ -61,7 +66,27 @@ _MC_FILES = flags.DEFINE_string(
 )
 _STEPS = flags.DEFINE_integer('steps', 5, 'coord_check: training steps to follow.')
 _LR = flags.DEFINE_float('lr', 1e-2, 'coord_check: the learning rate of every width.')
-_DEPTH = flags.DEFINE_integer('depth', 2, 'lr_transfer: layers of every width (muP transfers across width).')
+_DEPTH = flags.DEFINE_integer('depth', 2, 'lr_transfer, tune_base: layers of every width (muP transfers across width).')
+_MUP_CONFIG = flags.DEFINE_string(
+    'mup_config',
+    None,
+    "lr_transfer: the muP side's config (tune_base's tuned.py); default --config based at the narrowest width.",
+)
+_MUP_LRS = flags.DEFINE_list(
+    'mup_lrs', [], "lr_transfer: the muP side's learning rates; default --lrs, or --mup_config's own rate."
+)
+_WIDTH = flags.DEFINE_integer('width', 64, 'tune_base: the base width; depth_transfer: the width of every depth.')
+_TRIALS = flags.DEFINE_integer('trials', 27, 'tune_base: settings drawn from the search space.')
+_SEARCH = flags.DEFINE_enum(
+    'search', 'halving', ['halving', 'random'], 'tune_base: successive halving, or every trial on the full budget.'
+)
+_ETA = flags.DEFINE_integer('eta', 3, 'tune_base, halving: keep the best 1/eta of each rung; eta x the tokens next.')
+_RUNGS = flags.DEFINE_integer('rungs', 3, 'tune_base, halving: rungs; the first trains on tokens / eta^(rungs-1).')
+_SPACE = flags.DEFINE_list(
+    'search_space', list(tune_base.DEFAULT_SPACE), 'tune_base: config fields, each field=lo:hi (log-uniform) or a|b|c.'
+)
+_SEARCH_SEED = flags.DEFINE_integer('search_seed', 0, 'tune_base: the seed the trials are drawn with.')
+_DEPTHS = flags.DEFINE_list('depths', [], 'depth_transfer: the depths (layers); CompleteP is based at the first.')
 
 
 def _require(flag, verb: str):
@@ -138,8 +163,6 @@ def do_counts() -> None:
 
 
 def do_sweep() -> int:
-    from trainer.scaling import sweep
-
     config_file = _require(_CONFIG, 'sweep')
     folder = pathlib.Path(_require(_OUT, 'sweep'))
     base = load_config(config_file, _SET.value)
@@ -288,36 +311,170 @@ def do_coord_check() -> None:
     print(f'wrote {folder / "coord_check.json"}, {folder / "coord_check.png"}')
 
 
-def do_lr_transfer() -> int:
-    from trainer.scaling import lr_transfer, sweep
-
-    config_file = _require(_CONFIG, 'lr_transfer')
-    folder = pathlib.Path(_require(_OUT, 'lr_transfer'))
-    widths = _numbers(_require(_WIDTHS, 'lr_transfer'), int)
-    shape = sweep.Shape(_ASPECT.value, _HEAD_DIM.value, _FF_RATIO.value, _KV_RATIO.value, _DEPTH.value)
+def _transfer(folder, variants, widths, shape, lrs, echo=print) -> int:
+    """Runs a sweep per variant ({name: (config file, settings, learning rates)}); returns the failed runs."""
     failed = 0
-    for parametrization in ('sp', 'mup'):
-        settings = [*_SET.value, f'model.parametrization={parametrization}', f'model.base_width={min(widths)}']
-        settings.append(f'model.base_head_dim={_HEAD_DIM.value}')
+    for name, (config_file, settings, rates) in variants.items():
         base = load_config(config_file, settings)
         points = sweep.plan(
             base,
             widths,
             shape,
-            token_budgets=_numbers(_require(_TOKENS, 'lr_transfer')),
-            learning_rates=_numbers(_require(_LRS, 'lr_transfer')),
+            token_budgets=_numbers(_require(_TOKENS, 'the transfer verbs')),
+            learning_rates=rates or lrs,
             warmup_fraction=_WARMUP.value,
         )
-        commands = sweep.write(folder / parametrization, config_file, points, [f'--config.{s}' for s in settings])
-        print(f'{parametrization}: {len(points)} runs in {folder / parametrization}')
-        failed += sweep.run(folder / parametrization, commands, points)[1]
+        commands = sweep.write(folder / name, config_file, points, [f'--config.{s}' for s in settings])
+        echo(f'{name}: {len(points)} runs in {folder / name}')
+        done, failed_here, stopped = sweep.run(folder / name, commands, points)
+        if stopped:
+            raise _Stopped()
+        failed += failed_here
+    return failed
+
+
+class _Stopped(Exception):
+    """A transfer sweep was stopped by a signal (its running point saved)."""
+
+
+def _stopped_exit() -> int:
+    print('stopped: the running point saved; run the same command to resume.', file=sys.stderr)
+    return sweep.EXIT_STOPPED
+
+
+def do_lr_transfer() -> int:
+    from trainer.scaling import lr_transfer
+
+    config_file = _require(_CONFIG, 'lr_transfer')
+    folder = pathlib.Path(_require(_OUT, 'lr_transfer'))
+    widths = _numbers(_require(_WIDTHS, 'lr_transfer'), int)
+    lrs = _numbers(_require(_LRS, 'lr_transfer'))
+    shape = sweep.Shape(_ASPECT.value, _HEAD_DIM.value, _FF_RATIO.value, _KV_RATIO.value, _DEPTH.value)
+    sp = [*_SET.value, 'model.parametrization=sp']
+    if _MUP_CONFIG.value:  # a tuned base: its own base width, constants and (by default) learning rate
+        mup_file, mup = _MUP_CONFIG.value, list(_SET.value)
+        mup_lrs = _numbers(_MUP_LRS.value) or [load_config(mup_file, mup).train.learning_rate]
+    else:
+        mup_file, mup_lrs = config_file, _numbers(_MUP_LRS.value)
+        mup = [*_SET.value, 'model.parametrization=mup', f'model.base_width={min(widths)}']
+        mup.append(f'model.base_head_dim={_HEAD_DIM.value}')
+    try:
+        failed = _transfer(folder, {'sp': (config_file, sp, []), 'mup': (mup_file, mup, mup_lrs)}, widths, shape, lrs)
+    except _Stopped:
+        return _stopped_exit()
     table = lr_transfer.collect(folder)
     lr_transfer.plot(table, str(folder / 'lr_transfer.png'))
     (folder / 'lr_transfer.json').write_text(json.dumps(table, indent=2) + '\n')
     for parametrization, by_width in table.items():
-        best = ', '.join(f'{w}: {row["best_lr"]:.2g}' for w, row in by_width.items())
+        best = ', '.join(f'{w}: {row["best_lr"]:.2g} (loss {min(row["losses"]):.4f})' for w, row in by_width.items())
         print(f'{parametrization}: best learning rate by width: {best}')
     print(f'wrote {folder / "lr_transfer.json"}, {folder / "lr_transfer.png"}')
+    return 1 if failed else 0
+
+
+def do_depth_transfer() -> int:
+    from trainer.scaling import lr_transfer
+
+    config_file = _require(_CONFIG, 'depth_transfer')
+    folder = pathlib.Path(_require(_OUT, 'depth_transfer'))
+    depths = _numbers(_require(_DEPTHS, 'depth_transfer'), int)
+    lrs = _numbers(_require(_LRS, 'depth_transfer'))
+    variants = {}
+    for scaling in ('none', 'completep'):
+        settings = [*_SET.value, f'model.depth_scaling={scaling}', f'model.base_depth={depths[0]}']
+        variants[scaling] = (config_file, settings, [])
+    failed = 0
+    try:  # a sweep per depth (the shape fixes the depth), each variant's runs in one folder
+        for depth in depths:
+            shape = sweep.Shape(_ASPECT.value, _HEAD_DIM.value, _FF_RATIO.value, _KV_RATIO.value, depth)
+            failed += _transfer(folder / f'depth{depth}', variants, [_WIDTH.value], shape, lrs)
+    except _Stopped:
+        return _stopped_exit()
+    table = {}
+    for depth in depths:
+        for variant, by_depth in lr_transfer.collect(folder / f'depth{depth}', ('none', 'completep'), 'depth').items():
+            table.setdefault(variant, {}).update(by_depth)
+    lr_transfer.plot(table, str(folder / 'depth_transfer.png'), by='depth')
+    (folder / 'depth_transfer.json').write_text(json.dumps(table, indent=2) + '\n')
+    for variant, by_depth in table.items():
+        best = ', '.join(f'{d}: {row["best_lr"]:.2g} (loss {min(row["losses"]):.4f})' for d, row in by_depth.items())
+        print(f'{variant}: best learning rate by depth: {best}')
+    print(f'wrote {folder / "depth_transfer.json"}, {folder / "depth_transfer.png"}')
+    return 1 if failed else 0
+
+
+def do_tune_base() -> int:
+    config_file = _require(_CONFIG, 'tune_base')
+    folder = pathlib.Path(_require(_OUT, 'tune_base'))
+    budgets = _numbers(_require(_TOKENS, 'tune_base'))
+    if len(budgets) != 1:
+        cli.fail('tune_base needs one --tokens budget (the last rung trains on it).')
+    tokens = budgets[0]
+    for name, flag in (('trials', _TRIALS), ('eta', _ETA), ('rungs', _RUNGS)):
+        if flag.value < (2 if name == 'eta' else 1):
+            cli.fail(f'--{name}={flag.value} must be at least {2 if name == "eta" else 1}.')
+    width = _WIDTH.value
+    fixed = {'model.parametrization': 'mup', 'model.base_width': width, 'model.base_head_dim': _HEAD_DIM.value}
+    probe = load_config(config_file, _SET.value)
+    if probe.model.depth_scaling == 'completep':
+        fixed['model.base_depth'] = _DEPTH.value
+    settings = [*_SET.value, *(f'{k}={v}' for k, v in fixed.items())]
+    base = load_config(config_file, settings)
+    knobs = tune_base.parse_space(_SPACE.value, base)
+    shape = sweep.Shape(_ASPECT.value, _HEAD_DIM.value, _FF_RATIO.value, _KV_RATIO.value, _DEPTH.value)
+    plan = tune_base.rung_plan(_TRIALS.value, _SEARCH.value, _ETA.value, _RUNGS.value, tokens)
+    print(
+        f'tune_base: {_TRIALS.value} trials at width {width} ({_SEARCH.value}: '
+        + ', '.join(f'{n} on {t:.3g} tokens' for n, t in plan)
+        + f'); searching {", ".join(k.field for k in knobs)}'
+    )
+    found, stopped, failed = tune_base.search(
+        folder,
+        config_file,
+        base,
+        [f'--config.{s}' for s in settings],
+        knobs,
+        width=width,
+        shape=shape,
+        trials=_TRIALS.value,
+        method=_SEARCH.value,
+        eta=_ETA.value,
+        rungs=_RUNGS.value,
+        tokens=tokens,
+        seed=_SEARCH_SEED.value,
+        warmup_fraction=_WARMUP.value,
+    )
+    if stopped:
+        return _stopped_exit()
+    winner = tune_base.best(found)
+    last_loss = [loss for loss in winner.losses if loss is not None][-1]
+    if not np.isfinite(last_loss):
+        cli.fail(f'every trial of the last rung failed or diverged: see {folder}/rung*/runs/*/train.log.')
+    # The tuned config: the sweep's --set fields, muP based here, the shape of the base model, the winner.
+    shaped = shape.overrides(width)
+    typed = {}  # the --set fields as the config typed them
+    for setting in _SET.value:
+        key = setting.partition('=')[0]
+        section, _, name = key.rpartition('.')
+        typed[key] = (base[section] if section else base)[name]
+    chosen = {**typed, **fixed, **shaped, **winner.setting}
+    chosen = {k: v for k, v in chosen.items() if k != 'model.head_dim'}
+    summary = (
+        f'muP base at width {width}, tuned by {_SEARCH.value} search over {_TRIALS.value} trials '
+        f'(seed {_SEARCH_SEED.value}); the best reached eval loss {last_loss:.4f} on {tokens:.3g} tokens.'
+    )
+    (folder / 'tuned.py').write_text(tune_base.tuned_config_text(config_file, folder, chosen, summary))
+    record = {
+        'best': {'trial': winner.index, 'settings': winner.setting, 'loss': last_loss},
+        'settings': chosen,
+        'rungs': [{'trials': n, 'tokens': t} for n, t in plan],
+        'trials': [dataclasses.asdict(t) for t in found],
+        'search_space': _SPACE.value,
+    }
+    (folder / 'best.json').write_text(json.dumps(record, indent=2) + '\n')
+    tune_base.plot(found, knobs, winner, str(folder / 'tune_base.png'))
+    print('best: ' + ', '.join(f'{k}={v:g}' for k, v in winner.setting.items()) + f' (eval loss {last_loss:.4f})')
+    print(f'wrote {folder / "tuned.py"} (train or sweep with --config {folder / "tuned.py"}), best.json, tune_base.png')
     return 1 if failed else 0
 
 
@@ -329,6 +486,8 @@ VERBS = {
     'plot': do_plot,
     'coord_check': do_coord_check,
     'lr_transfer': do_lr_transfer,
+    'tune_base': do_tune_base,
+    'depth_transfer': do_depth_transfer,
 }
 
 

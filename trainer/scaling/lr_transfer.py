@@ -1,4 +1,5 @@
-"""The learning-rate transfer test of muP: loss against learning rate at several widths, SP beside muP.
+"""The learning-rate transfer tests: loss against learning rate at several widths (SP beside muP) or depths
+(plain residuals beside CompleteP).
 
 `python -m trainer.scaling lr_transfer` runs two sweeps (folder/sp and folder/mup, resumable like any
 sweep: the same command again skips finished runs) of every width x learning rate on one token budget;
@@ -26,29 +27,34 @@ def best_rate(rates: list[float], losses: list[float]) -> float:
     return rates[i]
 
 
-def collect(folder: pathlib.Path) -> dict[str, dict[int, dict]]:
-    """{parametrization: {width: {'lrs', 'losses' (final eval loss, else training loss), 'best_lr'}}}."""
+def collect(
+    folder: pathlib.Path, variants: tuple[str, ...] = ('sp', 'mup'), by: str = 'width'
+) -> dict[str, dict[int, dict]]:
+    """{variant: {width (or depth): {'lrs', 'losses' (final eval loss, else training loss), 'best_lr'}}}."""
     table: dict[str, dict[int, dict]] = {}
-    for parametrization in ('sp', 'mup'):
-        if not (folder / parametrization / 'sweep.json').is_file():
+    for variant in variants:
+        if not (folder / variant / 'sweep.json').is_file():
             continue
-        by_width: dict[int, list[tuple[float, float]]] = {}
-        for row in sweep_collect.rows(folder / parametrization):
+        by_size: dict[int, list[tuple[float, float]]] = {}
+        for row in sweep_collect.rows(folder / variant):
             if row['state'] != 'done':
                 continue
             loss = row['eval_loss'] if row.get('eval_loss') not in ('', None) else row['loss']
             loss = float(loss)
-            by_width.setdefault(int(row['width']), []).append((float(row['learning_rate']), loss))
-        table[parametrization] = {}
-        for width, pairs in sorted(by_width.items()):
+            by_size.setdefault(int(row[by]), []).append((float(row['learning_rate']), loss))
+        table[variant] = {}
+        for size, pairs in sorted(by_size.items()):
             pairs.sort()
             rates, losses = [p[0] for p in pairs], [p[1] if math.isfinite(p[1]) else 1e9 for p in pairs]
-            table[parametrization][width] = {'lrs': rates, 'losses': losses, 'best_lr': best_rate(rates, losses)}
+            table[variant][size] = {'lrs': rates, 'losses': losses, 'best_lr': best_rate(rates, losses)}
     return table
 
 
-def plot(table: dict[str, dict[int, dict]], out_png: str) -> None:
-    """Loss against learning rate, a curve per width, a panel per parametrization; the best rates marked."""
+TITLES = {'sp': 'SP', 'mup': 'muP', 'none': 'plain residuals', 'completep': 'CompleteP'}
+
+
+def plot(table: dict[str, dict[int, dict]], out_png: str, by: str = 'width') -> None:
+    """Loss against learning rate, a curve per width (or depth), a panel per variant; the best rates marked."""
     import matplotlib
 
     matplotlib.use('Agg')
@@ -60,13 +66,13 @@ def plot(table: dict[str, dict[int, dict]], out_png: str) -> None:
     for ax, (parametrization, by_width) in zip(axes[0], table.items(), strict=True):
         colors = plt.cm.plasma(np.linspace(0, 0.85, len(by_width)))
         finite = [loss for row in by_width.values() for loss in row['losses'] if loss < 1e9]
-        for (width, row), color in zip(by_width.items(), colors, strict=True):
-            ax.plot(row['lrs'], row['losses'], 'o-', color=color, label=f'width {width}', ms=4)
+        for (size, row), color in zip(by_width.items(), colors, strict=True):
+            ax.plot(row['lrs'], row['losses'], 'o-', color=color, label=f'{by} {size}', ms=4)
             ax.axvline(row['best_lr'], color=color, ls=':', lw=1)
         ax.set_xscale('log')
         if finite:
             ax.set_ylim(min(finite) - 0.05, min(max(finite), min(finite) + 1.5) + 0.05)
-        ax.set_title(f'{"muP" if parametrization == "mup" else "SP"}: loss against learning rate')
+        ax.set_title(f'{TITLES.get(parametrization, parametrization)}: loss against learning rate')
         ax.set_xlabel('learning rate (base)')
         ax.set_ylabel('eval loss')
         ax.legend(fontsize=8)
