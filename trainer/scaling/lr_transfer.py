@@ -54,7 +54,8 @@ TITLES = {'sp': 'SP', 'mup': 'muP', 'none': 'plain residuals', 'completep': 'Com
 
 
 def plot(table: dict[str, dict[int, dict]], out_png: str, by: str = 'width') -> None:
-    """Loss against learning rate, a curve per width (or depth), a panel per variant; the best rates marked."""
+    """Loss against learning rate, a curve per width (or depth), a panel per variant, the best rates marked; and a
+    last panel: each variant's least loss against the width (or depth)."""
     import matplotlib
 
     matplotlib.use('Agg')
@@ -62,8 +63,8 @@ def plot(table: dict[str, dict[int, dict]], out_png: str, by: str = 'width') -> 
 
     from trainer.scaling.plot import readable
 
-    fig, axes = plt.subplots(1, len(table), figsize=(5.5 * len(table), 4), squeeze=False)
-    for ax, (parametrization, by_width) in zip(axes[0], table.items(), strict=True):
+    fig, axes = plt.subplots(1, len(table) + 1, figsize=(5.2 * (len(table) + 1), 4), squeeze=False)
+    for ax, (parametrization, by_width) in zip(axes[0], table.items(), strict=False):
         colors = plt.cm.plasma(np.linspace(0, 0.85, len(by_width)))
         finite = [loss for row in by_width.values() for loss in row['losses'] if loss < 1e9]
         for (size, row), color in zip(by_width.items(), colors, strict=True):
@@ -76,6 +77,17 @@ def plot(table: dict[str, dict[int, dict]], out_png: str, by: str = 'width') -> 
         ax.set_xlabel('learning rate (base)')
         ax.set_ylabel('eval loss')
         ax.legend(fontsize=8)
+    ax = axes[0][-1]
+    for parametrization, by_width in table.items():
+        sizes = list(by_width)
+        ax.plot(sizes, [min(by_width[s]['losses']) for s in sizes], 'o-', label=TITLES.get(parametrization))
+    ax.set_xscale('log', base=2)
+    ax.set_xticks(sorted({s for by_width in table.values() for s in by_width}))
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_title(f'least loss over the rates against {by}')
+    ax.set_xlabel(by)
+    ax.set_ylabel('eval loss')
+    ax.legend(fontsize=8)
     fig.tight_layout()
     readable(fig)
     fig.savefig(out_png, dpi=110)
