@@ -460,8 +460,8 @@ def do_tune_base() -> int:
     chosen = {**typed, **fixed, **shaped, **winner.setting}
     chosen = {k: v for k, v in chosen.items() if k != 'model.head_dim'}
     summary = (
-        f'muP base at width {width}, tuned by {_SEARCH.value} search over {_TRIALS.value} trials '
-        f'(seed {_SEARCH_SEED.value}); the best reached eval loss {last_loss:.4f} on {tokens:.3g} tokens.'
+        f'muP base at width {width}, {_SEARCH.value} search of {_TRIALS.value} trials (seed {_SEARCH_SEED.value}): '
+        f'eval loss {last_loss:.4f} on {tokens:.3g} tokens.'
     )
     (folder / 'tuned.py').write_text(tune_base.tuned_config_text(config_file, folder, chosen, summary))
     record = {
