@@ -83,6 +83,15 @@ def mesh_for(config: config_dict.ConfigDict) -> jax.sharding.Mesh:
     return mesh_lib.make_mesh(sizes, jax.devices()[: int(np.prod(list(sizes.values())))])
 
 
+def sharded_logits(graphdef, params, inputs) -> np.ndarray:
+    """The model's logits as one compiled program, on the host."""
+    # Not op by op: on 8 simulated devices, hundreds of small eager programs with collectives in flight at once
+    # aborted in XLA's rendezvous on a loaded 2-core machine (CI, 2026-12-04: a backward pass in test_finetune).
+    from flax import nnx
+
+    return np.asarray(jax.device_get(jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, inputs)))
+
+
 def run_trainer_in(workdir: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
     """`python -m trainer --workdir workdir args...` from the repository root, its output captured."""
     return subprocess.run(

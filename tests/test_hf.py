@@ -11,8 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_RUN_OVERRIDES, mesh_for, read_metrics, run_trainer_in
-from flax import nnx
+from conftest import TINY_RUN_OVERRIDES, mesh_for, read_metrics, run_trainer_in, sharded_logits
 from safetensors.numpy import load_file, save_file
 
 from configs import small_lm
@@ -48,8 +47,7 @@ def imported_logits(name: str, input_ids: np.ndarray, **mesh_sizes) -> np.ndarra
     with jax.set_mesh(mesh):
         setup = train.build(config, mesh)
         params = hf_tensors.load(str(FIXTURES / name), setup.model_cfg, setup.sharded.abstract.params)
-        logits = nnx.merge(setup.sharded.graphdef, params)(input_ids)
-        return np.asarray(jax.device_get(logits))
+        return sharded_logits(setup.sharded.graphdef, params, input_ids)
 
 
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:

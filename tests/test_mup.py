@@ -6,7 +6,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import mesh_for, random_batch, tiny_config
+from conftest import mesh_for, random_batch, sharded_logits, tiny_config
 from flax import nnx
 
 from models.transformer import Decoder
@@ -98,8 +98,7 @@ def step_and_logits(config):
         setup = train.build(config, mesh)
         batch = random_batch(setup, config)
         state = setup.sharded.state
-        logits = nnx.merge(setup.sharded.graphdef, state.params)(batch['inputs'])
-        logits = np.asarray(jax.device_get(logits))
+        logits = sharded_logits(setup.sharded.graphdef, state.params, batch['inputs'])
         state, metrics = setup.compiled.train(state, batch)
         return logits, jax.device_get(metrics), jax.device_get(state.params)
 
