@@ -21,6 +21,7 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
 from ml_collections import config_dict  # noqa: E402
 
 from configs import small_lm  # noqa: E402
@@ -87,8 +88,6 @@ def sharded_logits(graphdef, params, inputs) -> np.ndarray:
     """The model's logits as one compiled program, on the host."""
     # Not op by op: on 8 simulated devices, hundreds of small eager programs with collectives in flight at once
     # aborted in XLA's rendezvous on a loaded 2-core machine (CI, 2026-12-04: a backward pass in test_finetune).
-    from flax import nnx
-
     return np.asarray(jax.device_get(jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, inputs)))
 
 
