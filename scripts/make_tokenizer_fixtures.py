@@ -4,15 +4,19 @@ transformers makes of them and of two real chat templates (reference.json).
 Needs transformers and mistral-common, which the project does not depend on; run it once in a separate
 environment and commit what it writes:
 
-  python3.11 -m venv /tmp/hf && /tmp/hf/bin/pip install torch transformers tokenizers sentencepiece mistral-common
+  python3.11 -m venv /tmp/hf && /tmp/hf/bin/pip install transformers tokenizers sentencepiece protobuf mistral-common
   /tmp/hf/bin/python scripts/make_tokenizer_fixtures.py
+
+(torch is not needed; without protobuf, transformers 5.24 cannot convert the .model and tries tiktoken.)
 
 mistral/: tokenizer.model (mistral-common's tokenizer.model.v1, the Mistral-7B v0.1 tokenizer), the
 tokenizer.json transformers converts it to (written without indentation: 1.4 MB instead of 3.5), and
 Mistral-7B-Instruct-v0.1's chat template in chat_template.jinja. reference.json holds, for
 tests/tokenizer_fixtures.py's TEXTS and CHATS, the ids transformers' tokenizer gives (with and without special
 tokens), and for both templates (the Mistral folder's and the Llama-3-style folder tokenizer_fixtures builds)
-`apply_chat_template(tokenize=True)`'s ids and text, its BOS and EOS ids.
+`apply_chat_template(tokenize=True)`'s ids and text, its BOS and EOS ids; the same for the Llama-3 folder as
+it is today (tokenizer_config.json with `added_tokens_decoder`, whose EOS transformers 5 takes over
+special_tokens_map.json's).
 """
 
 from __future__ import annotations
@@ -89,6 +93,8 @@ def main() -> int:
     result = {'mistral': reference(MISTRAL)}
     with tempfile.TemporaryDirectory() as folder:
         result['llama3'] = reference(llama3_folder(pathlib.Path(folder)))
+    with tempfile.TemporaryDirectory() as folder:  # today's Llama-3 Instruct folder: added_tokens_decoder
+        result['llama3_added_tokens_decoder'] = reference(llama3_folder(pathlib.Path(folder), True))
     (MISTRAL / 'reference.json').write_text(json.dumps(result, ensure_ascii=False, indent=1) + '\n')
     print(sorted(p.name for p in MISTRAL.iterdir()))
     return 0

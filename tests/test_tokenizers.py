@@ -123,6 +123,22 @@ def test_llama3_folders_stop_at_every_end_of_turn_and_take_special_tokens_map_s_
     assert set(tokenizers.make_tokenizer(str(folder)).stop_ids) == {32001, 32003, 32004}
 
 
+def test_a_tokenizer_config_with_added_tokens_decoder_keeps_its_eos_over_special_tokens_map_s(tmp_path):
+    """As Meta-Llama-3-8B-Instruct's folder is today: tokenizer_config.json lists `added_tokens_decoder` and names
+    <|eot_id|>, special_tokens_map.json names <|end_of_text|>; transformers 5 reads the map only for folders without
+    that field, so its EOS is <|eot_id|> (reference.json), and the chat template gets the same tokens."""
+    folder = llama3_folder(tmp_path / 'model', added_tokens_decoder=True)
+    reference = REFERENCE['llama3_added_tokens_decoder']
+    tokenizer = tokenizers.make_tokenizer(str(folder))
+    assert (tokenizer.bos_id, tokenizer.eos_id) == (reference['bos_token_id'], reference['eos_token_id'])
+    assert tokenizer.eos_id == 32004 and set(tokenizer.stop_ids) == {32001, 32004}  # <|eot_id|>; with the list's
+    assert tokenizers.special_tokens(str(folder))['eos_token'] == '<|eot_id|>'
+    template = chat_template.for_tokenizer(str(folder))
+    for chat in reference['chats']:
+        assert template.render(chat['messages'], add_generation_prompt=False) == chat['text']
+        assert tokenizer.encode(chat['text'], add_special_tokens=False).tolist() == chat['ids']
+
+
 def test_the_chat_template_file_comes_before_tokenizer_config_s_field(tmp_path):
     folder = mistral_folder(tmp_path / 'model')
     settings = json.loads((folder / 'tokenizer_config.json').read_text())

@@ -4,8 +4,9 @@ tests/fixtures/tokenizers/mistral/ holds Mistral's real SentencePiece model (tok
 `mistral-common` package) and the tokenizer.json transformers converts it to, with Mistral-7B-Instruct-v0.1's
 chat template in chat_template.jinja, where transformers 5 saves it. `llama3_folder` adds Llama-3's special
 tokens to that tokenizer and gives it Llama-3-8B-Instruct's template, stop ids and special_tokens_map.json, as
-a Llama-3 Instruct folder has them. scripts/make_tokenizer_fixtures.py writes the folder and the ids
-transformers gives (reference.json); the tests read both with `tokenizers` and json alone.
+a Llama-3 Instruct folder has them (that of the first release, or today's, with `added_tokens_decoder`).
+scripts/make_tokenizer_fixtures.py writes the folder and the ids transformers gives (reference.json); the tests
+read both with `tokenizers` and json alone.
 """
 
 from __future__ import annotations
@@ -48,8 +49,15 @@ CHATS = [
 ]
 
 
-def llama3_folder(out: pathlib.Path) -> pathlib.Path:
-    """Mistral's tokenizer with Llama-3's special tokens, template and stop ids, as a Llama-3 Instruct folder."""
+def llama3_folder(out: pathlib.Path, added_tokens_decoder: bool = False) -> pathlib.Path:
+    """Mistral's tokenizer with Llama-3's special tokens, template and stop ids, as a Llama-3 Instruct folder.
+
+    By default as the first Llama-3 Instruct release: tokenizer_config.json names <|end_of_text|>,
+    special_tokens_map.json <|eot_id|>, the template is in chat_template.jinja. With `added_tokens_decoder`, as
+    Meta-Llama-3-8B-Instruct's folder is today: tokenizer_config.json lists its added tokens under
+    `added_tokens_decoder`, names <|eot_id|> and holds the template, special_tokens_map.json still names
+    <|end_of_text|>. Which EOS transformers takes from each is in reference.json.
+    """
     import tokenizers
 
     out.mkdir(parents=True, exist_ok=True)
@@ -63,16 +71,26 @@ def llama3_folder(out: pathlib.Path) -> pathlib.Path:
         special_tokens=[('<|begin_of_text|>', bos)],
     )
     tokenizer.save(str(out / 'tokenizer.json'))
-    # As the first Llama-3 Instruct release: tokenizer_config.json names <|end_of_text|>, special_tokens_map.json
-    # <|eot_id|>; which one transformers takes is in reference.json.
     settings = {'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': '<|begin_of_text|>'}
-    settings['eos_token'] = '<|end_of_text|>'
+    special = {'bos_token': '<|begin_of_text|>'}
+    if added_tokens_decoder:
+        flags = dict(lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
+        decoder = {str(tokenizer.token_to_id(t)): {'content': t, **flags} for t in LLAMA3_SPECIAL}
+        settings = {'added_tokens_decoder': decoder, **settings, 'chat_template': LLAMA3_TEMPLATE}
+        settings |= {'clean_up_tokenization_spaces': True, 'eos_token': '<|eot_id|>'}
+        settings['model_input_names'] = ['input_ids', 'attention_mask']
+        special['eos_token'] = '<|end_of_text|>'
+    else:
+        settings['eos_token'] = '<|end_of_text|>'
+        special['eos_token'] = '<|eot_id|>'
+        (out / 'chat_template.jinja').write_text(LLAMA3_TEMPLATE)
     (out / 'tokenizer_config.json').write_text(json.dumps(settings, indent=2))
-    special = {'bos_token': '<|begin_of_text|>', 'eos_token': '<|eot_id|>'}
     (out / 'special_tokens_map.json').write_text(json.dumps(special, indent=2))
-    (out / 'chat_template.jinja').write_text(LLAMA3_TEMPLATE)
     stops = [tokenizer.token_to_id('<|end_of_text|>'), tokenizer.token_to_id('<|eot_id|>')]
-    (out / 'generation_config.json').write_text(json.dumps({'bos_token_id': bos, 'eos_token_id': stops}, indent=2))
+    generation = {'bos_token_id': bos, 'eos_token_id': stops}
+    if added_tokens_decoder:  # Meta-Llama-3-8B-Instruct's sampling defaults
+        generation |= {'do_sample': True, 'temperature': 0.6, 'top_p': 0.9}
+    (out / 'generation_config.json').write_text(json.dumps(generation, indent=2))
     return out
 
 

@@ -140,12 +140,15 @@ def _read_json(path: str) -> dict:
 
 
 def special_tokens(folder: str) -> dict:
-    """A model folder's special tokens as transformers reads them: tokenizer_config.json's `*_token` entries,
-    overridden by special_tokens_map.json's (Llama-3 Instruct names its <|eot_id|> EOS there)."""
+    """A model folder's special tokens as transformers 5 reads them: tokenizer_config.json's `*_token` entries,
+    overridden by special_tokens_map.json's only when tokenizer_config.json has no `added_tokens_decoder`
+    (a legacy folder: the first Llama-3 Instruct release names its <|eot_id|> EOS there; today's Llama-3
+    folders have the field, and transformers takes tokenizer_config.json's EOS, ignoring the map's)."""
     settings = _read_json(os.path.join(folder, 'tokenizer_config.json'))
     tokens = {key: _token_text(value) for key, value in settings.items() if key.endswith('_token')}
-    mapped = _read_json(os.path.join(folder, 'special_tokens_map.json'))
-    tokens.update({key: _token_text(value) for key, value in mapped.items() if isinstance(value, (str, dict))})
+    if 'added_tokens_decoder' not in settings:  # transformers' from_pretrained reads the map in this case alone
+        mapped = _read_json(os.path.join(folder, 'special_tokens_map.json'))
+        tokens.update({key: _token_text(value) for key, value in mapped.items() if isinstance(value, (str, dict))})
     return {key: value for key, value in tokens.items() if value}
 
 
