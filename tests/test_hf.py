@@ -15,7 +15,7 @@ from conftest import TINY_RUN_OVERRIDES, mesh_for, read_metrics, run_trainer_in,
 from safetensors.numpy import load_file, save_file
 
 from configs import small_lm
-from trainer import train
+from trainer import chat_template, train
 from trainer.data import pipeline, tokenizers
 from trainer.errors import ConfigError
 from trainer.hf import config as hf_config
@@ -118,6 +118,50 @@ def test_import_export_import_is_bit_identical(tmp_path, name):
     )
     assert hf_config.model_fields(exported_config) == hf_config.model_fields(hf_config.read(FIXTURES / name))
     assert not list(tmp_path.glob('.*incomplete'))  # written under a temporary name, renamed at the end
+
+
+def instruct_folder(out: pathlib.Path) -> pathlib.Path:
+    """llama_gqa as an Instruct model's folder: a chat template in chat_template.jinja (before the one in
+    tokenizer_config.json), special_tokens_map.json, and generation_config.json with several stop ids and sampling
+    defaults."""
+    shutil.copytree(FIXTURES / 'llama_gqa', out)
+    (out / 'chat_template.jinja').write_text(
+        '{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}'
+        '{% if add_generation_prompt %}<|assistant|>{% endif %}'
+    )
+    (out / 'special_tokens_map.json').write_text(json.dumps({'bos_token': '<s>', 'eos_token': '</s>'}))
+    generation = {'bos_token_id': 1, 'eos_token_id': [2, 7, 11], 'do_sample': True, 'temperature': 0.6}
+    (out / 'generation_config.json').write_text(json.dumps(generation | {'top_p': 0.9, 'top_k': 20}))
+    return out
+
+
+def test_an_export_carries_the_source_folder_s_chat_template_stop_ids_and_special_tokens(tmp_path):
+    """transformers renders the same chat from the export as from the source and reads the same stop ids and
+    sampling defaults (compared as files and fields: the tests never import transformers)."""
+    source = instruct_folder(tmp_path / 'instruct')
+    checkpoint = convert_hf.import_folder(str(source), tmp_path / 'checkpoint')
+    exported = tmp_path / 'exported'
+    convert_hf.export_checkpoint(str(checkpoint), exported, 'float32', max_shard_bytes=2**30)
+    for name in ('chat_template.jinja', 'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.json'):
+        assert (exported / name).read_bytes() == (source / name).read_bytes(), name
+    assert json.loads((exported / 'generation_config.json').read_text()) == json.loads(
+        (source / 'generation_config.json').read_text()
+    )
+    messages = [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello'}]
+    ours, theirs = (chat_template.for_tokenizer(str(folder)) for folder in (exported, source))
+    assert ours.own and ours.render(messages) == theirs.render(messages)
+    assert ours.render(messages) == '<|user|>Hi</s><|assistant|>Hello</s><|assistant|>'  # the file's, not the field's
+    assert tokenizers.special_tokens(str(exported)) == tokenizers.special_tokens(str(source))
+    exported_tokenizer, source_tokenizer = (tokenizers.make_tokenizer(str(f)) for f in (exported, source))
+    assert exported_tokenizer.stop_ids == source_tokenizer.stop_ids == (2, 7, 11)
+    assert (exported_tokenizer.bos_id, exported_tokenizer.eos_id) == (1, 2)
+    # Without a chat_template.jinja, tokenizer_config.json's template travels (inside that file, copied above).
+    (source / 'chat_template.jinja').unlink()
+    again = tmp_path / 'again'
+    convert_hf.export_checkpoint(str(checkpoint), again, 'float32', max_shard_bytes=2**30)
+    assert not (again / 'chat_template.jinja').exists()
+    rendered = chat_template.for_tokenizer(str(again)).render(messages)
+    assert rendered == chat_template.for_tokenizer(str(source)).render(messages) and '[INST] Hi [/INST]' in rendered
 
 
 def test_bad_folders_are_named_in_one_line(tmp_path):

@@ -24,8 +24,10 @@ from trainer.hf import config as hf_config
 from trainer.hf import tensors as hf_tensors
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' own default for save_pretrained
-# The files of a Hugging Face tokenizer, copied when the run's tokenizer came from such a folder.
-TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'generation_config.json')
+# The files of a Hugging Face tokenizer, copied when the run's tokenizer came from such a folder: its special
+# tokens and its chat template (chat_template.jinja where transformers 5 saves it, else tokenizer_config.json's).
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'chat_template.jinja')
+CHAT_TEMPLATES_FOLDER = 'additional_chat_templates'  # transformers 5's named templates, one .jinja file each
 
 
 def _shards(named_sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
@@ -49,11 +51,30 @@ def _copy_tokenizer(spec: str, out: pathlib.Path) -> None:
         settings = {'tokenizer_class': 'PreTrainedTokenizerFast', 'eos_token': tokenizers.BYTE_EOS_TOKEN}
         (out / 'tokenizer_config.json').write_text(json.dumps(settings, indent=2, ensure_ascii=False) + '\n')
     elif os.path.isdir(spec):
-        for name in TOKENIZER_FILES[:-1]:
+        for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(spec, name)):
                 shutil.copyfile(os.path.join(spec, name), out / name)
+        if os.path.isdir(os.path.join(spec, CHAT_TEMPLATES_FOLDER)):
+            shutil.copytree(os.path.join(spec, CHAT_TEMPLATES_FOLDER), out / CHAT_TEMPLATES_FOLDER)
     elif spec.endswith('.json') and os.path.isfile(spec):
         shutil.copyfile(spec, out / 'tokenizer.json')
+
+
+def generation_config(spec: str, bos: int | None, eos: int | None) -> dict[str, Any]:
+    """generation_config.json for the export: the source folder's when the run's tokenizer came from one that has
+    it (every stop id, as an Instruct model's list, and its sampling defaults), with the run's EOS among the stop
+    ids; else greedy, stopping at the run's EOS."""
+    source = os.path.join(spec, 'generation_config.json') if os.path.isdir(spec) else ''
+    if not source or not os.path.isfile(source):
+        return {'bos_token_id': bos, 'eos_token_id': eos, 'do_sample': False}
+    generation = json.loads(pathlib.Path(source).read_text(encoding='utf-8'))
+    stops = generation.get('eos_token_id')
+    stops = stops if isinstance(stops, list) else [] if stops is None else [stops]
+    if eos is not None and eos not in stops:  # config.data.eos_token chose another: it must stop too
+        generation['eos_token_id'] = [eos, *stops] if stops else eos
+    if generation.get('bos_token_id') is None:
+        generation['bos_token_id'] = bos
+    return generation
 
 
 def _scaled(tree: dict[str, Any], names: tuple[str, ...], factor: float) -> dict[str, Any]:
@@ -142,7 +163,7 @@ def write(
         index = {'metadata': {'total_size': total}, 'weight_map': weight_map}
         (temporary / 'model.safetensors.index.json').write_text(json.dumps(index, indent=2) + '\n')
     (temporary / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
-    generation = {'bos_token_id': bos, 'eos_token_id': eos, 'do_sample': False}
+    generation = generation_config(tokenizer_spec, bos, eos)
     (temporary / 'generation_config.json').write_text(json.dumps(generation, indent=2) + '\n')
     _copy_tokenizer(tokenizer_spec, temporary)
     if out.exists():
