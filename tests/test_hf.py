@@ -164,6 +164,16 @@ def test_an_export_carries_the_source_folder_s_chat_template_stop_ids_and_specia
     assert rendered == chat_template.for_tokenizer(str(source)).render(messages) and '[INST] Hi [/INST]' in rendered
 
 
+def test_exported_files_are_all_readable_as_the_umask_allows(tmp_path):
+    """safetensors writes 0600; the export gives the weights the mode of every other file it writes."""
+    checkpoint = convert_hf.import_folder(str(FIXTURES / 'gpt2'), tmp_path / 'checkpoint')
+    exported = tmp_path / 'exported'
+    convert_hf.export_checkpoint(str(checkpoint), exported, 'float32', max_shard_bytes=2**30)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in exported.iterdir()}
+    assert modes['model.safetensors'] == modes['config.json'] == modes['tokenizer.json'], modes
+    assert len(set(modes.values())) == 1 and modes['config.json'] & 0o044 == 0o044, modes  # the umask here: 022
+
+
 def test_bad_folders_are_named_in_one_line(tmp_path):
     folder = tmp_path / 'model'
     shutil.copytree(FIXTURES / 'llama_gqa', folder)

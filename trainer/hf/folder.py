@@ -163,6 +163,11 @@ def write(
         index = {'metadata': {'total_size': total}, 'weight_map': weight_map}
         (temporary / 'model.safetensors.index.json').write_text(json.dumps(index, indent=2) + '\n')
     (temporary / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
+    # safetensors writes its files 0600 (a private temporary file, renamed): give them the mode the umask gives
+    # every other file of the folder, so that whoever may read config.json may read the weights.
+    mode = (temporary / 'config.json').stat().st_mode & 0o777
+    for file in files:
+        (temporary / file).chmod(mode)
     generation = generation_config(tokenizer_spec, bos, eos)
     (temporary / 'generation_config.json').write_text(json.dumps(generation, indent=2) + '\n')
     _copy_tokenizer(tokenizer_spec, temporary)
