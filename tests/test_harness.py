@@ -59,6 +59,22 @@ def test_the_token_boundaries_are_the_harness_s(model):
     assert adds_bos == (name == 'llama_gqa')  # both kinds of tokenizer are covered
 
 
+def test_a_context_that_begins_with_the_bos_text_gets_no_second_bos(model):
+    """lm-eval's tok_encode adds no special tokens to text that begins with the prefix token's text
+    (`has_bos_prefix`): a few-shot context or a template that writes '<s>' gets one BOS, not two."""
+    name, loaded = model
+    tokenizer = loaded.tokenizer
+    prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    written = tokenizer.token_text(prefix)
+    assert written == ('<s>' if name == 'llama_gqa' else '<|endoftext|>')
+    context, continuation = encode_pair(tokenizer, f'{written}a big red ', 'ball')
+    assert context == tokenizer.encode(f'{written}a big red', add_special_tokens=False).tolist()
+    assert context.count(prefix) == 1 and context[0] == prefix
+    assert continuation == encode_pair(tokenizer, 'a big red ', 'ball')[1]
+    if name == 'llama_gqa':  # the text's '<s>' is the BOS the tokenizer would have added
+        assert context == tokenizer.encode('a big red').tolist()
+
+
 def test_native_multiple_choice_scores_are_the_harness_hf_model_s(model):
     name, loaded = model
     questions = multiple_choice.read_questions(str(MC_FILE))

@@ -45,6 +45,17 @@ def test_sentencepiece_words_count_their_spaces():
     assert tokenizers.token_bytes(ends, 12).tolist() == [0, 6, 6]  # BOS, ' Hello', ' world'
 
 
+@pytest.mark.parametrize('name', TOKENIZERS)
+def test_token_text_writes_special_tokens_out_as_transformers_decode_does(name):
+    """What lm-eval's has_bos_prefix compares a context with: tokenizer.decode(prefix id), specials kept."""
+    tokenizer = tokenizers.make_tokenizer(TOKENIZERS[name])
+    bos, eos = {'byte': (None, '\x00'), 'gpt2_byte_level_bpe': ('<|endoftext|>',) * 2}.get(name, ('<s>', '</s>'))
+    assert tokenizer.token_text(tokenizer.eos_id) == eos
+    assert tokenizer.token_text(tokenizer.bos_id if tokenizer.bos_id is not None else 1) == (bos or '\x01')
+    word = tokenizer.encode('Hello', add_special_tokens=False)
+    assert ''.join(tokenizer.token_text(i) for i in word).strip() == 'Hello'
+
+
 def test_the_tokenizer_json_gives_transformers_ids():
     tokenizer = tokenizers.make_tokenizer(str(MISTRAL))
     assert (tokenizer.bos_id, tokenizer.eos_id) == (REFERENCE['mistral']['bos_token_id'], 2)

@@ -28,7 +28,7 @@ import tqdm
 from trainer import cli, loading
 from trainer.decoding import Generator
 from trainer.errors import ConfigError
-from trainer.loglikelihood import Scorer, encode_pair, prefix_id
+from trainer.loglikelihood import Scorer, encode, encode_pair, prefix_id
 from trainer.sampling import GREEDY, Sampling
 from trainer.streaming import cut_at_stop
 
@@ -72,7 +72,7 @@ class ShardtrainLM(LM):
         """Each request's whole text's log-likelihood, in windows of the model's context (as the harness's hf)."""
         windows, owners = [], []
         for index, request in enumerate(requests):
-            ids = self._tokenizer.encode(request.args[0]).tolist()
+            ids = encode(self._tokenizer, request.args[0])
             for window in lm_eval_utils.get_rolling_token_windows(
                 ids, prefix_id(self._tokenizer), self._scorer.max_length, 1
             ):
@@ -99,8 +99,7 @@ class ShardtrainLM(LM):
             max_new = min(int(kwargs.get('max_gen_toks', self._max_gen_toks)), self._scorer.max_length - 1)
             room = self._generator.max_prompt_tokens(max_new)
             prompts = [
-                (self._tokenizer.encode(requests[i].args[0]).tolist() or [prefix_id(self._tokenizer)])[-room:]
-                for i in chunk
+                (encode(self._tokenizer, requests[i].args[0]) or [prefix_id(self._tokenizer)])[-room:] for i in chunk
             ]
             prompts += prompts[-1:] * (self._batch_size - len(prompts))  # a full batch: its rows split over the mesh
             generated, _ = self._generator.generate(

@@ -4,6 +4,8 @@ lm-evaluation-harness's `loglikelihood` ask of a model.
 Token boundaries follow lm-evaluation-harness (0.4.x, `TemplateLM._encode_pair`): spaces ending the context
 move to the continuation, the pair is tokenized together and the continuation is what the whole adds to the
 context's own tokens, so that a tokenizer merging across the boundary scores what it would really produce.
+Text is encoded as its `HFLM.tok_encode` encodes it: with the tokenizer's special tokens (Llama's BOS) unless
+it already begins with the prefix token's text (`has_bos_prefix`), which would otherwise come twice.
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ def prefix_id(tokenizer: Tokenizer) -> int:
     return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
 
 
+def encode(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Ids of `text` as the harness's tok_encode gives them: special tokens added unless the text begins with the
+    prefix token's text (a few-shot context or a chat template that writes its own '<s>' gets one BOS, not two)."""
+    prefix = tokenizer.token_text(prefix_id(tokenizer))
+    return tokenizer.encode(text, add_special_tokens=not (prefix and text.startswith(prefix))).tolist()
+
+
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Ids of `context` and of what `continuation` adds to it, as lm-evaluation-harness splits them."""
     if not context:  # the harness conditions on the prefix token alone
@@ -41,8 +50,8 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer.encode(context + continuation).tolist()
-    context_ids = tokenizer.encode(context).tolist()
+    whole = encode(tokenizer, context + continuation)
+    context_ids = encode(tokenizer, context)
     return context_ids, whole[len(context_ids) :]
 
 

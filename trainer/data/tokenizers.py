@@ -45,6 +45,10 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: np.ndarray) -> str: ...
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text with special tokens written out ('<s>'), as transformers' decode gives it."""
+        ...
+
 
 def token_bytes(ends: np.ndarray, text_bytes: int) -> np.ndarray:
     """The UTF-8 bytes each token stands for, from encode_with_ends' `ends`: they add up to `text_bytes`
@@ -124,6 +128,9 @@ class ByteTokenizer:
 
     def decode(self, ids: np.ndarray) -> str:
         return np.asarray(ids, dtype=np.uint8).tobytes().decode('utf-8', errors='replace')
+
+    def token_text(self, token_id: int) -> str:
+        return self.decode(np.array([token_id]))
 
 
 def _token_text(value: str | dict | None) -> str:
@@ -207,6 +214,9 @@ class HuggingFaceTokenizer:
     def decode(self, ids: np.ndarray) -> str:
         return self._tokenizer.decode([int(i) for i in ids])
 
+    def token_text(self, token_id: int) -> str:
+        return self._tokenizer.decode([int(token_id)], skip_special_tokens=False)
+
 
 class SentencePieceTokenizer:
     """A SentencePiece .model file; its own EOS id, or config.data.eos_token's."""
@@ -240,6 +250,12 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: np.ndarray) -> str:
         return self._processor.decode([int(i) for i in ids])
+
+    def token_text(self, token_id: int) -> str:
+        # decode drops control pieces (<s>, </s>); transformers writes them out.
+        if self._processor.is_control(int(token_id)):
+            return self._processor.id_to_piece(int(token_id))
+        return self._processor.decode([int(token_id)])
 
 
 def make_tokenizer(spec: str, eos_token: str = '') -> Tokenizer:
