@@ -157,20 +157,46 @@ def test_the_evaluate_command_scores_multiple_choice_and_skips_bad_records(tmp_p
     assert uneven.stderr.strip().endswith('--batch_size=4 must be a multiple of the 8 batch shards of the mesh.')
 
 
+def test_model_args_may_hold_the_batch_size_the_harness_also_passes():
+    """lm-eval's command hands every model batch_size (1 by default), max_batch_size and device besides
+    --model_args: `--model_args path=...,batch_size=16` was a TypeError; --model_args wins, in both forms the
+    harness builds models from (a dict from its command line, a string from simple_evaluate)."""
+    from trainer.harness import ShardtrainLM
+
+    path = FIXTURES / 'hf' / 'gpt2'
+    harness_flags = {'batch_size': 1, 'max_batch_size': None, 'device': 'cuda:0'}
+    from_dict = ShardtrainLM.create_from_arg_obj({'path': str(path), 'batch_size': 16}, harness_flags)
+    from_string = ShardtrainLM.create_from_arg_string(f'path={path},batch_size=16,dtype=float32', harness_flags)
+    assert from_dict._batch_size == from_string._batch_size == 16
+    flag_only = ShardtrainLM.create_from_arg_obj({'path': str(path)}, dict(harness_flags, batch_size=24))
+    assert flag_only._batch_size == 24  # --batch_size alone still counts
+
+
 @pytest.mark.slow  # two start-ups of lm-eval's command (58 s here); the default suite uses lm_eval.simple_evaluate
 def test_the_harness_command_runs_lm_eval_with_our_model(offline_datasets):
     env = dict(os.environ, HF_DATASETS_OFFLINE='1', HF_HUB_OFFLINE='1')
     command = [sys.executable, '-m', 'trainer.harness', '--model', 'shardtrain', '--tasks', 'shardtrain_tiny_mc']
-    command += ['--include_path', str(offline_datasets), '--batch_size', '4']
+    command += ['--include_path', str(offline_datasets)]
     path = FIXTURES / 'hf' / 'gpt2'
+    # The documented form: the batch size in --model_args (it was a TypeError beside the command's own batch_size).
     result = subprocess.run(
-        [*command, '--model_args', f'path={path}'], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        [*command, '--model_args', f'path={path},batch_size=16'],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     acc = REFERENCE['gpt2']['shardtrain_tiny_mc']['metrics']['acc,none']
     assert 'shardtrain_tiny_mc' in result.stdout and f'{acc:.4f}' in result.stdout, result.stdout[-2000:]
     missing = subprocess.run(
-        [*command, '--model_args', 'path=/no/such/run'], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        [*command, '--batch_size', '4', '--model_args', 'path=/no/such/run'],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert missing.returncode == 2 and 'Traceback' not in missing.stderr, missing.stderr[-2000:]
     assert missing.stderr.strip().splitlines()[-1].startswith('error: path=/no/such/run is not a folder')

@@ -63,6 +63,19 @@ class ShardtrainLM(LM):
         )
         self._batch_size, self._max_gen_toks = self._scorer.batch_size, int(max_gen_toks)  # rows: whole shards
 
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None):
+        """The model from --model_args, whose settings win over the harness's own flags of the same name: its
+        command passes batch_size (1 unless --batch_size says), max_batch_size and device to every model, and
+        lm-eval's LM gave both to the constructor, a TypeError for `--model_args path=...,batch_size=16`."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None):
+        """As create_from_arg_obj, from 'path=...,batch_size=16' (simple_evaluate with a string model_args)."""
+        return cls.create_from_arg_obj(lm_eval_utils.simple_parse_args_string(arg_string), additional_config)
+
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(log-likelihood, is greedy) of each request's continuation given its context."""
         pairs = [encode_pair(self._tokenizer, *request.args) for request in requests]
