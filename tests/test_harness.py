@@ -4,9 +4,11 @@ tests/fixtures/lm_eval/reference.json holds what lm-eval 0.4.13's `hf` model (tr
 the tiny Hugging Face fixtures for three local tasks; scripts/make_lm_eval_fixtures.py made it. No torch here.
 """
 
+import configparser
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -221,5 +223,29 @@ def test_without_lm_eval_the_harness_command_says_how_to_install_it(tmp_path):
         [sys.executable, '-m', 'trainer.harness', '--help'], cwd=REPO, env=env, capture_output=True, text=True
     )
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        "error: lm-evaluation-harness is not installed: pip install 'shardtrain[lm_eval]'."
+        "error: lm-evaluation-harness is not installed: pip install 'shardtrain[harness]' (or -e '.[harness]')."
     ]
+
+
+def extras() -> dict[str, list[str]]:
+    """setup.cfg's extras: name -> the project names they install."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(REPO / 'setup.cfg')
+    section = parser['options.extras_require']
+    return {name: re.findall(r'^\s*([A-Za-z0-9_.-]+)', section[name], re.M) for name in section}
+
+
+def test_every_extra_the_docs_and_messages_name_installs_what_they_use():
+    """pip 23.2 (a fresh Python 3.11 venv's) looks an extra up as typed, while setuptools writes `lm_eval` as
+    `lm-eval`: `.[lm_eval]` installed nothing. Names of letters and digits read the same everywhere."""
+    found = extras()
+    assert all(re.fullmatch(r'[a-z0-9]+', name) for name in found), sorted(found)
+    assert 'lm-eval' in found['harness']
+    texts = [REPO / 'README.md', *(REPO / 'docs').glob('*.md'), *(REPO / 'trainer').rglob('*.py')]
+    named = {m for path in texts for m in re.findall(r"(?:shardtrain|'\.)\[([\w-]+)\]", path.read_text())}
+    assert {'harness', 'serve'} <= named and named <= set(found), named - set(found)
+    # The server's Python example imports the official client: the serve extra installs it.
+    serve_doc = (REPO / 'docs' / 'serve.md').read_text()
+    examples = re.findall(r'```python\n(.*?)```', serve_doc, re.S)
+    imported = {m for block in examples for m in re.findall(r'^(?:from|import) (\w+)', block, re.M)}
+    assert 'openai' in imported and imported - set(sys.stdlib_module_names) <= set(found['serve'])

@@ -1,6 +1,6 @@
 """python -m trainer.harness --model shardtrain --model_args path=PATH[,batch_size=8,dtype=float32] --tasks T ...
 
-EleutherAI's lm-evaluation-harness (`pip install 'shardtrain[lm_eval]'`) on our models: PATH is a run's
+EleutherAI's lm-evaluation-harness (`pip install 'shardtrain[harness]'`) on our models: PATH is a run's
 workdir, a checkpoint or a Hugging Face folder, loaded, batched, sharded and decoded by our own code. Every
 other flag is lm_eval's own (`--include_path` for local task YAMLs, `--num_fewshot`, `--limit`,
 `--output_path`, ...). The harness has no hook through which its `lm_eval` command finds a model class
@@ -19,7 +19,10 @@ try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ImportError:  # an optional extra: say how to get it, in one line, with the exit code of bad input
-    print("error: lm-evaluation-harness is not installed: pip install 'shardtrain[lm_eval]'.", file=sys.stderr)
+    print(
+        "error: lm-evaluation-harness is not installed: pip install 'shardtrain[harness]' (or -e '.[harness]').",
+        file=sys.stderr,
+    )
     sys.exit(2)
 
 import numpy as np
