@@ -9,11 +9,13 @@ import writes CKPT/0, a checkpoint of the folder's weights alone (in float32), w
 from DIR). export writes DIR, a folder that transformers' AutoModelForCausalLM.from_pretrained loads:
 config.json (Llama, Mistral, Qwen2 or GPT-2, whichever computes the same), model.safetensors (split
 into files of at most --max_shard_gb with an index above that), generation_config.json, and the
-tokenizer files when the run used a Hugging Face tokenizer. A LoRA run's adapters are merged into the
-weights, and a muP model's multipliers folded into them (the same logits from a standard model); with
---adapter the adapters are written alone instead, as a PEFT folder (adapter_config.json,
-adapter_model.safetensors) for the base model. CKPT is a checkpoint (.../checkpoints/600) or a folder of
-them (its newest is used). Both write under a temporary name and rename at the end.
+tokenizer files when the run used a Hugging Face tokenizer (from a model folder: its special tokens, chat
+template and generation_config.json, every stop id and sampling default, travel with it). A LoRA run's
+adapters are merged into the weights, and a muP model's multipliers folded into them (the same logits
+from a standard model); with --adapter the adapters are written alone instead, as a PEFT folder
+(adapter_config.json, adapter_model.safetensors) for the base model. CKPT is a checkpoint
+(.../checkpoints/600) or a folder of them (its newest is used). Both write under a temporary name and rename
+at the end.
 """
 
 from __future__ import annotations
