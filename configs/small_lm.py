@@ -146,6 +146,13 @@ def get_config() -> config_dict.ConfigDict:
     train.b1 = 0.9  # AdamW first-moment decay
     train.b2 = 0.95  # AdamW second-moment decay
     train.eps = 1e-8  # AdamW epsilon
+    # 'adamw', or 'muon': Muon (momentum orthogonalized by Newton-Schulz) for the hidden matrices (attention
+    # q/k/v/o, MLP gate/up/down), AdamW with the settings above for the rest (embeddings, output head, norms,
+    # biases, a classifier head, LoRA adapters). Learning rate, schedule and weight decay carry over from AdamW.
+    train.optimizer = 'adamw'
+    train.muon_momentum = 0.95  # muon: Nesterov momentum
+    train.muon_ns_steps = 5  # muon: Newton-Schulz iterations (the quintic of Jordan et al. 2024)
+    train.muon_rms_scale = 0.2  # muon: updates x this x sqrt(max(fan_in, fan_out)): AdamW's RMS (Moonlight)
     train.grad_clip = 1.0  # clip gradients to this global norm; 0 disables
     train.log_every = 25  # steps between metric fetches (console, metrics.jsonl, TensorBoard)
     train.eval_every = 200  # steps between evals; 0 evaluates only at the end

@@ -127,7 +127,7 @@ def _abstract(target: TrainState) -> TrainState:
 
 
 # config.train fields whose value changes the optimizer state's structure (clipping adds a state of its own).
-_OPTIMIZER_STRUCTURE_FIELDS = {'grad_clip': lambda value: value > 0}
+_OPTIMIZER_STRUCTURE_FIELDS = {'optimizer': lambda value: value, 'grad_clip': lambda value: value > 0}
 
 
 def _saved_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:

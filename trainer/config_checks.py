@@ -28,6 +28,7 @@ from trainer.mesh import MESH_AXES, resolve_mesh_shape
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 LR_SCHEDULES = ('cosine', 'linear', 'constant', 'wsd')
+OPTIMIZERS = ('adamw', 'muon')
 
 
 def _require(ok: bool, message: str) -> None:
@@ -258,6 +259,12 @@ def check_train(train: config_dict.ConfigDict) -> None:
     _require(train.eval_every >= 0, f'config.train.eval_every={train.eval_every} must be 0 (end only) or positive.')
     _require(train.grad_clip >= 0, f'config.train.grad_clip={train.grad_clip} must be 0 (off) or positive.')
     _require(train.weight_decay >= 0, f'config.train.weight_decay={train.weight_decay} must not be negative.')
+    _one_of(train.optimizer, OPTIMIZERS, 'config.train.optimizer')
+    _require(
+        0.0 <= train.muon_momentum < 1.0, f'config.train.muon_momentum={train.muon_momentum} must be in [0, 1).'
+    )
+    _positive(train, 'config.train', 'muon_ns_steps')
+    _require(train.muon_rms_scale > 0, f'config.train.muon_rms_scale={train.muon_rms_scale} must be positive.')
     _require(
         train.peak_flops_per_device >= 0,
         f'config.train.peak_flops_per_device={train.peak_flops_per_device} must be 0 (auto) or positive.',
@@ -339,6 +346,13 @@ def validate(config: config_dict.ConfigDict, num_devices: int) -> None:
     check_lora(config)
     check_data(config)
     check_train(config.train)
+    # muP's hidden-matrix rates (lr / m) are Adam's rule; Muon's orthogonalized updates follow another
+    # (spectral) scaling, and no transfer of one to the other has been measured here.
+    _require(
+        not (config.train.optimizer == 'muon' and config.model.parametrization == 'mup'),
+        "config.train.optimizer='muon' with config.model.parametrization='mup' is not supported (muP's rules here "
+        "are Adam's): use parametrization='sp' with Muon, or optimizer='adamw' with muP.",
+    )
     check_checkpoint(config.checkpoint)
     check_mesh(config, num_devices)
     _require(
