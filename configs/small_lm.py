@@ -161,6 +161,19 @@ def get_config() -> config_dict.ConfigDict:
     # `python -m trainer` adds XLA's GPU flags for compute/communication overlap and collective combining to
     # XLA_FLAGS (trainer/xla_flags.py; flags already in XLA_FLAGS keep their values); False = leave it alone
     train.xla_gpu_flags = True
+    # A jax.profiler trace of profile_steps steps from step profile_start_step (1-based) on, written under
+    # <workdir>/tensorboard/plugins/profile/ for TensorBoard's profile plugin and Perfetto; 0 steps = off
+    train.profile_start_step = 10
+    train.profile_steps = 0
+
+    # Where metrics go besides metrics.jsonl and TensorBoard (which are always written)
+    config.logging = logging = config_dict.ConfigDict()
+    # Weights & Biases (pip install -e '.[wandb]'): the project to log to; '' = off. One W&B run per workdir:
+    # a resumed run continues the same run id. Only process 0 logs. WANDB_MODE=offline logs to disk only.
+    logging.wandb_project = ''
+    logging.wandb_entity = ''  # team or user; '' = your default entity
+    logging.wandb_run_name = ''  # '' = the workdir's name
+    logging.wandb_tags = ''  # comma-separated tags
 
     config.checkpoint = checkpoint = config_dict.ConfigDict()
     checkpoint.every_steps = 200  # save every this many steps (0 = only by time and at the end)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
@@ -271,6 +272,22 @@ def check_train(train: config_dict.ConfigDict) -> None:
     )
 
 
+def check_logging(config: config_dict.ConfigDict) -> None:
+    """Profiling window and Weights & Biases."""
+    train = config.train
+    _require(
+        train.profile_steps >= 0 and train.profile_start_step >= 1,
+        f'config.train.profile_steps={train.profile_steps} and profile_start_step={train.profile_start_step} '
+        'must be 0 (off) or positive, and at least 1.',
+    )
+    if config.logging.wandb_project:
+        _require(
+            importlib.util.find_spec('wandb') is not None,
+            f'config.logging.wandb_project={config.logging.wandb_project!r} needs Weights & Biases: '
+            "pip install -e '.[wandb]', or set config.logging.wandb_project=''.",
+        )
+
+
 def check_checkpoint(ckpt: config_dict.ConfigDict) -> None:
     """Save schedule and the checkpoint a new run starts from."""
     _positive(ckpt, 'config.checkpoint', 'keep')
@@ -346,6 +363,7 @@ def validate(config: config_dict.ConfigDict, num_devices: int) -> None:
     check_lora(config)
     check_data(config)
     check_train(config.train)
+    check_logging(config)
     # muP's hidden-matrix rates (lr / m) are Adam's rule; Muon's orthogonalized updates follow another
     # (spectral) scaling, and no transfer of one to the other has been measured here.
     _require(

@@ -1,15 +1,17 @@
-"""Where metrics go: a console progress line, metrics.jsonl and TensorBoard scalars."""
+"""Where metrics go: a console progress line, metrics.jsonl, TensorBoard scalars, and Weights & Biases."""
 
 from __future__ import annotations
 
 import json
 import math
 import pathlib
+import secrets
 import sys
 import time
 
 import tensorboardX
 import tqdm
+from ml_collections import config_dict
 
 
 def keep_records_up_to(path: pathlib.Path, step: int) -> int:
@@ -44,11 +46,12 @@ class MetricsWriter:
     when reading).
     """
 
-    def __init__(self, workdir: pathlib.Path, first_step: int = 0):
+    def __init__(self, workdir: pathlib.Path, first_step: int = 0, tracker: WandbRun | None = None):
         self.dropped = keep_records_up_to(workdir / 'metrics.jsonl', first_step)
         self._jsonl = open(workdir / 'metrics.jsonl', 'a', encoding='utf-8')
         # tensorboardX writes classic scalar events without needing TensorFlow.
         self._tensorboard = tensorboardX.SummaryWriter(str(workdir / 'tensorboard'), purge_step=first_step + 1)
+        self._tracker = tracker
 
     def write(self, step: int, metrics: dict[str, float | int | None]) -> None:
         present = {name: value for name, value in metrics.items() if value is not None}
@@ -57,10 +60,54 @@ class MetricsWriter:
         for name, value in present.items():
             self._tensorboard.add_scalar(name, value, step)
         self._tensorboard.flush()
+        if self._tracker is not None:
+            self._tracker.log(step, present)
 
     def close(self) -> None:
         self._jsonl.close()
         self._tensorboard.close()
+        if self._tracker is not None:
+            self._tracker.close()
+
+
+class WandbRun:
+    """A Weights & Biases run for a workdir: its id is kept in <workdir>/wandb_run_id, so a resumed run
+    continues it; the run's config is the resolved config; metrics keep TensorBoard's names, against `step`."""
+
+    ID_FILE = 'wandb_run_id'
+
+    def __init__(self, workdir: pathlib.Path, config: config_dict.ConfigDict):
+        import wandb  # an optional extra: checked by config_checks before anything is written
+
+        settings = config.logging
+        id_file = workdir / self.ID_FILE
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)  # W&B ids: [a-z0-9]
+        tags = [tag.strip() for tag in settings.wandb_tags.split(',') if tag.strip()]
+        self._run = wandb.init(
+            project=settings.wandb_project,
+            entity=settings.wandb_entity or None,
+            name=settings.wandb_run_name or workdir.resolve().name,
+            tags=tags or None,
+            id=run_id,
+            resume='allow',
+            dir=str(workdir),
+            config=json.loads(config.to_json_best_effort()),
+        )
+        id_file.write_text(run_id + '\n')
+        # Our step is the x-axis: a resumed run logs steps again from its checkpoint on, which W&B's own
+        # monotonic step would drop.
+        self._run.define_metric('step')
+        self._run.define_metric('*', step_metric='step')
+
+    @property
+    def id(self) -> str:
+        return self._run.id
+
+    def log(self, step: int, metrics: dict[str, float | int]) -> None:
+        self._run.log({'step': step, **metrics})
+
+    def close(self) -> None:
+        self._run.finish()
 
 
 def format_count(value: float) -> str:

@@ -21,11 +21,13 @@ from trainer import (
     flops,
     optimizer,
     param_roles,
+    profiling,
     reporting,
     steps,
     stop_signals,
 )
 from trainer import counts as param_counts
+from trainer import memory as memory_lib
 from trainer import mesh as mesh_lib
 from trainer import state as state_lib
 from trainer.data import examples, pipeline, tokenizers
@@ -110,6 +112,7 @@ class _RunContext:
     num_devices: int
     checkpointer: checkpoints.Checkpointer
     stop: stop_signals.StopRequest
+    profiler: profiling.StepProfiler
     save_by_time: bool = False  # every_minutes has passed on some process, as agreed at the last report
 
 
@@ -149,6 +152,8 @@ def _summarize(
         'host_step_time_s_max': None,
         'slowest_host': None,
         'host_data_wait_fraction_max': None,
+        # The devices' peak bytes in use so far (GPU, TPU; the backend of a CPU reports none).
+        'memory_peak_gib': memory_lib.peak_in_use(jax.local_devices()),
     }
     # Time the loop spent blocked on the input pipeline instead of dispatching steps.
     wait = ctx.train_data.take_wait()
@@ -277,11 +282,20 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
             progress.message(line)
         if how:
             progress.message(how)
-        writer = reporting.MetricsWriter(workdir, int(state.step)) if is_chief else None
-        if writer is not None:
+        writer = None
+        if is_chief:
+            tracker = reporting.WandbRun(workdir, config) if config.logging.wandb_project else None
+            writer = reporting.MetricsWriter(workdir, int(state.step), tracker)
             cleanup.callback(writer.close)
         stop = stop_signals.StopRequest()
         cleanup.callback(stop.restore)
+        train_cfg = config.train
+        # Process 0 alone: each process's trace would hold the same steps, and on one machine their files
+        # (named after the host) would overwrite each other.
+        profiler = profiling.StepProfiler(
+            workdir / 'tensorboard', train_cfg.profile_start_step, train_cfg.profile_steps, enabled=is_chief
+        )
+        cleanup.callback(profiler.stop)
         ctx = _RunContext(
             config=config,
             compiled=setup.compiled,
@@ -295,6 +309,7 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
             num_devices=mesh.devices.size,
             checkpointer=checkpointer,
             stop=stop,
+            profiler=profiler,
         )
         return _loop(ctx, state)
 
@@ -360,6 +375,18 @@ def _starting_state(
     return sharded.state, ''
 
 
+def _compile_train_step(ctx: _RunContext, state: state_lib.TrainState, batch: dict[str, jax.Array]):
+    """The train step compiled for these shapes (the loop runs this executable: one compile, not two), after
+    its memory per device is shown and logged; a step that cannot fit stops the run here."""
+    compiled = ctx.compiled.train.lower(state, batch).compile()
+    memory = memory_lib.step_memory(compiled, state.params, state.opt_state, jax.local_devices()[0])
+    ctx.progress.message(memory.line())
+    if ctx.writer is not None:
+        ctx.writer.write(int(state.step), memory.metrics())
+    memory_lib.check_fits(memory)
+    return compiled
+
+
 def _loop(ctx: _RunContext, state: state_lib.TrainState) -> TrainResult:
     """Dispatches steps ahead of the host: an interval's metrics are fetched after the next step is queued.
 
@@ -384,10 +411,16 @@ def _loop(ctx: _RunContext, state: state_lib.TrainState) -> TrainResult:
         if ctx.writer is not None:
             ctx.writer.write(step, summary)
 
+    train_step = ctx.compiled.train
     for step in range(first_step, total):
         batch = next(ctx.train_data)
+        if step == first_step:
+            train_step = _compile_train_step(ctx, state, batch)
+        ctx.profiler.before(step + 1)
         with jax.transfer_guard('disallow'):  # the hot loop moves data only where it says so
-            state, metrics = ctx.compiled.train(state, batch)
+            state, metrics = train_step(state, batch)
+        if where := ctx.profiler.after(step + 1, metrics):
+            ctx.progress.message(where)
         pending.append(metrics)
         if previous is not None:
             # At most two steps in flight: the device never idles, and a stop, a save or an error waits
