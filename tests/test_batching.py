@@ -1,4 +1,5 @@
-"""Continuous batching: rows with their own positions decode what each sequence decodes alone."""
+"""Continuous batching: rows with their own positions decode what each sequence decodes alone; their text is what
+their tokens add to the prompt's, read incrementally."""
 
 import pathlib
 import threading
@@ -9,14 +10,88 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 from flax import nnx
+from tokenizer_fixtures import MISTRAL, TEXTS
 
 from models.transformer import Decoder, KVCache
-from trainer import loading, sampling
+from trainer import loading, sampling, streaming
 from trainer.batching import Engine, Request
+from trainer.data.tokenizers import make_tokenizer
 from trainer.decoding import Generator
 from trainer.train import model_config
 
-FIXTURE = pathlib.Path(__file__).resolve().parent / 'fixtures' / 'hf' / 'llama_gqa'
+FIXTURES = pathlib.Path(__file__).resolve().parent / 'fixtures'
+FIXTURE = FIXTURES / 'hf' / 'llama_gqa'
+# Real tokenizers: Mistral's SentencePiece model and its tokenizer.json (Metaspace, byte fallback), the Llama-2-style
+# fixture's Metaspace BPE, GPT-2's byte-level BPE, bytes.
+TOKENIZERS = {
+    'mistral_sentencepiece_model': str(MISTRAL / 'tokenizer.model'),
+    'mistral_tokenizer_json': str(MISTRAL),
+    'llama_metaspace_bpe': str(FIXTURE),
+    'gpt2_byte_level_bpe': str(FIXTURES / 'hf' / 'gpt2'),
+    'byte': 'byte',
+}
+MULTI_BYTE = [
+    'The capital of France is Paris, 日本語の文章です。 😀🎉👍🏽 中文字符 한국어 ∑∫√',
+    '🇫🇷🇯🇵 𝔘𝔫𝔦𝔠𝔬𝔡𝔢  spaced   out 漢字',
+]
+
+
+def streamed(text_stream: streaming.TextStream, ids) -> tuple[list[str], bool]:
+    """The pieces a TextStream gives for these tokens, its last (finish) included, and whether it stopped."""
+    pieces = []
+    for token in ids:
+        piece, stopped = text_stream.add(token)
+        pieces.append(piece)
+        if stopped:
+            break
+    return pieces + [text_stream.finish()], text_stream.done
+
+
+@pytest.mark.parametrize('name', TOKENIZERS)
+def test_a_reply_is_the_text_its_tokens_add_to_the_prompt_read_incrementally(name):
+    """Cut anywhere (inside a character too), the pieces add up to decode(prompt + new) minus decode(prompt), and no
+    piece ends inside a character (each holds whole characters only, on valid text); random ids too."""
+    tokenizer = make_tokenizer(TOKENIZERS[name])
+    for text in TEXTS + MULTI_BYTE:
+        ids = tokenizer.encode(text).tolist()
+        for cut in range(1, len(ids)):
+            prompt, new = ids[:cut], ids[cut:]
+            pieces, _ = streamed(streaming.TextStream(tokenizer.decode, prompt, []), new)
+            assert ''.join(pieces) == streaming.completion_text(tokenizer.decode, prompt, new), (text, cut)
+            assert not any('\ufffd' in piece for piece in pieces), (text, cut, pieces)
+    if name == 'mistral_tokenizer_json':
+        return  # on invalid bytes its ByteFallback decoder replaces text already shown (docs/serve.md)
+    rng = np.random.default_rng(0)
+    for _ in range(100):  # what a model may sample: broken characters, special tokens anywhere
+        ids = rng.integers(0, tokenizer.vocab_size, rng.integers(2, 24)).tolist()
+        cut = int(rng.integers(1, len(ids)))
+        pieces, _ = streamed(streaming.TextStream(tokenizer.decode, ids[:cut], []), ids[cut:])
+        assert ''.join(pieces) == streaming.completion_text(tokenizer.decode, ids[:cut], ids[cut:]), ids
+
+
+@pytest.mark.parametrize('name', ['mistral_sentencepiece_model', 'mistral_tokenizer_json'])
+def test_a_sentencepiece_reply_keeps_its_leading_space_and_stops_at_a_stop_string_that_starts_with_one(name, capsys):
+    """As transformers gives it: 'The capital of France is' goes on ' Paris', not 'Paris' (the first piece decoded
+    alone loses its '▁'); so a stop string ' Paris' ends the reply before anything is said."""
+    tokenizer = make_tokenizer(TOKENIZERS[name])
+    prompt = tokenizer.encode('The capital of France is').tolist()
+    new = tokenizer.encode('The capital of France is Paris, 日本語 😀').tolist()[len(prompt) :]
+    assert tokenizer.decode(new) == 'Paris, 日本語 😀'  # what the server returned before
+    pieces, stopped = streamed(streaming.TextStream(tokenizer.decode, prompt, []), new)
+    assert ''.join(pieces) == ' Paris, 日本語 😀' and not stopped
+    assert streamed(streaming.TextStream(tokenizer.decode, prompt, [' Paris']), new) == (['', ''], True)
+    pieces, stopped = streamed(streaming.TextStream(tokenizer.decode, prompt, [' 日本', 'xyz']), new)
+    assert ''.join(pieces) == ' Paris,' and stopped
+    streamer = streaming.Streamer(tokenizer.decode, prompt, [])  # trainer.generate's and trainer.chat's
+    for token in new:
+        streamer(np.array([token]))
+    streamer.finish()
+    assert capsys.readouterr().out == ' Paris, 日本語 😀\n'
+    stop_when = streaming.StopStrings(tokenizer.decode, [prompt, prompt], [' Paris'])
+    assert stop_when(np.array([new[:1], [tokenizer.encode('The capital of France is', False)[0]]])).tolist() == [
+        True,
+        False,
+    ]
 
 
 def test_a_cache_with_one_write_index_per_row_decodes_each_row_as_alone():

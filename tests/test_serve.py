@@ -88,10 +88,14 @@ def raw_request(url: str, body: bytes | None = None) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
-PROMPTS = ['Hello world', 'The cat sat', 'A', 'Once upon a time there was']
+# 'f,gi t': a prompt whose greedy reply begins with '▁a', a SentencePiece-style piece that loses its space when
+# decoded alone (the fixture's tokenizer is Metaspace BPE, as Llama-2's).
+PROMPTS = ['Hello world', 'The cat sat', 'A', 'Once upon a time there was', 'f,gi t']
 
 
 def test_greedy_completions_are_the_tokens_of_trainer_generate_streamed_or_whole(server, model_folder):
+    """The tokens of trainer.generate, and as text what they add to the prompt's: decode(prompt + new) minus
+    decode(prompt), as vLLM and OpenAI give it (its leading space kept), in both commands."""
     command = [sys.executable, '-m', 'trainer.generate', '--model', str(model_folder), '--temperature', '0']
     command += ['--max_new_tokens', '20', '--json'] + [f'--prompt={p}' for p in PROMPTS]
     generated = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -99,6 +103,9 @@ def test_greedy_completions_are_the_tokens_of_trainer_generate_streamed_or_whole
     expected = [json.loads(line) for line in generated.stdout.splitlines()]
     tokenizer = make_tokenizer(str(model_folder), None)
     for prompt, want in zip(PROMPTS, expected, strict=True):
+        ids = tokenizer.encode(prompt).tolist()
+        added = tokenizer.decode(ids + want['completion_ids'])[len(tokenizer.decode(ids)) :]
+        assert want['completion'] == added, prompt
         whole = server.client.completions.create(model='tiny-llama', prompt=prompt, max_tokens=20, temperature=0)
         assert whole.choices[0].text == want['completion'], prompt
         assert whole.usage.prompt_tokens == len(tokenizer.encode(prompt))
@@ -116,6 +123,13 @@ def test_greedy_completions_are_the_tokens_of_trainer_generate_streamed_or_whole
         assert ''.join(c.choices[0].text for c in chunks if c.choices) == want['completion']
         assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
         assert chunks[-1].usage == whole.usage and not chunks[-1].choices
+    assert expected[-1]['completion'].startswith(' a')
+    # A stop string that starts with a space matches at the start of the reply, streamed or whole.
+    stopped = dict(model='tiny-llama', prompt=PROMPTS[-1], max_tokens=20, temperature=0, stop=[' a'])
+    whole = server.client.completions.create(**stopped).choices[0]
+    assert (whole.text, whole.finish_reason) == ('', 'stop')
+    chunks = list(server.client.completions.create(**stopped, stream=True))
+    assert ''.join(c.choices[0].text for c in chunks) == '' and chunks[-1].choices[0].finish_reason == 'stop'
 
 
 def test_a_chat_is_rendered_with_the_models_template_as_trainer_chat_renders_it(server, model_folder):

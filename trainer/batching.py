@@ -285,7 +285,7 @@ class Engine:
             self._cache, self._logits = admit(
                 self._params, tokens, np.int32(length), np.int32(i), self._cache, self._logits
             )
-        self._rows[i] = _Row(request, TextStream(self._decode, list(request.stops)), position=length)
+        self._rows[i] = _Row(request, TextStream(self._decode, request.prompt_ids, request.stops), position=length)
 
     def _decode_one_step(self) -> None:
         with jax.set_mesh(self._mesh):
