@@ -3,9 +3,9 @@
 The batch has a fixed number of rows (slots), each holding one request's sequence in its own row of one KV
 cache from slot 0, with its own write index (models.transformer.write_slots), its own sampling settings and
 its own random key: what a request gets does not depend on who else is in the batch. Between two decode
-steps, waiting requests are prefilled into free rows (a prompt is right-padded to a multiple of _BUCKET, so
-that few prompt lengths compile); a finished or cancelled request frees its row at once. The decode step
-always runs every row (an empty row computes nothing anyone reads), so it compiles once.
+steps, waiting requests are prefilled into free rows (a prompt is right-padded to one of prompt_buckets' few
+lengths, so that few prompt lengths compile); a finished or cancelled request frees its row at once. The decode
+step always runs every row (an empty row computes nothing anyone reads), so it compiles once.
 
 One thread owns the device (`Engine.start`); other threads `submit` requests and get their text through each
 request's `on_update`, called from that thread.
@@ -28,11 +28,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models.transformer import KVCache, ModelConfig
-from trainer.decoding import cache_shardings, compile_once, round_up
+from trainer.decoding import cache_shardings, compile_once
 from trainer.sampling import GREEDY, Sampling, next_tokens_per_row
 from trainer.streaming import TextStream
 
-_BUCKET = 64
+_SMALLEST_BUCKET = 64  # tokens: prompts up to this long share one prefill
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,25 @@ class Request:
     stop_ids: Sequence[int] = ()
     stops: Sequence[str] = ()  # stop strings: the text ends before the first one (left out)
     cancelled: bool = False  # set by any thread; the engine frees the request's row at its next step
+
+
+@functools.cache
+def prompt_buckets(max_seq_len: int) -> tuple[int, ...]:
+    """The lengths prompts are padded to, each compiled once: 64, 96, 128, 192, 256, 384, ... up to max_seq_len.
+
+    They grow geometrically (x1.5 then x4/3), so a 32k context has 19 of them instead of 512 multiples of 64,
+    and padding is under a third of a prefill's tokens; all are multiples of 32, as accelerators tile them.
+    """
+    sizes, size = {max_seq_len}, _SMALLEST_BUCKET
+    while size < max_seq_len:
+        sizes |= {size, size * 3 // 2}
+        size *= 2
+    return tuple(sorted(s for s in sizes if s <= max_seq_len))
+
+
+def prompt_bucket(length: int, max_seq_len: int) -> int:
+    """The padded length of a prompt of `length` tokens (at most max_seq_len)."""
+    return next(size for size in prompt_buckets(max_seq_len) if size >= length)
 
 
 @dataclasses.dataclass(eq=False)
@@ -266,7 +285,7 @@ class Engine:
 
     def _admit(self, i: int, request: Request) -> None:
         length = len(request.prompt_ids)
-        width = min(round_up(length, _BUCKET), self.max_seq_len)
+        width = prompt_bucket(length, self.max_seq_len)
         tokens = np.zeros((1, width), np.int32)
         tokens[0, :length] = request.prompt_ids
         with jax.set_mesh(self._mesh):
