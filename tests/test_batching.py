@@ -1,5 +1,5 @@
 """Continuous batching: rows with their own positions decode what each sequence decodes alone; their text is what
-their tokens add to the prompt's, read incrementally; prompt-length buckets; a greedy batch skips the sorts."""
+their tokens add to the prompt's, read incrementally; prompt-length buckets; failures that end one request or all."""
 
 import itertools
 import pathlib
@@ -181,10 +181,18 @@ def decode_ids(ids) -> str:
     return ''.join(f'{int(i)} ' for i in ids)  # one word per token: the text says which tokens came
 
 
-def run_engine(loaded, requests: list[dict], max_batch: int, max_queue: int = 64) -> tuple[list, Engine]:
-    """Submits every request at once; (text, finish_reason, completion_tokens) for each, and the engine."""
-    engine = Engine(loaded.graphdef, loaded.params, loaded.model_cfg, loaded.mesh, decode_ids, max_batch, 64, max_queue)
-    engine.start()
+def run_engine(
+    loaded, requests: list[dict], max_batch: int, max_queue: int = 64, engine: Engine | None = None
+) -> tuple[list, Engine]:
+    """Submits every request at once; (text, finish_reason, completion_tokens) for each, and the engine. With
+    `engine` (of rows of 256 tokens), on that engine, left running, and each result also has the update's error."""
+    keep = engine is not None
+    if engine is None:
+        engine = Engine(
+            loaded.graphdef, loaded.params, loaded.model_cfg, loaded.mesh, decode_ids, max_batch, 64, max_queue
+        )
+    if engine._thread is None:
+        engine.start()
     results, done = [None] * len(requests), threading.Event()
     texts = [[] for _ in requests]
 
@@ -193,6 +201,7 @@ def run_engine(loaded, requests: list[dict], max_batch: int, max_queue: int = 64
             texts[i].append(update.text)
             if update.finish_reason:
                 results[i] = (''.join(texts[i]), update.finish_reason, update.completion_tokens)
+                results[i] += (update.error,) if keep else ()
                 if all(results):
                     done.set()
 
@@ -201,7 +210,8 @@ def run_engine(loaded, requests: list[dict], max_batch: int, max_queue: int = 64
     for i, fields in enumerate(requests):
         assert engine.submit(Request(on_update=on_update(i), **fields))
     assert done.wait(120)
-    engine.close(10)
+    if not keep:
+        engine.close(10)
     return results, engine
 
 
@@ -291,7 +301,7 @@ def test_heads_split_over_two_devices_serve_the_same_tokens(loaded):
 
 def test_a_failing_device_ends_every_request_with_an_error_instead_of_hanging(loaded):
     engine = Engine(loaded.graphdef, loaded.params, loaded.model_cfg, loaded.mesh, decode_ids, 1, 64, 4)
-    ended, reasons = threading.Event(), []
+    ended, reasons, errors = threading.Event(), [], []
 
     def fail():
         raise RuntimeError('the device is gone')
@@ -301,6 +311,7 @@ def test_a_failing_device_ends_every_request_with_an_error_instead_of_hanging(lo
     def on_update(update):
         if update.finish_reason:
             reasons.append(update.finish_reason)
+            errors.append(update.error)
             if len(reasons) == 3:
                 ended.set()
 
@@ -308,5 +319,44 @@ def test_a_failing_device_ends_every_request_with_an_error_instead_of_hanging(lo
         assert engine.submit(Request(prompt, 5, on_update))
     engine.start()
     assert ended.wait(60) and reasons == ['error'] * 3
+    assert engine.failure == 'the decode loop failed (RuntimeError: the device is gone): see the server log.'
+    assert errors == [engine.failure] * 3
     assert not engine.submit(Request([1], 5, on_update)), 'a failed engine took a request'
     engine.close(5)
+
+
+def test_a_prompt_length_whose_prefill_fails_fails_that_request_alone(loaded):
+    """Out of memory compiling one bucket (refused from then on, without compiling again), or running one before
+    the cache is given to it: that request ends with 'error', the others and later ones are served."""
+    engine = Engine(loaded.graphdef, loaded.params, loaded.model_cfg, loaded.mesh, decode_ids, 2, 256, 8)
+    compile_once, compiles = engine._compile, []
+
+    def compile_or_fail(key, *args):
+        compiles.append(key)
+        if key[:2] == ('admit', 128):
+            raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.9 GiB.\nmore details')
+        compiled = compile_once(key, *args)
+        if key[:2] == ('admit', 192):
+
+            def fail_before_running(*args):
+                raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating the temporaries.')
+
+            return fail_before_running
+        return compiled
+
+    engine._compile = compile_or_fail
+    prompts = {'short': [5, 17, 33], 'bucket_128': list(range(1, 100)), 'bucket_192': list(range(1, 140))}
+    requests = [{'prompt_ids': prompts[name], 'max_tokens': 4} for name in ['bucket_128', 'short', 'bucket_192']]
+    requests.append({'prompt_ids': list(range(2, 110)), 'max_tokens': 4})  # bucket 128 again
+    results, _ = run_engine(loaded, requests, 2, engine=engine)
+    expected = Generator(loaded.graphdef, loaded.params, loaded.model_cfg, loaded.mesh).generate([[5, 17, 33]], 4)
+    assert results[1] == (decode_ids(expected[0][0].ids), 'length', 4, '')
+    for i, (length, width) in {0: (99, 128), 2: (139, 192), 3: (108, 128)}.items():
+        text, reason, count, error = results[i]
+        assert (text, reason, count) == ('', 'error', 0)
+        assert error.startswith(f'the prefill of a {length}-token prompt (padded to {width} tokens) failed (Runtime')
+        assert 'Out of memory' in error and error.endswith(
+            'send a shorter prompt, or serve with a smaller --max_seq_len or --max_batch.'
+        )
+    assert compiles.count(('admit', 128, 2, 256)) == 1 and engine.failure is None
+    assert run_engine(loaded, [{'prompt_ids': [5, 17, 33], 'max_tokens': 4}], 2, engine=engine)[0] == [results[1]]
