@@ -1,5 +1,6 @@
 """python -m trainer.serve through the official openai client: the tokens trainer.generate gives, streamed or
-whole, 32 clients at once, disconnects, a full server, bad requests and SIGTERM."""
+whole, their text what they add to the prompt's, 32 clients at once, disconnects, a full server, bad requests,
+SIGTERM, and a decode loop that fails."""
 
 import concurrent.futures
 import json
@@ -45,13 +46,14 @@ def model_folder(tmp_path_factory) -> pathlib.Path:
 
 
 class Server:
-    """A server process on 127.0.0.1 and a free port, its log in a file."""
+    """A server process on 127.0.0.1 and a free port, its log in a file; `command` runs trainer.serve's main."""
 
-    def __init__(self, folder: pathlib.Path, log: pathlib.Path, *flags: str):
+    def __init__(self, folder: pathlib.Path, log: pathlib.Path, *flags: str, command: tuple[str, ...] = ()):
         self.port, self.log = free_port(), log
+        command = command or (sys.executable, '-m', 'trainer.serve')
         with open(log, 'w') as out:
             self.process = subprocess.Popen(
-                [sys.executable, '-m', 'trainer.serve', '--model', str(folder), '--port', str(self.port), *flags],
+                [*command, '--model', str(folder), '--port', str(self.port), *flags],
                 cwd=REPO,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -88,10 +90,14 @@ def raw_request(url: str, body: bytes | None = None) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
-PROMPTS = ['Hello world', 'The cat sat', 'A', 'Once upon a time there was']
+# 'f,gi t': a prompt whose greedy reply begins with '▁a', a SentencePiece-style piece that loses its space when
+# decoded alone (the fixture's tokenizer is Metaspace BPE, as Llama-2's).
+PROMPTS = ['Hello world', 'The cat sat', 'A', 'Once upon a time there was', 'f,gi t']
 
 
 def test_greedy_completions_are_the_tokens_of_trainer_generate_streamed_or_whole(server, model_folder):
+    """The tokens of trainer.generate, and as text what they add to the prompt's: decode(prompt + new) minus
+    decode(prompt), as vLLM and OpenAI give it (its leading space kept), in both commands."""
     command = [sys.executable, '-m', 'trainer.generate', '--model', str(model_folder), '--temperature', '0']
     command += ['--max_new_tokens', '20', '--json'] + [f'--prompt={p}' for p in PROMPTS]
     generated = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -99,6 +105,9 @@ def test_greedy_completions_are_the_tokens_of_trainer_generate_streamed_or_whole
     expected = [json.loads(line) for line in generated.stdout.splitlines()]
     tokenizer = make_tokenizer(str(model_folder), None)
     for prompt, want in zip(PROMPTS, expected, strict=True):
+        ids = tokenizer.encode(prompt).tolist()
+        added = tokenizer.decode(ids + want['completion_ids'])[len(tokenizer.decode(ids)) :]
+        assert want['completion'] == added, prompt
         whole = server.client.completions.create(model='tiny-llama', prompt=prompt, max_tokens=20, temperature=0)
         assert whole.choices[0].text == want['completion'], prompt
         assert whole.usage.prompt_tokens == len(tokenizer.encode(prompt))
@@ -116,6 +125,13 @@ def test_greedy_completions_are_the_tokens_of_trainer_generate_streamed_or_whole
         assert ''.join(c.choices[0].text for c in chunks if c.choices) == want['completion']
         assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
         assert chunks[-1].usage == whole.usage and not chunks[-1].choices
+    assert expected[-1]['completion'].startswith(' a')
+    # A stop string that starts with a space matches at the start of the reply, streamed or whole.
+    stopped = dict(model='tiny-llama', prompt=PROMPTS[-1], max_tokens=20, temperature=0, stop=[' a'])
+    whole = server.client.completions.create(**stopped).choices[0]
+    assert (whole.text, whole.finish_reason) == ('', 'stop')
+    chunks = list(server.client.completions.create(**stopped, stream=True))
+    assert ''.join(c.choices[0].text for c in chunks) == '' and chunks[-1].choices[0].finish_reason == 'stop'
 
 
 def test_a_chat_is_rendered_with_the_models_template_as_trainer_chat_renders_it(server, model_folder):
@@ -260,3 +276,97 @@ def test_a_model_without_a_chat_template_gets_the_plain_one_and_its_stop():
     request = service.engine_request(completion, service.completion_ids(completion), on_update=None)
     assert list(request.stops) == [] and request.max_tokens == 64 - 6  # cut to the room the prompt leaves
     assert service.engine_request(parse(CompletionRequest, {'prompt': 'x'}), [1], None).max_tokens == 16
+
+
+def call_app(app, method: str, path: str, body: dict | None = None) -> tuple[int, dict, dict]:
+    """One request to an ASGI app in this process, without a server or an HTTP client: status, headers, JSON."""
+    import asyncio
+
+    sent = []
+
+    async def receive():
+        return {'type': 'http.request', 'body': json.dumps(body).encode() if body else b'', 'more_body': False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        'type': 'http',
+        'asgi': {'version': '3.0'},
+        'http_version': '1.1',
+        'method': method,
+        'scheme': 'http',
+        'path': path,
+        'raw_path': path.encode(),
+        'query_string': b'',
+        'root_path': '',
+        'headers': [(b'content-type', b'application/json')],
+        'client': ('127.0.0.1', 1),
+        'server': ('127.0.0.1', 80),
+    }
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m['type'] == 'http.response.start')
+    content = b''.join(m.get('body', b'') for m in sent if m['type'] == 'http.response.body')
+    return start['status'], {k.decode(): v.decode() for k, v in start['headers']}, json.loads(content)
+
+
+def test_a_failed_engine_is_no_busy_server_on_health_or_to_new_requests():
+    """Once the decode loop has failed, /health says 503 and why, and a request hears that the server is stopping
+    (type server_error, no Retry-After): not 'busy, retry' forever. A full queue still says busy."""
+    import types
+
+    from trainer.serve import Service, make_app
+
+    failure = 'the decode loop failed (RuntimeError: the device is gone): see the server log.'
+    engine = types.SimpleNamespace(
+        max_seq_len=64, cfg=types.SimpleNamespace(vocab_size=256), max_batch=1, max_queue=0, steps=3, finished={}
+    )
+    engine.load, engine.submit = (lambda: (0, 0)), (lambda request: False)
+    app = make_app(Service(engine, make_tokenizer('byte', None), chat_template.for_tokenizer('byte'), 'small_lm'))
+    request = {'prompt': 'ROMEO:', 'max_tokens': 5}
+    engine.failure = None
+    status, headers, body = call_app(app, 'POST', '/v1/completions', request)
+    assert (status, headers['retry-after'], body['error']['type'], body['error']['code']) == (
+        503,
+        '1',
+        'server_busy',
+        'busy',
+    )
+    assert call_app(app, 'GET', '/health')[0] == 200
+    engine.failure = failure
+    status, headers, body = call_app(app, 'GET', '/health')
+    assert status == 503 and (body['status'], body['error']) == ('failed', failure)
+    for stream in (False, True):
+        status, headers, body = call_app(app, 'POST', '/v1/completions', {**request, 'stream': stream})
+        assert status == 503 and 'retry-after' not in headers
+        assert (body['error']['type'], body['error']['code']) == ('server_error', 'engine_failed')
+        assert body['error']['message'].startswith(failure + ' This server is stopping, for its supervisor to restart')
+
+
+# trainer.serve with a decode loop that fails at its first step, as a device that fails would.
+FAILING_SERVE = (
+    'from absl import app\n'
+    'from trainer import batching, serve\n'
+    'def fail(engine):\n'
+    '    raise RuntimeError("the device is gone")\n'
+    'batching.Engine._decode_one_step = fail\n'
+    'app.run(serve.main)\n'
+)
+
+
+def test_a_failed_decode_loop_fails_the_requests_in_hand_and_the_server_exits_1(model_folder, tmp_path):
+    """No zombie: the request in hand gets 500 saying what failed, then the process exits 1 for its supervisor to
+    restart it (instead of answering 'busy' forever while /health says ok)."""
+    flags = ('--max_batch', '1', '--max_seq_len', '64')  # a small decode step: it compiles faster
+    server = Server(model_folder, tmp_path / 'serve.log', *flags, command=(sys.executable, '-c', FAILING_SERVE))
+    try:
+        with pytest.raises(openai.InternalServerError) as failed:
+            server.client.completions.create(model='tiny-llama', prompt='Hello', max_tokens=5)
+        message = failed.value.body['message']
+        assert message.startswith('the decode loop failed (RuntimeError: the device is gone): see the server log.')
+        assert 'stopping, for its supervisor to restart it' in message
+        assert server.process.wait(60) == 1, server.text()
+        assert 'exiting with status 1, for a supervisor to restart the server' in server.text()
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()

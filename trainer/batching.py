@@ -3,12 +3,15 @@
 The batch has a fixed number of rows (slots), each holding one request's sequence in its own row of one KV
 cache from slot 0, with its own write index (models.transformer.write_slots), its own sampling settings and
 its own random key: what a request gets does not depend on who else is in the batch. Between two decode
-steps, waiting requests are prefilled into free rows (a prompt is right-padded to a multiple of _BUCKET, so
-that few prompt lengths compile); a finished or cancelled request frees its row at once. The decode step
-always runs every row (an empty row computes nothing anyone reads), so it compiles once.
+steps, waiting requests are prefilled into free rows (a prompt is right-padded to one of prompt_buckets' few
+lengths, so that few prompt lengths compile); a finished or cancelled request frees its row at once. The decode
+step always runs every row (an empty row computes nothing anyone reads), so it compiles once.
 
 One thread owns the device (`Engine.start`); other threads `submit` requests and get their text through each
-request's `on_update`, called from that thread.
+request's `on_update`, called from that thread. A prompt length whose prefill cannot compile or run (out of
+memory) fails that request alone; anything else that fails in the decode loop ends every request in hand
+with 'error' and leaves the engine failed for good: it refuses every request and `failure` says why, so that
+its owner can stop (trainer.serve exits for its supervisor to restart it).
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models.transformer import KVCache, ModelConfig
-from trainer.decoding import cache_shardings, compile_once, round_up
+from trainer.decoding import cache_shardings, compile_once
 from trainer.sampling import GREEDY, Sampling, next_tokens_per_row
 from trainer.streaming import TextStream
 
-_BUCKET = 64
+_SMALLEST_BUCKET = 64  # tokens: prompts up to this long share one prefill
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +44,9 @@ class Update:
 
     text: str
     completion_tokens: int  # so far
-    # 'stop' (a stop token or string), 'length', 'cancelled', 'error' (the engine failed), or None: more to come
+    # 'stop' (a stop token or string), 'length', 'cancelled', 'error' (see `error`), or None: more to come
     finish_reason: str | None = None
+    error: str = ''  # with 'error': what failed, in a sentence or two for the client
 
 
 @dataclasses.dataclass(eq=False)
@@ -57,6 +61,25 @@ class Request:
     stop_ids: Sequence[int] = ()
     stops: Sequence[str] = ()  # stop strings: the text ends before the first one (left out)
     cancelled: bool = False  # set by any thread; the engine frees the request's row at its next step
+
+
+@functools.cache
+def prompt_buckets(max_seq_len: int) -> tuple[int, ...]:
+    """The lengths prompts are padded to, each compiled once: 64, 96, 128, 192, 256, 384, ... up to max_seq_len.
+
+    They grow geometrically (x1.5 then x4/3), so a 32k context has 19 of them instead of 512 multiples of 64,
+    and padding is under a third of a prefill's tokens; all are multiples of 32, as accelerators tile them.
+    """
+    sizes, size = {max_seq_len}, _SMALLEST_BUCKET
+    while size < max_seq_len:
+        sizes |= {size, size * 3 // 2}
+        size *= 2
+    return tuple(sorted(s for s in sizes if s <= max_seq_len))
+
+
+def prompt_bucket(length: int, max_seq_len: int) -> int:
+    """The padded length of a prompt of `length` tokens (at most max_seq_len)."""
+    return next(size for size in prompt_buckets(max_seq_len) if size >= length)
 
 
 @dataclasses.dataclass(eq=False)
@@ -104,6 +127,19 @@ def _step(
     return tokens_B, logits_B1V[:, 0], cache
 
 
+def _one_line(error: Exception) -> str:
+    """An exception as 'Type: first line of its message' (XLA's run to pages)."""
+    lines = str(error).strip().splitlines()
+    return f'{type(error).__name__}: {lines[0]}' if lines else type(error).__name__
+
+
+def _prefill_failed(length: int, width: int, error: str) -> str:
+    return (
+        f'the prefill of a {length}-token prompt (padded to {width} tokens) failed ({error}): send a shorter '
+        'prompt, or serve with a smaller --max_seq_len or --max_batch.'
+    )
+
+
 class Engine:
     """Decodes many requests at once with one model's params on one mesh, `max_batch` rows of `max_seq_len` slots;
     besides the requests in rows, at most `max_queue` wait for one (submit says False past that)."""
@@ -121,6 +157,8 @@ class Engine:
     ):
         self.cfg, self.max_batch, self.max_seq_len, self.max_queue = cfg, max_batch, max_seq_len, max_queue
         self._graphdef, self._params, self._mesh, self._decode = graphdef, params, mesh, decode
+        self.failure: str | None = None  # why the decode loop failed; the engine then refuses every request
+        self._refused_widths: dict[int, str] = {}  # prompt buckets whose prefill failed to compile: the error
         self._waiting: collections.deque[Request] = collections.deque()
         self._rows: list[_Row | None] = [None] * max_batch
         self._wake = threading.Condition()
@@ -137,7 +175,7 @@ class Engine:
 
     def submit(self, request: Request) -> bool:
         """Queues a request (its prompt at most max_prompt_tokens, max_tokens at least 1); False when the queue is
-        full or the engine is closing."""
+        full, the engine is closing, or it has failed (`failure` says why)."""
         assert 0 < len(request.prompt_ids) < self.max_seq_len and request.max_tokens > 0
         with self._wake:
             if self._closing or self._in_hand >= self.max_batch + self.max_queue:
@@ -226,14 +264,15 @@ class Engine:
     def _run(self) -> None:
         try:
             self._serve_until_closed()
-        except Exception:  # a bug, or the device failing: every request in hand hears of it, none hangs
+        except Exception as error:  # a bug, or the device failing: every request in hand hears of it, none hangs
             logging.exception('the decode loop failed')
+            failure = f'the decode loop failed ({_one_line(error)}): see the server log.'
             with self._wake:
-                self._closing = True
+                self._closing, self.failure = True, failure  # before the requests hear of it: no newcomer slips in
                 requests = [row.request for row in self._rows if row] + self._admitting + list(self._waiting)
                 self._rows, self._waiting, self._admitting = [None] * self.max_batch, collections.deque(), []
             for request in requests:
-                self._end(request, Update('', 0, 'error'))
+                self._end(request, Update('', 0, 'error', failure))
 
     def _serve_until_closed(self) -> None:
         while True:
@@ -266,26 +305,38 @@ class Engine:
 
     def _admit(self, i: int, request: Request) -> None:
         length = len(request.prompt_ids)
-        width = min(round_up(length, _BUCKET), self.max_seq_len)
+        width = prompt_bucket(length, self.max_seq_len)
+        if width in self._refused_widths:
+            self._end(request, Update('', 0, 'error', _prefill_failed(length, width, self._refused_widths[width])))
+            return
         tokens = np.zeros((1, width), np.int32)
         tokens[0, :length] = request.prompt_ids
+        args = (self._params, tokens, np.int32(length), np.int32(i))
         with jax.set_mesh(self._mesh):
-            admit = self._compile(
-                ('admit', width, self.max_batch, self.max_seq_len),
-                functools.partial(_admit, self._graphdef, self.max_seq_len),
-                (4, 5),  # the cache and the logits are updated in place
-                (self._cache_shardings, self._replicated),
-                self._params,
-                tokens,
-                np.int32(length),
-                np.int32(i),
-                self._cache,
-                self._logits,
-            )
-            self._cache, self._logits = admit(
-                self._params, tokens, np.int32(length), np.int32(i), self._cache, self._logits
-            )
-        self._rows[i] = _Row(request, TextStream(self._decode, list(request.stops)), position=length)
+            try:
+                admit = self._compile(
+                    ('admit', width, self.max_batch, self.max_seq_len),
+                    functools.partial(_admit, self._graphdef, self.max_seq_len),
+                    (4, 5),  # the cache and the logits are updated in place
+                    (self._cache_shardings, self._replicated),
+                    *args,
+                    self._cache,
+                    self._logits,
+                )
+            except Exception as error:  # out of memory for this width: it would fail again, so it is refused from now
+                logging.exception('compiling the prefill of %d-token prompts failed', width)
+                self._refused_widths[width] = _one_line(error)
+                self._end(request, Update('', 0, 'error', _prefill_failed(length, width, self._refused_widths[width])))
+                return
+            try:
+                self._cache, self._logits = admit(*args, self._cache, self._logits)
+            except Exception as error:
+                if any(a.is_deleted() for a in jax.tree.leaves((self._cache, self._logits))):
+                    raise  # the donated cache is gone with it: no row can go on
+                logging.exception('the prefill of a %d-token prompt failed', length)  # the cache is intact: rows go on
+                self._end(request, Update('', 0, 'error', _prefill_failed(length, width, _one_line(error))))
+                return
+        self._rows[i] = _Row(request, TextStream(self._decode, request.prompt_ids, request.stops), position=length)
 
     def _decode_one_step(self) -> None:
         with jax.set_mesh(self._mesh):

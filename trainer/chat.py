@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 from absl import app, flags
 
 from trainer import chat_template, cli, generation_flags
 from trainer.data.tokenizers import Tokenizer
 from trainer.decoding import Generator
 from trainer.errors import ConfigError
-from trainer.streaming import Streamer, cut_at_stop
+from trainer.streaming import StopStrings, Streamer, completion_text, cut_at_stop
 
 _SYSTEM = flags.DEFINE_string('system', None, 'A system message that opens (and survives trimming of) the chat.')
 
@@ -83,7 +82,7 @@ def main(argv: list[str]) -> int:
                 file=sys.stderr,
             )
         sys.stdout.write('model> ')
-        streamer = Streamer(tokenizer.decode, stops)
+        streamer = Streamer(tokenizer.decode, ids, stops)
         results, _ = generator.generate(
             [ids],
             max_new,
@@ -91,12 +90,10 @@ def main(argv: list[str]) -> int:
             generation_flags.SEED.value + turn,
             stop_ids=tokenizer.stop_ids,
             on_tokens=streamer,
-            stop_when=(lambda generated: np.array([cut_at_stop(tokenizer.decode(generated[0]), stops)[1]]))
-            if stops
-            else None,
+            stop_when=StopStrings(tokenizer.decode, [ids], stops) if stops else None,
         )
         streamer.finish()
-        reply, _ = cut_at_stop(tokenizer.decode(results[0].ids), stops)
+        reply, _ = cut_at_stop(completion_text(tokenizer.decode, ids, results[0].ids), stops)
         messages.append({'role': 'assistant', 'content': reply.strip()})
         turn += 1
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import sys
 
-import numpy as np
 from absl import app, flags
 
 from trainer import cli, generation_flags
 from trainer.decoding import Generator
 from trainer.errors import ConfigError
-from trainer.streaming import Streamer, cut_at_stop, ids_of
+from trainer.streaming import StopStrings, Streamer, completion_text, cut_at_stop, ids_of
 
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'A prompt; repeat the flag for several (decoded as one batch).')
 _PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'A file of prompts, one per line.')
@@ -63,12 +62,8 @@ def main(argv: list[str]) -> int:
             ids = ids[-room:]
         encoded.append(ids)
     stops = list(_STOP.value)
-
-    def stop_when(generated: np.ndarray) -> np.ndarray:
-        return np.array([cut_at_stop(tokenizer.decode(row), stops)[1] for row in generated])
-
     streaming = len(prompts) == 1 and not _JSON.value
-    streamer = Streamer(tokenizer.decode, stops) if streaming else None
+    streamer = Streamer(tokenizer.decode, encoded[0], stops) if streaming else None
     if streaming:
         sys.stdout.write(prompts[0])
     results, timing = generator.generate(
@@ -78,13 +73,14 @@ def main(argv: list[str]) -> int:
         generation_flags.SEED.value,
         stop_ids=tokenizer.stop_ids,
         on_tokens=streamer,
-        stop_when=stop_when if stops else None,
+        stop_when=StopStrings(tokenizer.decode, encoded, stops) if stops else None,
     )
-    for prompt, result in zip(prompts, results, strict=True):
-        completion, _ = cut_at_stop(tokenizer.decode(result.ids), stops)
+    for prompt, prompt_ids, result in zip(prompts, encoded, results, strict=True):
+        # The text the new tokens add to the prompt's, as trainer.serve and transformers give it.
+        completion, _ = cut_at_stop(completion_text(tokenizer.decode, prompt_ids, result.ids), stops)
         rate = len(result.ids) / timing.decode_s if timing.decode_s else 0.0
         if _JSON.value:
-            ids = ids_of(result.ids, completion, tokenizer.decode)
+            ids = ids_of(prompt_ids, result.ids, completion, tokenizer.decode)
             record = {'prompt': prompt, 'completion': completion, 'completion_ids': ids, 'tokens_per_s': rate}
             print(json.dumps(record, ensure_ascii=False))
         elif not streaming:

@@ -18,17 +18,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class ApiError(Exception):
-    """A request the server refuses: an HTTP status and OpenAI's error object."""
+    """A request the server refuses: an HTTP status and OpenAI's error object, whose type is `kind` (by default
+    the status's: not_found_error, server_error for 5xx, else invalid_request_error)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, kind: str | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        default = 'not_found_error' if status == 404 else 'server_error' if status >= 500 else 'invalid_request_error'
+        self.kind = kind or default
 
     def body(self) -> dict[str, Any]:
-        kind = {404: 'not_found_error', 503: 'server_busy', 500: 'server_error'}.get(
-            self.status, 'invalid_request_error'
-        )
-        return {'error': {'message': self.message, 'type': kind, 'param': self.param, 'code': self.code}}
+        return {'error': {'message': self.message, 'type': self.kind, 'param': self.param, 'code': self.code}}
 
 
 class _StreamOptions(BaseModel):

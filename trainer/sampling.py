@@ -71,9 +71,22 @@ def keep_top_k_per_row(logits_BV: jax.Array, k_B: jax.Array) -> jax.Array:
 def next_tokens_per_row(
     logits_BV: jax.Array, keys_B: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array
 ) -> jax.Array:
-    """next_tokens with each row's own key and Sampling (given as arrays); a row with temperature 0 is greedy."""
+    """next_tokens with each row's own key and Sampling (given as arrays); a row with temperature 0 is greedy.
+
+    The full-vocabulary sorts of top-k and top-p run only when some row asks for them (lax.cond runs one branch):
+    a batch of greedy rows costs an argmax, as next_tokens' greedy path does. Skipping a filter no row uses
+    changes nothing: k = 0 and p = 1 keep every token.
+    """
     greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    scaled_BV = logits_BV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
-    filtered_BV = keep_top_p(keep_top_k_per_row(scaled_BV, top_k_B), top_p_B[:, None])
-    sampled_B = jax.vmap(lambda key, logits_V: jax.random.categorical(key, logits_V))(keys_B, filtered_BV)
-    return jnp.where(temperature_B > 0, sampled_B.astype(jnp.int32), greedy_B)
+
+    def unchanged(logits_BV: jax.Array, _) -> jax.Array:
+        return logits_BV
+
+    def sample(logits_BV: jax.Array) -> jax.Array:
+        scaled_BV = logits_BV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
+        scaled_BV = jax.lax.cond(jnp.any(top_k_B > 0), keep_top_k_per_row, unchanged, scaled_BV, top_k_B)
+        scaled_BV = jax.lax.cond(jnp.any(top_p_B < 1), keep_top_p, unchanged, scaled_BV, top_p_B[:, None])
+        sampled_B = jax.vmap(lambda key, logits_V: jax.random.categorical(key, logits_V))(keys_B, scaled_BV)
+        return jnp.where(temperature_B > 0, sampled_B.astype(jnp.int32), greedy_B)
+
+    return jax.lax.cond(jnp.any(temperature_B > 0), sample, lambda _: greedy_B, logits_BV)

@@ -5,7 +5,8 @@ streamed (server-sent events) or whole, and GET /health (rows in use, requests w
 Continuous batching (trainer.batching): up to --max_batch requests decode together, up to --max_queue more
 wait, and past that a request gets 503 with Retry-After. Chat requests are rendered with the model's chat
 template as trainer.chat renders them. SIGTERM (or Ctrl-C) stops taking connections, lets the requests in
-flight finish for up to --shutdown_timeout_s, and exits 0.
+flight finish for up to --shutdown_timeout_s, and exits 0. If the decode loop fails (a bug, the device), the
+requests in hand get 500, /health and new requests 503, and the process exits 1 for its supervisor to restart.
 
 Starlette and uvicorn (the `serve` extra) are imported only here, so that training never needs them.
 """
@@ -46,6 +47,8 @@ _SHUTDOWN_S = flags.DEFINE_float(
     'shutdown_timeout_s', 30.0, 'On SIGTERM, seconds the requests in flight get to finish before they are cut.'
 )
 _COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions; chat replies run to the context
+_FAILED_EXIT = 1  # the exit status after the decode loop failed: not 0, so that a supervisor restarts the server
+_STOPPING = ' This server is stopping, for its supervisor to restart it: retry on another server, or later.'
 
 log = logging.getLogger('trainer.serve')
 
@@ -119,7 +122,7 @@ def _error_response(error: ApiError, http_request) -> Any:
     from starlette.responses import JSONResponse
 
     log.warning('%d %s %s: %s', error.status, http_request.method, http_request.url.path, error.message)
-    headers = {'Retry-After': '1'} if error.status == 503 else None
+    headers = {'Retry-After': '1'} if error.code == 'busy' else None
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
@@ -136,7 +139,11 @@ async def _updates(service: Service, body, ids: list[int], http_request=None) ->
 
     request = service.engine_request(body, ids, on_update)
     if not service.engine.submit(request):
-        raise ApiError(503, 'the server is busy (every row and the queue are taken): retry shortly.', None, 'busy')
+        if service.engine.failure is not None:
+            raise _engine_failed(service.engine.failure)
+        raise ApiError(
+            503, 'the server is busy (every row and the queue are taken): retry shortly.', None, 'busy', 'server_busy'
+        )
     finished = False
     try:
         while not finished:
@@ -151,6 +158,17 @@ async def _updates(service: Service, body, ids: list[int], http_request=None) ->
     finally:
         if not finished:
             service.engine.cancel(request)
+
+
+def _engine_failed(failure: str) -> ApiError:
+    """What a new request hears once the decode loop has failed: this server will not decode again."""
+    return ApiError(503, failure + _STOPPING, None, 'engine_failed')
+
+
+def _request_failed(service: Service, update: Update) -> ApiError:
+    """A request that ended with 'error': why, in the engine's words, and whether the server is stopping."""
+    message = update.error or 'the decoding failed: see the server log.'
+    return ApiError(500, message + (_STOPPING if service.engine.failure else ''), None, 'decoding_failed')
 
 
 def _sse(data: dict[str, Any] | str) -> str:
@@ -184,6 +202,8 @@ def make_app(service: Service):
             if body.stream:
                 updates = _updates(service, body, ids)
                 first = await anext(updates)  # a busy server or a bad request is an error status, not a stream
+                if first.finish_reason == 'error':  # failed before any text: an error status too
+                    raise _request_failed(service, first)
                 return StreamingResponse(
                     _stream(reply, first, updates, len(ids), include_usage, http_request, started),
                     media_type='text/event-stream',
@@ -196,7 +216,7 @@ def make_app(service: Service):
                 _log_left(http_request, last.completion_tokens if last else 0)
                 return JSONResponse({}, status_code=499)
             if last.finish_reason == 'error':
-                raise ApiError(500, 'the decoding failed: see the server log.')
+                raise _request_failed(service, last)
             usage = Usage(len(ids), last.completion_tokens)
             _log_done(http_request, usage, last.finish_reason, started)
             return JSONResponse(reply.whole(''.join(texts), last.finish_reason, usage))
@@ -209,8 +229,8 @@ def make_app(service: Service):
             if reply.chat:
                 yield _sse(reply.chunk(None, first=True))
             while True:
-                if update.finish_reason == 'error':
-                    yield _sse(ApiError(500, 'the decoding failed: see the server log.').body())
+                if update.finish_reason == 'error':  # the status (200) has gone: the error is the last event
+                    yield _sse(_request_failed(service, update).body())
                     return
                 if update.text:
                     yield _sse(reply.chunk(update.text))
@@ -230,9 +250,11 @@ def make_app(service: Service):
 
     async def health(http_request):
         rows, waiting = service.engine.load()
+        failure = service.engine.failure
         return JSONResponse(
             {
-                'status': 'ok',
+                'status': 'ok' if failure is None else 'failed',
+                **({} if failure is None else {'error': failure}),
                 'model': service.name,
                 'rows_in_use': rows,
                 'waiting': waiting,
@@ -240,7 +262,8 @@ def make_app(service: Service):
                 'max_queue': service.engine.max_queue,
                 'decode_steps': service.engine.steps,
                 'finished': dict(service.engine.finished),
-            }
+            },
+            status_code=200 if failure is None else 503,
         )
 
     async def completions(http_request):
@@ -369,6 +392,11 @@ def main(argv: list[str]) -> int:
             if self.started:
                 log.info(serving)
 
+        async def on_tick(self, counter: int) -> bool:
+            """uvicorn asks this every 0.1 s whether to stop: also once the engine has failed (after the requests
+            in hand have had their 500, uvicorn's graceful shutdown lets their responses go out)."""
+            return engine.failure is not None or await super().on_tick(counter)
+
     server = Server(config)
     # uvicorn catches SIGTERM/SIGINT while it serves, shuts down gracefully, then raises the signal again
     # for the handlers it found: these no-ops make that graceful stop exit 0 instead of dying by the signal.
@@ -378,6 +406,9 @@ def main(argv: list[str]) -> int:
         server.run()
     finally:
         engine.close(timeout=_SHUTDOWN_S.value)
+    if engine.failure is not None:
+        log.error('exiting with status %d, for a supervisor to restart the server: %s', _FAILED_EXIT, engine.failure)
+        return _FAILED_EXIT
     log.info('stopped')
     return 0
 
