@@ -43,7 +43,14 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_dict, config_flags  # noqa: E402
 
-from trainer import cli, counts, flops, train, xla_flags  # noqa: E402
+from trainer import (  # noqa: E402
+    cli,
+    counts,
+    flops,
+    model_setup,  # noqa: E402
+    train,
+    xla_flags,
+)
 from trainer import mesh as mesh_lib  # noqa: E402
 from trainer.data import pipeline, tokenizers  # noqa: E402
 from trainer.errors import ConfigError  # noqa: E402
@@ -177,7 +184,7 @@ def measure(name: str, config: config_dict.ConfigDict, steps: int, with_framewor
     bare = steps * tokens_per_step / best
     framework = framework_speed(config, steps) if with_framework else None
     speed = framework or bare  # MFU of the framework where it was timed, else of the bare loop
-    per_token = counts.count(train.model_config(config), config.data.seq_len).train_flops_per_token
+    per_token = counts.count(model_setup.model_config(config), config.data.seq_len).train_flops_per_token
     devices = mesh.devices.size
     return {
         'name': name,

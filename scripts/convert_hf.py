@@ -31,7 +31,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from trainer import checkpoints, loading, lora, train  # noqa: E402
+from trainer import (  # noqa: E402
+    checkpoints,
+    loading,
+    lora,
+    model_setup,  # noqa: E402
+)
 from trainer.data import tokenizers  # noqa: E402
 from trainer.errors import ConfigError  # noqa: E402
 from trainer.hf import config as hf_config  # noqa: E402
@@ -61,7 +66,7 @@ def export_checkpoint(
     folder = checkpoints.find_checkpoint(checkpoint, '--checkpoint')
     config, params = checkpoints.read_params(folder)
     config.mesh.rules = ()
-    model_cfg = train.model_config(config)
+    model_cfg = model_setup.model_config(config)
     if model_cfg.head != 'lm':
         raise ConfigError(f'{folder} is a classifier: only language models export to Hugging Face folders.')
     host_params = jax.tree.map(np.asarray, params)

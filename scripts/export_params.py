@@ -23,7 +23,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
-from trainer import checkpoints, lora, train  # noqa: E402
+from trainer import (  # noqa: E402
+    checkpoints,
+    lora,
+    model_setup,  # noqa: E402
+)
 from trainer.errors import ConfigError  # noqa: E402
 
 
@@ -31,7 +35,7 @@ def export(checkpoint: str, output: pathlib.Path, dtype: str) -> pathlib.Path:
     """Exports the parameters of `checkpoint` into `output`; returns the checkpoint folder used."""
     folder = checkpoints.find_checkpoint(checkpoint, '--checkpoint')
     config, params = checkpoints.read_params(folder)  # whole, on the host: whatever mesh trained it
-    params, _ = lora.merge(jax.tree.map(np.asarray, params), train.model_config(config))
+    params, _ = lora.merge(jax.tree.map(np.asarray, params), model_setup.model_config(config))
     config.lora.rank = 0  # merged: a plain model
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(dtype)), params)
     output.mkdir(parents=True, exist_ok=True)

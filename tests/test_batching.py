@@ -18,7 +18,7 @@ from trainer import loading, sampling, streaming
 from trainer.batching import Engine, Request, prompt_bucket, prompt_buckets
 from trainer.data.tokenizers import make_tokenizer
 from trainer.decoding import Generator
-from trainer.train import model_config
+from trainer.model_setup import model_config
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / 'fixtures'
 FIXTURE = FIXTURES / 'hf' / 'llama_gqa'

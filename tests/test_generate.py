@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 from models.transformer import Decoder, KVCache
 from trainer import decoding, loading, sampling
 from trainer.decoding import Generator
-from trainer.train import model_config
+from trainer.model_setup import model_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO / 'tests' / 'fixtures' / 'hf'

@@ -110,7 +110,7 @@ def test_one_step_golden_loss():
 
 @pytest.mark.parametrize('decay_embeddings', [False, True])
 def test_weight_decay_skips_norms_biases_and_optionally_embeddings(decay_embeddings):
-    from trainer.state import abstract_model
+    from trainer.model_setup import abstract_model
 
     config = tiny_config('gpt2')
     config.train.decay_embeddings = decay_embeddings
@@ -126,7 +126,7 @@ def test_weight_decay_leaves_norm_scales_alone():
     """With zero gradients, AdamW moves exactly the decayed parameters."""
     config = tiny_config('llama', fsdp=8)
     config.train.update(weight_decay=0.5, learning_rate=0.1, warmup_steps=0, grad_clip=0.0)
-    from trainer.state import abstract_model
+    from trainer.model_setup import abstract_model
 
     _, shapes, _ = abstract_model(train.model_config(config))
     tx, _ = optimizer.make_optimizer(config.train, param_roles.partition(config, shapes).roles)

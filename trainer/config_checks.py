@@ -261,9 +261,7 @@ def check_train(train: config_dict.ConfigDict) -> None:
     _require(train.grad_clip >= 0, f'config.train.grad_clip={train.grad_clip} must be 0 (off) or positive.')
     _require(train.weight_decay >= 0, f'config.train.weight_decay={train.weight_decay} must not be negative.')
     _one_of(train.optimizer, OPTIMIZERS, 'config.train.optimizer')
-    _require(
-        0.0 <= train.muon_momentum < 1.0, f'config.train.muon_momentum={train.muon_momentum} must be in [0, 1).'
-    )
+    _require(0.0 <= train.muon_momentum < 1.0, f'config.train.muon_momentum={train.muon_momentum} must be in [0, 1).')
     _positive(train, 'config.train', 'muon_ns_steps')
     _require(train.muon_rms_scale > 0, f'config.train.muon_rms_scale={train.muon_rms_scale} must be positive.')
     _require(

@@ -12,7 +12,7 @@ from flax import nnx
 from ml_collections import config_dict
 
 from models.transformer import ModelConfig
-from trainer import checkpoints, saved_config, train
+from trainer import checkpoints, model_setup, saved_config
 from trainer import mesh as mesh_lib
 from trainer import state as state_lib
 from trainer.data import tokenizers
@@ -83,8 +83,8 @@ def load(path: str, mesh_sizes: dict[str, int] | None = None, dtype: str | None 
     sizes = {axis: config.mesh[axis] for axis in mesh_lib.MESH_AXES}
     devices = jax.devices()[: max(1, _device_count(sizes))]
     mesh = mesh_lib.make_mesh(sizes, devices)
-    model_cfg = train.model_config(config)
-    graphdef, shapes, logical = state_lib.abstract_model(model_cfg)
+    model_cfg = model_setup.model_config(config)
+    graphdef, shapes, logical = model_setup.abstract_model(model_cfg)
     shardings = state_lib.param_shardings(shapes, logical, mesh, model_cfg.sharding_rules)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     without_tokenizer = checkpoint is None and not (pathlib.Path(path) / 'tokenizer.json').is_file()

@@ -18,6 +18,7 @@ from models.transformer import Decoder, ModelConfig
 from trainer import param_roles
 from trainer.errors import ConfigError
 from trainer.mesh import logical_sharding, replicated
+from trainer.model_setup import abstract_model
 
 
 @struct.dataclass
@@ -62,21 +63,6 @@ class ShardedState:
         """Paths of the model's parameters that `params` lacks."""
         given = set(param_roles.leaf_names(params))
         return [name for name in param_roles.leaf_names(self.abstract.params) if name not in given]
-
-
-def abstract_model(model_cfg: ModelConfig) -> tuple[nnx.GraphDef, dict[str, Any], dict[str, Any]]:
-    """The model's structure, parameter shapes and logical axis names, without allocating anything."""
-    # No ambient mesh here: nnx.eval_shape would read the logical names as mesh axes. The trainer maps
-    # them with its own rules (linen.logical_to_mesh_axes), the same ones the activations use.
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
-        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(model_cfg, nnx.Rngs(0))))
-    shapes = nnx.to_pure_dict(abstract)
-    logical = jax.tree.map(
-        tuple,
-        nnx.to_pure_dict(nnx.get_partition_spec(abstract)),
-        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
-    )
-    return graphdef, shapes, logical
 
 
 def param_shardings(shapes: Any, logical: Any, mesh: Mesh, rules) -> Any:

@@ -19,6 +19,7 @@ from trainer import (
     config_checks,
     distributed,
     flops,
+    model_setup,
     optimizer,
     param_roles,
     profiling,
@@ -34,6 +35,7 @@ from trainer.data import examples, pipeline, tokenizers
 from trainer.errors import ConfigError, StoppedBySignal, TrainingDivergedError
 from trainer.hf import config as hf_config
 from trainer.hf import tensors as hf_tensors
+from trainer.model_setup import model_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,21 +45,6 @@ class TrainResult:
     final_step: int
     last_loss: float | None  # mean training loss over the last log interval; None if no step ran
     eval_loss: float | None  # at the final step; None without eval files
-
-
-def model_config(config: config_dict.ConfigDict) -> ModelConfig:
-    """The model's frozen config: `config.model`, `config.lora` and the mesh rules for its activations."""
-    lora = config.lora
-    adapters = {}
-    if lora.rank:
-        adapters = {
-            'lora_rank': lora.rank,
-            'lora_alpha': lora.alpha,
-            'lora_dropout': lora.dropout,
-            'lora_targets': tuple(t.strip() for t in lora.targets.split(',') if t.strip()),
-            'lora_base_dtype': lora.base_dtype,
-        }
-    return ModelConfig(**config.model.to_dict(), **adapters, sharding_rules=tuple(config.mesh.rules))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +60,7 @@ class Setup:
 def build(config: config_dict.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
     """Creates the sharded state and jits the steps; call and run the steps under `jax.set_mesh(mesh)`."""
     model_cfg = model_config(config)
-    partition = param_roles.partition(config, state_lib.abstract_model(model_cfg)[1])
+    partition = param_roles.partition(config, model_setup.abstract_model(model_cfg)[1])
     if not jax.tree.leaves(partition.trainable_roles()):
         raise ConfigError('config.train.param_roles freeze every parameter: let some train.')
     tx, schedule = optimizer.make_optimizer(config.train, partition.trainable_roles())

@@ -31,8 +31,8 @@ from ml_collections import config_dict
 
 from trainer import cli
 from trainer.errors import ConfigError
+from trainer.model_setup import model_config
 from trainer.scaling import sweep, tune_base
-from trainer.train import model_config
 
 _CONFIG = flags.DEFINE_string('config', None, 'counts, sweep: the base config file (file.py or file.py:ARG).')
 _SET = flags.DEFINE_multi_string('set', [], 'counts, sweep: a config field for every run, e.g. model.dtype=float32.')

@@ -8,8 +8,8 @@ import pathlib
 from typing import Any
 
 from trainer import counts, saved_config
+from trainer.model_setup import model_config
 from trainer.scaling.sweep import SCORES_FILE
-from trainer.train import model_config
 
 COLUMNS = (
     'name',

@@ -29,7 +29,7 @@ from ml_collections import config_dict
 
 from trainer import counts, reporting
 from trainer.errors import ConfigError
-from trainer.train import model_config
+from trainer.model_setup import model_config
 
 
 @dataclasses.dataclass(frozen=True)
