@@ -159,7 +159,7 @@ def get_config() -> config_dict.ConfigDict:
     train.eval_steps = 8  # batches of global_batch_size sequences per eval
     train.peak_flops_per_device = 0.0  # FLOP/s for MFU; 0 = look up the accelerator, or measure on CPU
     # `python -m trainer` adds XLA's GPU flags for compute/communication overlap and collective combining to
-    # XLA_FLAGS (trainer/xla_flags.py; flags already in XLA_FLAGS keep their values); False = leave it alone
+    # XLA_FLAGS (trainer/runtime/xla_flags.py; flags already in XLA_FLAGS keep their values); False = leave it alone
     train.xla_gpu_flags = True
     # A jax.profiler trace of profile_steps steps from step profile_start_step (1-based) on, written under
     # <workdir>/tensorboard/plugins/profile/ for TensorBoard's profile plugin and Perfetto; 0 steps = off

@@ -124,7 +124,7 @@ class ModelConfig:
     base_width: int = 0  # muP: the d_model where muP equals SP (0 = d_model)
     base_head_dim: int = 0  # muP: the head_dim where attention scales as in SP (0 = head_dim)
     mup_zero_readout: bool = False  # muP: start the output layer at 0 (its multiplier is kept)
-    mup_weight_decay: str = 'coupled'  # muP: MUP_WEIGHT_DECAYS; read by trainer.param_roles, not by the model
+    mup_weight_decay: str = 'coupled'  # muP: MUP_WEIGHT_DECAYS; read by trainer.modeling.param_roles, not by the model
     mup_input_multiplier: float = 1.0  # muP: the embedding output x this (the base's tunable alpha_input)
     mup_output_multiplier: float = 1.0  # muP: the logits x this / width multiplier (MuReadout's output_mult)
     # Depth (CompleteP, Dey et al. 2025): each residual branch x (num_layers / base_depth)^-depth_alpha, and the
@@ -335,9 +335,10 @@ class KVCache:
     v_LBSKH: jax.Array
     positions_BS: jax.Array  # each slot's position; -1 while empty
     segment_ids_BS: jax.Array  # each slot's document; 0 while empty and for padding
-    # int32: the next slot to write: one for every row (prompts left-padded, trainer.decoding), or one per row,
-    # shape (B,), where each row holds its own sequence from slot 0 (continuous batching, trainer.batching)
-    index: jax.Array
+    # int32, each row's next slot to write: all equal when prompts are left-padded to one length
+    # (trainer.inference.decoding), each its own where every row holds its own sequence from slot 0 (continuous
+    # batching, trainer.serving.batching)
+    index_B: jax.Array
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, slots: int) -> KVCache:
@@ -347,19 +348,17 @@ class KVCache:
             v_LBSKH=jnp.zeros(shape, cfg.dtype),
             positions_BS=jnp.full((batch, slots), -1, jnp.int32),
             segment_ids_BS=jnp.zeros((batch, slots), jnp.int32),
-            index=jnp.zeros((), jnp.int32),
+            index_B=jnp.zeros((batch,), jnp.int32),
         )
 
 
-def write_slots(buffer_BS: jax.Array, new_BT: jax.Array, index: jax.Array) -> jax.Array:
-    """`new_BT` written into `buffer_BS` (slots on axis 1) from slot `index`: one slot for all rows, or one per row."""
-    if index.ndim == 0:
-        return jax.lax.dynamic_update_slice_in_dim(buffer_BS, new_BT, index, axis=1)
+def write_slots(buffer_BS: jax.Array, new_BT: jax.Array, index_B: jax.Array) -> jax.Array:
+    """`new_BT` written into `buffer_BS` (slots on axis 1), each row from its own slot `index_B[b]`."""
 
     def write_row(row_S: jax.Array, new_T: jax.Array, at: jax.Array) -> jax.Array:
         return jax.lax.dynamic_update_slice_in_dim(row_S, new_T, at, axis=0)
 
-    return jax.vmap(write_row)(buffer_BS, new_BT, index)
+    return jax.vmap(write_row)(buffer_BS, new_BT, index_B)
 
 
 @struct.dataclass
@@ -370,7 +369,7 @@ class _LayerKeys:
     v_BSKH: jax.Array
     positions_BS: jax.Array  # already holding the new tokens' positions
     segment_ids_BS: jax.Array
-    index: jax.Array
+    index_B: jax.Array
 
 
 class LoRA(nnx.Module):
@@ -458,8 +457,8 @@ class Attention(nnx.Module):
         if keys is None:
             k_BSKH, v_BSKH, k_positions_BS, k_segments_BS = k_BTKH, v_BTKH, positions_BT, segment_ids_BT
         else:
-            k_BSKH = write_slots(keys.k_BSKH, k_BTKH.astype(keys.k_BSKH.dtype), keys.index)
-            v_BSKH = write_slots(keys.v_BSKH, v_BTKH.astype(keys.v_BSKH.dtype), keys.index)
+            k_BSKH = write_slots(keys.k_BSKH, k_BTKH.astype(keys.k_BSKH.dtype), keys.index_B)
+            v_BSKH = write_slots(keys.v_BSKH, v_BTKH.astype(keys.v_BSKH.dtype), keys.index_B)
             k_positions_BS, k_segments_BS = keys.positions_BS, keys.segment_ids_BS
             keys = keys.replace(k_BSKH=k_BSKH, v_BSKH=v_BSKH)
             k_BSKH = constrain(k_BSKH, heads, cfg.sharding_rules)
@@ -654,13 +653,13 @@ class Decoder(nnx.Module):
         if cache is None:
             layer_kv = None
         else:
-            k_positions_BS = write_slots(cache.positions_BS, positions_BT.astype(jnp.int32), cache.index)
-            k_segments_BS = write_slots(cache.segment_ids_BS, segment_ids_BT.astype(jnp.int32), cache.index)
+            k_positions_BS = write_slots(cache.positions_BS, positions_BT.astype(jnp.int32), cache.index_B)
+            k_segments_BS = write_slots(cache.segment_ids_BS, segment_ids_BT.astype(jnp.int32), cache.index_B)
             layer_kv = (cache.k_LBSKH, cache.v_LBSKH)
 
         def run_layer(x_BTD, inputs):
             params, rng, kv = inputs
-            keys = None if kv is None else _LayerKeys(kv[0], kv[1], k_positions_BS, k_segments_BS, cache.index)
+            keys = None if kv is None else _LayerKeys(kv[0], kv[1], k_positions_BS, k_segments_BS, cache.index_B)
             x_BTD, keys = nnx.merge(graphdef, params)(x_BTD, positions_BT, segment_ids_BT, rng, keys)
             return x_BTD, (None if keys is None else (keys.k_BSKH, keys.v_BSKH))
 
@@ -690,6 +689,6 @@ class Decoder(nnx.Module):
             v_LBSKH=new_kv[1],
             positions_BS=k_positions_BS,
             segment_ids_BS=k_segments_BS,
-            index=cache.index + tokens_BT.shape[1],
+            index_B=cache.index_B + tokens_BT.shape[1],
         )
         return logits_BTV, new_cache

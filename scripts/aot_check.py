@@ -35,10 +35,12 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from trainer import cli, param_roles, train  # noqa: E402
-from trainer import mesh as mesh_lib  # noqa: E402
+from trainer import cli  # noqa: E402
 from trainer.errors import ConfigError  # noqa: E402
-from trainer.steps import BATCH_KEYS  # noqa: E402
+from trainer.modeling import param_roles  # noqa: E402
+from trainer.runtime import mesh as mesh_lib  # noqa: E402
+from trainer.training import train  # noqa: E402
+from trainer.training.steps import BATCH_KEYS  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file, as for python -m trainer.')
 flags.DEFINE_integer('devices', 0, 'Simulate this many CPU devices for the mesh (0: the real devices).')

@@ -7,11 +7,11 @@ Usage:
 For the config and each variant (the config with `key=value,...` overrides), in one process, one after
 another:
 - compile time of the train step (lowered and compiled ahead of time);
-- the framework: `trainer.train` itself (grain pipeline, metrics, the host one step ahead), its tokens/s
+- the framework: `trainer.training.train` itself (grain pipeline, metrics, the host one step ahead), its tokens/s
   from metrics.jsonl, the best of three logged intervals of --steps steps (compilation left out);
 - the bare loop: the same jitted step on one fixed batch, no pipeline, no metrics fetched, the
   best of three timings of --steps steps; the framework's overhead is 1 - framework / bare;
-- MFU of both against the datasheet peak (or on CPU the measured bf16 matmul peak trainer.flops uses)
+- MFU of both against the datasheet peak (or on CPU the measured bf16 matmul peak trainer.runtime.flops uses)
   and against a matmul peak measured here in the compute dtype;
 - memory: the device's peak bytes (GPU `memory_stats`) or the compiled step's memory analysis.
 
@@ -43,17 +43,13 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_dict, config_flags  # noqa: E402
 
-from trainer import (  # noqa: E402
-    cli,
-    counts,
-    flops,
-    model_setup,  # noqa: E402
-    train,
-    xla_flags,
-)
-from trainer import mesh as mesh_lib  # noqa: E402
+from trainer import cli  # noqa: E402
 from trainer.data import pipeline, tokenizers  # noqa: E402
 from trainer.errors import ConfigError  # noqa: E402
+from trainer.modeling import counts, model_setup  # noqa: E402
+from trainer.runtime import flops, xla_flags  # noqa: E402
+from trainer.runtime import mesh as mesh_lib  # noqa: E402
+from trainer.training import train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file, as for python -m trainer.')
 _STEPS = flags.DEFINE_integer('steps', 30, 'Timed steps per measurement (after one compiling step).')
@@ -69,7 +65,7 @@ _FRAMEWORK = flags.DEFINE_enum(
     'framework',
     'all',
     ['all', 'first', 'none'],
-    'Time trainer.train itself for every config, for the first only (variants get the bare loop alone: on a '
+    'Time trainer.training.train itself for every config, for the first only (variants get the bare loop alone: on a '
     'leased GPU each framework run costs a second compilation), or for none.',
 )
 _MATMUL_SIZE = flags.DEFINE_integer(
@@ -93,7 +89,7 @@ def variant(base: config_dict.ConfigDict, spec: str) -> tuple[str, config_dict.C
 
 
 def framework_speed(config: config_dict.ConfigDict, steps: int) -> float:
-    """tokens/s of trainer.train: the best of three logged intervals of `steps` steps after the compiling one.
+    """tokens/s of trainer.training.train: the best of three logged intervals of `steps` steps after the compiling one.
 
     The best of three, as for the bare loop, so that the overhead compares like with like.
     """
@@ -111,7 +107,7 @@ def framework_speed(config: config_dict.ConfigDict, steps: int) -> float:
 
 def paired_loop_overhead(compiled, state, batch, data, steps: int, pairs: int) -> tuple[Any, list[float]]:
     """The training loop's own per-step work (a fresh batch from the pipeline, dispatch under the transfer guard,
-    at most two steps in flight, as trainer.train does) against the bare step, timed in alternating pairs.
+    at most two steps in flight, as trainer.training.train does) against the bare step, timed in alternating pairs.
 
     Back to back and in alternating order, each pair sees the same machine: on a shared, noisy one the
     median of the pairs' ratios measures what the loop costs where two separate timings cannot.
@@ -147,7 +143,7 @@ def paired_loop_overhead(compiled, state, batch, data, steps: int, pairs: int) -
 
 
 def measure(name: str, config: config_dict.ConfigDict, steps: int, with_framework: bool = True) -> dict:
-    """Every figure of one config (without trainer.train's own speed unless `with_framework`)."""
+    """Every figure of one config (without trainer.training.train's own speed unless `with_framework`)."""
     train.config_checks.validate(config, jax.device_count())
     mesh = mesh_lib.make_mesh({axis: config.mesh[axis] for axis in mesh_lib.MESH_AXES})
     tokenizer = tokenizers.make_tokenizer(config.data.tokenizer, config.data.eos_token)

@@ -22,9 +22,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 
 from configs import small_lm  # noqa: E402
-from trainer import checkpoints, train  # noqa: E402
-from trainer import mesh as mesh_lib  # noqa: E402
 from trainer.data import pipeline, tokenizers  # noqa: E402
+from trainer.runtime import mesh as mesh_lib  # noqa: E402
+from trainer.training import (
+    checkpoints,
+    train,  # noqa: E402
+)
 
 
 def config_100m():

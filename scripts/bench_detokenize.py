@@ -1,4 +1,4 @@
-"""Detokenizing one reply as it streams: whole re-decoding every step (before) against trainer.streaming (after).
+"""Detokenizing one reply as it streams: whole re-decoding every step (before) against incremental (after).
 
 Usage:
   python scripts/bench_detokenize.py [--tokenizer tests/fixtures/tokenizers/mistral] [--tokens 4096]
@@ -22,14 +22,14 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from trainer.data.tokenizers import make_tokenizer  # noqa: E402
-from trainer.streaming import TextStream, completion_text, cut_at_stop  # noqa: E402
+from trainer.inference.streaming import TextStream, completion_text, cut_at_stop  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MULTI_BYTE = 'The capital of France is Paris, 日本語の文章です。 😀🎉👍🏽 中文字符 한국어 ∑∫√\n'
 
 
 class WholeTextStream:
-    """trainer.streaming.TextStream as it was before 2026-12-05 (kept here to measure against): each step decodes
+    """streaming.TextStream as it was before 2026-12-05 (kept here to measure against): each step decodes
     the whole reply again, and searches all of it for the stop strings."""
 
     def __init__(self, decode, stops: list[str]):

@@ -1,4 +1,4 @@
-"""Decode and prefill speed: tokens/s of trainer.decoding for the default model, a ~100M and a ~1B shape.
+"""Decode and prefill speed: tokens/s of trainer.inference.decoding for the default model, a ~100M and a ~1B shape.
 
 Usage:
   python scripts/bench_generate.py [--models small,100m] [--prompt_tokens 128] [--new_tokens 128] [--repeats 3]
@@ -23,9 +23,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import small_lm  # noqa: E402
-from trainer import mesh as mesh_lib  # noqa: E402
-from trainer import train  # noqa: E402
-from trainer.decoding import Generator  # noqa: E402
+from trainer.inference.decoding import Generator  # noqa: E402
+from trainer.runtime import mesh as mesh_lib  # noqa: E402
+from trainer.training import train  # noqa: E402
 
 
 def config_100m():

@@ -23,7 +23,7 @@ import tempfile
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from trainer.distributed import visible_gpus  # noqa: E402
+from trainer.runtime.distributed import visible_gpus  # noqa: E402
 
 
 def median_tokens_per_s(workdir: pathlib.Path) -> float:

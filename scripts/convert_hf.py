@@ -31,16 +31,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from trainer import (  # noqa: E402
-    checkpoints,
-    loading,
-    lora,
-    model_setup,  # noqa: E402
-)
 from trainer.data import tokenizers  # noqa: E402
 from trainer.errors import ConfigError  # noqa: E402
 from trainer.hf import config as hf_config  # noqa: E402
 from trainer.hf import folder as hf_folder  # noqa: E402
+from trainer.inference import loading  # noqa: E402
+from trainer.modeling import lora, model_setup  # noqa: E402
+from trainer.training import checkpoints  # noqa: E402
 
 
 def import_folder(hf_dir: str, out: pathlib.Path) -> pathlib.Path:

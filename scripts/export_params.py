@@ -23,12 +23,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
-from trainer import (  # noqa: E402
-    checkpoints,
-    lora,
-    model_setup,  # noqa: E402
-)
 from trainer.errors import ConfigError  # noqa: E402
+from trainer.modeling import lora, model_setup  # noqa: E402
+from trainer.training import checkpoints  # noqa: E402
 
 
 def export(checkpoint: str, output: pathlib.Path, dtype: str) -> pathlib.Path:

@@ -13,7 +13,7 @@ OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 DEADLINE=${DEADLINE:-420}
 export PYTHONUNBUFFERED=1
-# Compiled programs kept for the run: trainer.train compiles the step bench.py has just compiled.
+# Compiled programs kept for the run: trainer.training.train compiles the step bench.py has just compiled.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/gpu_check_jax_cache} JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
 log() { echo "== $(date -u +%T) [${SECONDS}s] $*" | tee -a "$OUT/log.txt"; }
 # run SECONDS_AT_MOST NAME COMMAND...: the command under a timeout of what is left, its output to the log.

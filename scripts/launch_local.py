@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from trainer.distributed import visible_gpus  # noqa: E402
+from trainer.runtime.distributed import visible_gpus  # noqa: E402
 
 EXIT_STOPPED = 4  # the trainer's code for "stopped by a signal after saving"
 

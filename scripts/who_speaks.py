@@ -10,8 +10,8 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from trainer import loading  # noqa: E402
-from trainer.decoding import Generator  # noqa: E402
+from trainer.inference import loading  # noqa: E402
+from trainer.inference.decoding import Generator  # noqa: E402
 
 EVAL = pathlib.Path(__file__).resolve().parents[1] / 'trainer' / 'sample_data' / 'finetune' / 'instruct_eval.jsonl'
 

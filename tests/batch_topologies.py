@@ -23,9 +23,9 @@ from jax.experimental import multihost_utils  # noqa: E402
 from ml_collections import config_dict  # noqa: E402
 
 from configs import small_lm  # noqa: E402
-from trainer import distributed  # noqa: E402
-from trainer import mesh as mesh_lib  # noqa: E402
 from trainer.data import pipeline, tokenizers  # noqa: E402
+from trainer.runtime import distributed  # noqa: E402
+from trainer.runtime import mesh as mesh_lib  # noqa: E402
 
 STEPS = 3  # global batches compared per format
 BATCH = 16

@@ -25,8 +25,8 @@ from flax import nnx  # noqa: E402
 from ml_collections import config_dict  # noqa: E402
 
 from configs import small_lm  # noqa: E402
-from trainer import mesh as mesh_lib  # noqa: E402
-from trainer import train
+from trainer.runtime import mesh as mesh_lib  # noqa: E402
+from trainer.training import train
 
 jax.config.update('jax_threefry_partitionable', True)
 

@@ -16,9 +16,9 @@ from flax import nnx
 
 from models import transformer
 from models.transformer import Decoder, packed_segments
-from trainer import train
 from trainer.data import pipeline
 from trainer.errors import ConfigError
+from trainer.training import train
 
 MaskType = transformer.cudnn_attention.MaskType
 

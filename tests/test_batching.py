@@ -14,11 +14,11 @@ from flax import nnx
 from tokenizer_fixtures import MISTRAL, TEXTS
 
 from models.transformer import Decoder, KVCache
-from trainer import loading, sampling, streaming
-from trainer.batching import Engine, Request, prompt_bucket, prompt_buckets
 from trainer.data.tokenizers import make_tokenizer
-from trainer.decoding import Generator
-from trainer.model_setup import model_config
+from trainer.inference import loading, sampling, streaming
+from trainer.inference.decoding import Generator
+from trainer.modeling.model_setup import model_config
+from trainer.serving.batching import Engine, Request, prompt_bucket, prompt_buckets
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / 'fixtures'
 FIXTURE = FIXTURES / 'hf' / 'llama_gqa'
@@ -154,7 +154,7 @@ def test_a_cache_with_one_write_index_per_row_decodes_each_row_as_alone():
     extend = jax.jit(lambda *args: nnx.merge(graphdef, params).extend(*args))  # eager decoding takes 20 s here
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
     lengths = [3, 7]  # row 0 has read 3 tokens, row 1 seven, when they decode together
-    cache = KVCache.empty(cfg, batch=2, slots=16).replace(index=jnp.zeros(2, jnp.int32))
+    cache = KVCache.empty(cfg, batch=2, slots=16)
     prompt = jnp.where(jnp.arange(7)[None] < jnp.array(lengths)[:, None], tokens[:, :7], 0)
     real = (jnp.arange(7)[None] < jnp.array(lengths)[:, None]).astype(jnp.int32)
     positions = jnp.where(real == 1, jnp.arange(7)[None], -1)
@@ -165,7 +165,7 @@ def test_a_cache_with_one_write_index_per_row_decodes_each_row_as_alone():
     )  # causal: position t's logits are those of the sequence cut after t
     for step in range(4):
         new = jnp.stack([tokens[0, lengths[0] + step], tokens[1, lengths[1] + step]])[:, None]
-        logits, cache = extend(new, position[:, None], jnp.ones((2, 1), jnp.int32), cache.replace(index=position))
+        logits, cache = extend(new, position[:, None], jnp.ones((2, 1), jnp.int32), cache.replace(index_B=position))
         for row in range(2):
             alone = full[row, lengths[row] + step]
             np.testing.assert_allclose(logits[row, 0], alone, rtol=1e-4, atol=1e-5, err_msg=f'row {row} step {step}')

@@ -69,6 +69,8 @@ def test_bench_times_the_framework_for_the_first_config_only_when_asked():
     table = [line.split() for line in run.stdout.splitlines()]
     rows = {row[0]: row for row in table if row[:1] in (['config'], ['f32'])}
     assert set(rows) == {'config', 'f32'}
-    assert rows['config'][2] != '-' and rows['f32'][2] == '-'  # tokens/s of trainer.train: measured, not measured
+    assert (
+        rows['config'][2] != '-' and rows['f32'][2] == '-'
+    )  # tokens/s of trainer.training.train: measured, not measured
     assert float(rows['f32'][4]) > 0 and rows['f32'][6] != '-'  # bare loop tokens/s and its MFU
     assert '256-square matmul' in run.stdout

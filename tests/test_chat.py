@@ -5,9 +5,8 @@ import pathlib
 import subprocess
 import sys
 
-from trainer import chat_template
 from trainer.chat import conversation_ids
-from trainer.data import tokenizers
+from trainer.data import chat_template, tokenizers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODEL = REPO / 'tests' / 'fixtures' / 'hf' / 'llama_gqa'

@@ -177,10 +177,10 @@ def test_restores_onto_another_mesh_and_device_count(tmp_path, caplog):
     import numpy as np
     from conftest import mesh_for, tiny_config
 
-    from trainer import train
-    from trainer.checkpoints import Checkpointer, rewind
     from trainer.data import pipeline, tokenizers
     from trainer.errors import ConfigError
+    from trainer.training import train
+    from trainer.training.checkpoints import Checkpointer, rewind
 
     def setup_for(**mesh_sizes):
         config = tiny_config('llama', **mesh_sizes)
@@ -339,10 +339,10 @@ def test_steps_taken_while_a_save_is_written_do_not_change_it(tmp_path):
     import numpy as np
 
     from configs import small_lm
-    from trainer import mesh as mesh_lib
-    from trainer import train
-    from trainer.checkpoints import Checkpointer
     from trainer.data import pipeline, tokenizers
+    from trainer.runtime import mesh as mesh_lib
+    from trainer.training import train
+    from trainer.training.checkpoints import Checkpointer
 
     config = small_lm.get_config()  # a bigger model than the others here, so the write takes a while
     config.model.update(num_layers=8, d_model=512, num_heads=8, num_kv_heads=8, d_ff=1536, dtype='float32')
@@ -373,10 +373,10 @@ def test_restoring_parameters_alone_holds_no_second_copy_of_them(tmp_path):
     import jax
     from conftest import mesh_for, tiny_config
 
-    from trainer import train
-    from trainer.checkpoints import Checkpointer
     from trainer.data import pipeline, tokenizers
     from trainer.errors import ConfigError
+    from trainer.training import train
+    from trainer.training.checkpoints import Checkpointer
 
     def live_bytes() -> int:
         gc.collect()
@@ -416,7 +416,7 @@ def test_restoring_parameters_alone_holds_no_second_copy_of_them(tmp_path):
 
 def test_a_first_ctrl_c_asks_to_stop_and_leaves_the_second_to_the_kernel(capsys):
     """After the first SIGINT, the second gets the default action: the process ends even while Python waits."""
-    from trainer.stop_signals import StopRequest
+    from trainer.runtime.stop_signals import StopRequest
 
     stop = StopRequest()
     try:

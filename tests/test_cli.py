@@ -164,7 +164,7 @@ def test_the_host_runs_at_most_one_step_ahead_of_the_device(tmp_path, monkeypatc
     Also a run shorter than its warmup (10 steps, default warmup 50) warms up over all its steps, saying so.
     """
     from configs import small_lm
-    from trainer import train
+    from trainer.training import train
 
     config = small_lm.get_config()
     config.model.update(num_layers=2, d_model=256, d_ff=1024, num_kv_heads=4)  # steps far slower than dispatch

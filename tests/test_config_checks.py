@@ -3,8 +3,8 @@
 import pytest
 from conftest import tiny_config
 
-from trainer import config_checks
 from trainer.errors import ConfigError
+from trainer.training import config_checks
 
 
 def failure(changes: dict, num_devices: int = 8, **mesh_sizes) -> str:
@@ -107,7 +107,7 @@ def test_only_empty_data_files(tmp_path):
 def test_parameter_that_the_mesh_cannot_split():
     from conftest import mesh_for
 
-    from trainer import train as train_lib
+    from trainer.training import train as train_lib
 
     config = tiny_config('llama', fsdp=1, tensor=8)
     config.model.vocab_size = 256

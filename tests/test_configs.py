@@ -6,8 +6,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from trainer import config_checks
 from trainer.errors import ConfigError
+from trainer.training import config_checks
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p for p in (REPO / 'configs').glob('*.py') if p.name != '__init__.py')

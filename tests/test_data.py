@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from configs import small_lm
-from trainer import checkpoints, config_checks
 from trainer.data import pipeline, sources, tokenizers
 from trainer.errors import ConfigError
+from trainer.training import checkpoints, config_checks
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORDS = 'the quick brown fox jumps over a lazy dog while seven wizards quietly hex jovial bakers'.split()

@@ -14,7 +14,7 @@ STREAM = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     import jax
     from configs import small_lm
-    from trainer import mesh as mesh_lib
+    from trainer.runtime import mesh as mesh_lib
     from trainer.data import pipeline, tokenizers
 
     def peak_mb():

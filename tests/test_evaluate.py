@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from conftest import mesh_for, tiny_config
 
-from trainer import evaluate, loading, train
+from trainer import evaluate
 from trainer.data import pipeline, tokenizers
+from trainer.inference import loading
+from trainer.training import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO / 'tests' / 'fixtures' / 'hf'

@@ -11,9 +11,11 @@ import pytest
 from conftest import losses_by_step, mesh_for, read_metrics, run_trainer_in, sharded_logits, tiny_config
 from flax import nnx
 
-from trainer import checkpoints, loading, lora, param_roles, steps, train
 from trainer.data import examples, pipeline, tokenizers
 from trainer.errors import ConfigError
+from trainer.inference import loading
+from trainer.modeling import lora, param_roles
+from trainer.training import checkpoints, steps, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO / 'tests' / 'fixtures' / 'hf'

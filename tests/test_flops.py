@@ -4,8 +4,9 @@ import pytest
 from conftest import tiny_config
 
 from configs import small_lm
-from trainer import counts, flops
-from trainer.model_setup import model_config
+from trainer.modeling import counts
+from trainer.modeling.model_setup import model_config
+from trainer.runtime import flops
 
 # tiny_config: L=3 layers, D=24, F=40, V=38, 4 query heads of H=6, seq_len T=12.
 # llama: 2 key/value heads, untied unembedding, no biases. Per layer: wq 24*4*6 + wk 24*2*6 + wv 24*2*6 +

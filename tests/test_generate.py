@@ -16,9 +16,9 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from models.transformer import Decoder, KVCache
-from trainer import decoding, loading, sampling
-from trainer.decoding import Generator
-from trainer.model_setup import model_config
+from trainer.inference import decoding, loading, sampling
+from trainer.inference.decoding import Generator
+from trainer.modeling.model_setup import model_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO / 'tests' / 'fixtures' / 'hf'

@@ -19,7 +19,7 @@ from conftest import tiny_config
 from flax import nnx
 
 from models.transformer import Decoder
-from trainer import train
+from trainer.training import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = [

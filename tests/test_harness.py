@@ -15,8 +15,9 @@ import sys
 import numpy as np
 import pytest
 
-from trainer import loading, multiple_choice
-from trainer.loglikelihood import Scorer, encode_pair
+from trainer.evaluation import multiple_choice
+from trainer.evaluation.loglikelihood import Scorer, encode_pair
+from trainer.inference import loading
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'scripts'))

@@ -15,11 +15,11 @@ from conftest import TINY_RUN_OVERRIDES, mesh_for, read_metrics, run_trainer_in,
 from safetensors.numpy import load_file, save_file
 
 from configs import small_lm
-from trainer import chat_template, train
-from trainer.data import pipeline, tokenizers
+from trainer.data import chat_template, pipeline, tokenizers
 from trainer.errors import ConfigError
 from trainer.hf import config as hf_config
 from trainer.hf import tensors as hf_tensors
+from trainer.training import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'scripts'))

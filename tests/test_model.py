@@ -11,7 +11,7 @@ from conftest import tiny_config
 from flax import nnx
 
 from models.transformer import REMAT_POLICIES, Decoder
-from trainer.model_setup import model_config
+from trainer.modeling.model_setup import model_config
 
 FAMILIES = ('llama', 'gpt2')
 

@@ -15,8 +15,8 @@ import time
 import pytest
 from conftest import TINY_RUN_OVERRIDES, logged_steps, losses_by_step, read_metrics
 
-from trainer import distributed
 from trainer.errors import ConfigError
+from trainer.runtime import distributed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'scripts'))
@@ -195,7 +195,7 @@ def test_a_killed_process_ends_the_other_with_a_clear_error(tmp_path, victim, me
 # collective that failed, process 0 asks its watch whether a peer is lost.
 WATCH_AFTER_A_FAILED_COLLECTIVE = """
 import sys, time
-from trainer import distributed
+from trainer.runtime import distributed
 
 class Store:
     def __init__(self, peer_beats):

@@ -10,8 +10,9 @@ import pytest
 from conftest import TINY_RUN_OVERRIDES, losses_by_step, mesh_for, random_batch, run_trainer_in, tiny_config
 
 from configs import small_lm
-from trainer import config_checks, optimizer, param_roles, train
 from trainer.errors import ConfigError
+from trainer.modeling import param_roles
+from trainer.training import config_checks, optimizer, train
 
 HIDDEN = ('wq_DNH', 'wk_DKH', 'wv_DKH', 'wo_NHD', 'w_up_DF', 'w_gate_DF', 'w_down_FD')
 

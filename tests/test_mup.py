@@ -10,8 +10,10 @@ from conftest import mesh_for, random_batch, sharded_logits, tiny_config
 from flax import nnx
 
 from models.transformer import Decoder
-from trainer import checkpoints, loading, optimizer, param_roles, train
+from trainer.inference import loading
+from trainer.modeling import param_roles
 from trainer.scaling import coord_check
+from trainer.training import checkpoints, optimizer, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'scripts'))

@@ -10,8 +10,8 @@ import jax
 import pytest
 from conftest import TINY_RUN_OVERRIDES, losses_by_step, read_metrics, run_trainer_in
 
-from trainer import memory
 from trainer.errors import ConfigError
+from trainer.training import memory
 
 ARGS = [
     '--config', 'configs/small_lm.py', *TINY_RUN_OVERRIDES, '--config.train.steps=6', '--config.train.log_every=1',

@@ -19,8 +19,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from trainer import chat_template
 from trainer.chat import conversation_ids
+from trainer.data import chat_template
 from trainer.data.tokenizers import make_tokenizer
 
 openai = pytest.importorskip('openai')
@@ -261,8 +261,8 @@ def test_a_model_without_a_chat_template_gets_the_plain_one_and_its_stop():
     """The default byte-level model has no template: chat replies end where the next 'User:' would begin."""
     import types
 
-    from trainer.openai_api import ChatRequest, CompletionRequest, parse
     from trainer.serve import Service
+    from trainer.serving.openai_api import ChatRequest, CompletionRequest, parse
 
     tokenizer = make_tokenizer('byte', None)
     engine = types.SimpleNamespace(max_seq_len=64, cfg=types.SimpleNamespace(vocab_size=256))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import mesh_for, random_batch, tiny_config
 
-from trainer import train
+from trainer.training import train
 
 MESHES = [dict(data=2, fsdp=2, tensor=2), dict(data=1, fsdp=4, tensor=2), dict(data=8, fsdp=1, tensor=1)]
 

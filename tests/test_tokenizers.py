@@ -11,8 +11,10 @@ import pytest
 from conftest import mesh_for, tiny_config
 from tokenizer_fixtures import LLAMA3_TEMPLATE, MISTRAL, TEXTS, llama3_folder, mistral_folder
 
-from trainer import chat_template, evaluate, loading, train
-from trainer.data import examples, tokenizers
+from trainer import evaluate
+from trainer.data import chat_template, examples, tokenizers
+from trainer.inference import loading
+from trainer.training import train
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / 'fixtures'
 REFERENCE = json.loads((MISTRAL / 'reference.json').read_text())

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from conftest import BATCH, mesh_for, random_batch, tiny_config
 
-from trainer import optimizer, param_roles, train
+from trainer.modeling import param_roles
+from trainer.training import optimizer, train
 
 GOLDEN_LOSS = 3.6234543
 GOLDEN_GRAD_NORM = 0.7354351
@@ -110,7 +111,7 @@ def test_one_step_golden_loss():
 
 @pytest.mark.parametrize('decay_embeddings', [False, True])
 def test_weight_decay_skips_norms_biases_and_optionally_embeddings(decay_embeddings):
-    from trainer.model_setup import abstract_model
+    from trainer.modeling.model_setup import abstract_model
 
     config = tiny_config('gpt2')
     config.train.decay_embeddings = decay_embeddings
@@ -126,7 +127,7 @@ def test_weight_decay_leaves_norm_scales_alone():
     """With zero gradients, AdamW moves exactly the decayed parameters."""
     config = tiny_config('llama', fsdp=8)
     config.train.update(weight_decay=0.5, learning_rate=0.1, warmup_steps=0, grad_clip=0.0)
-    from trainer.model_setup import abstract_model
+    from trainer.modeling.model_setup import abstract_model
 
     _, shapes, _ = abstract_model(train.model_config(config))
     tx, _ = optimizer.make_optimizer(config.train, param_roles.partition(config, shapes).roles)
@@ -144,7 +145,7 @@ def test_weight_decay_leaves_norm_scales_alone():
 def test_the_vocabulary_chunked_loss_equals_the_plain_one_with_its_gradient(chunk):
     from flax import nnx
 
-    from trainer import steps
+    from trainer.training import steps
 
     config = tiny_config('llama', fsdp=4, tensor=2)
     config.model.vocab_multiple = 8  # 38 ids in 40 rows: the padded rows (and a last block's excess) never count

@@ -5,7 +5,7 @@ import pathlib
 import subprocess
 import sys
 
-from trainer import xla_flags
+from trainer.runtime import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

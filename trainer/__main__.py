@@ -15,9 +15,10 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from trainer import cli, distributed, xla_flags
+from trainer import cli
 from trainer.errors import ConfigError, StoppedBySignal, TrainingDivergedError
-from trainer.train import train
+from trainer.runtime import distributed, xla_flags
+from trainer.training.train import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/small_lm.py.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for everything the run writes (default runs/<config name>).')

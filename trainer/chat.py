@@ -13,11 +13,13 @@ import sys
 
 from absl import app, flags
 
-from trainer import chat_template, cli, generation_flags
+from trainer import cli
+from trainer.data import chat_template
 from trainer.data.tokenizers import Tokenizer
-from trainer.decoding import Generator
 from trainer.errors import ConfigError
-from trainer.streaming import StopStrings, Streamer, completion_text, cut_at_stop
+from trainer.inference import generation_flags
+from trainer.inference.decoding import Generator
+from trainer.inference.streaming import StopStrings, Streamer, completion_text, cut_at_stop
 
 _SYSTEM = flags.DEFINE_string('system', None, 'A system message that opens (and survives trimming of) the chat.')
 

@@ -8,7 +8,7 @@ in training, and the batches are sharded over the model config's mesh. For a mod
 instructions (data.format 'sft', or --format sft for any model) the loss is over the answers only. A
 classifier (model.head 'classify') gets its accuracy and confusion matrix on labeled JSON lines instead.
 `--task multiple_choice` scores JSON lines {"context", "choices", "gold"} by each choice's log-likelihood:
-acc, acc_norm and acc_bytes as lm-evaluation-harness defines them (trainer/multiple_choice.py).
+acc, acc_norm and acc_bytes as lm-evaluation-harness defines them (trainer/evaluation/multiple_choice.py).
 """
 
 from __future__ import annotations
@@ -27,12 +27,15 @@ import tqdm
 from absl import app, flags
 from flax import nnx
 
-from trainer import cli, loading, multiple_choice, steps
-from trainer import mesh as mesh_lib
+from trainer import cli
 from trainer.data import examples, pipeline, sources
 from trainer.errors import ConfigError
-from trainer.loglikelihood import Scorer
-from trainer.model_flag import DTYPE, MODEL
+from trainer.evaluation import multiple_choice
+from trainer.evaluation.loglikelihood import Scorer
+from trainer.inference import loading
+from trainer.inference.model_flag import DTYPE, MODEL
+from trainer.runtime import mesh as mesh_lib
+from trainer.training import steps
 
 _FILES = flags.DEFINE_string('files', None, 'Comma-separated paths, globs or URLs of the text to score.')
 _SEQ_LEN = flags.DEFINE_integer('seq_len', None, "Tokens per row; default: the model's training seq_len.")

@@ -13,10 +13,11 @@ import sys
 
 from absl import app, flags
 
-from trainer import cli, generation_flags
-from trainer.decoding import Generator
+from trainer import cli
 from trainer.errors import ConfigError
-from trainer.streaming import StopStrings, Streamer, completion_text, cut_at_stop, ids_of
+from trainer.inference import generation_flags
+from trainer.inference.decoding import Generator
+from trainer.inference.streaming import StopStrings, Streamer, completion_text, cut_at_stop, ids_of
 
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'A prompt; repeat the flag for several (decoded as one batch).')
 _PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'A file of prompts, one per line.')

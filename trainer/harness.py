@@ -28,12 +28,14 @@ except ImportError:  # an optional extra: say how to get it, in one line, with t
 import numpy as np
 import tqdm
 
-from trainer import cli, loading
-from trainer.decoding import Generator
+from trainer import cli
+from trainer.data.tokenizers import prefix_id
 from trainer.errors import ConfigError
-from trainer.loglikelihood import Scorer, encode, encode_pair, prefix_id
-from trainer.sampling import GREEDY, Sampling
-from trainer.streaming import cut_at_stop
+from trainer.evaluation.loglikelihood import Scorer, encode, encode_pair
+from trainer.inference import loading
+from trainer.inference.decoding import Generator
+from trainer.inference.sampling import GREEDY, Sampling
+from trainer.inference.streaming import cut_at_stop
 
 
 @register_model('shardtrain')

@@ -2,7 +2,7 @@
 
 Serves one model over the OpenAI API: GET /v1/models, POST /v1/completions and POST /v1/chat/completions,
 streamed (server-sent events) or whole, and GET /health (rows in use, requests waiting, requests ended by why).
-Continuous batching (trainer.batching): up to --max_batch requests decode together, up to --max_queue more
+Continuous batching (trainer.serving.batching): up to --max_batch requests decode together, up to --max_queue more
 wait, and past that a request gets 503 with Retry-After. Chat requests are rendered with the model's chat
 template as trainer.chat renders them. SIGTERM (or Ctrl-C) stops taking connections, lets the requests in
 flight finish for up to --shutdown_timeout_s, and exits 0. If the decode loop fails (a bug, the device), the
@@ -27,13 +27,15 @@ from typing import Any
 
 from absl import app, flags
 
-from trainer import chat_template, cli, text_model
-from trainer.batching import Engine, Request, Update
+from trainer import cli
+from trainer.data import chat_template
+from trainer.data.tokenizers import prefix_id
 from trainer.errors import ConfigError
-from trainer.loglikelihood import prefix_id
-from trainer.model_flag import MODEL
-from trainer.openai_api import ApiError, ChatRequest, CompletionRequest, Reply, Usage, parse
-from trainer.sampling import Sampling
+from trainer.inference import text_model
+from trainer.inference.model_flag import MODEL
+from trainer.inference.sampling import Sampling
+from trainer.serving.batching import Engine, Request, Update
+from trainer.serving.openai_api import ApiError, ChatRequest, CompletionRequest, Reply, Usage, parse
 
 _HOST = flags.DEFINE_string('host', '127.0.0.1', 'Address to listen on; 0.0.0.0 opens the server to the network.')
 _PORT = flags.DEFINE_integer('port', 8000, 'Port to listen on.')

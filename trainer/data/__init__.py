@@ -1,1 +1,1 @@
-"""The input pipeline: file sources (sources.py), tokenizers (tokenizers.py), grain pipeline (pipeline.py)."""
+"""The input pipeline: file sources, tokenizers and chat templates, fine-tuning examples, the grain pipeline."""

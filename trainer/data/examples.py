@@ -33,8 +33,7 @@ import numpy as np
 import tqdm
 from ml_collections import config_dict
 
-from trainer import chat_template
-from trainer.data import sources
+from trainer.data import chat_template, sources
 from trainer.data.tokenizers import Tokenizer, token_bytes
 from trainer.errors import ConfigError
 

@@ -28,11 +28,11 @@ from absl import flags
 from jax.sharding import NamedSharding
 from ml_collections import config_dict
 
-from trainer import distributed
 from trainer.data import examples, sources
 from trainer.data.interleave import SizeBalancedInterleave
 from trainer.data.tokenizers import Tokenizer, bytes_of_ids, fingerprint, token_bytes
 from trainer.errors import ConfigError
+from trainer.runtime import distributed
 
 Batch = dict[str, np.ndarray]
 _INTERLEAVED_FILES = 16  # files read at once per source: more mixes better, each holds a read block

@@ -50,6 +50,11 @@ class Tokenizer(Protocol):
         ...
 
 
+def prefix_id(tokenizer: Tokenizer) -> int:
+    """The token that stands for an empty context (lm-evaluation-harness's, an empty prompt's): the BOS, else EOS."""
+    return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+
+
 def token_bytes(ends: np.ndarray, text_bytes: int) -> np.ndarray:
     """The UTF-8 bytes each token stands for, from encode_with_ends' `ends`: they add up to `text_bytes`
     exactly (text after the last token's end, such as spaces a tokenizer strips, counts with the last token)."""

@@ -22,8 +22,8 @@ import numpy as np
 from safetensors import safe_open
 
 from models.transformer import ModelConfig
-from trainer import param_roles
 from trainer.errors import ConfigError
+from trainer.modeling import param_roles
 
 # Buffers that some checkpoints carry but no model computes with: GPT-2's causal masks, RoPE tables.
 _BUFFERS = ('.attn.bias', '.attn.masked_bias', '.rotary_emb.inv_freq')

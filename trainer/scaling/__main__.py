@@ -31,7 +31,7 @@ from ml_collections import config_dict
 
 from trainer import cli
 from trainer.errors import ConfigError
-from trainer.model_setup import model_config
+from trainer.modeling.model_setup import model_config
 from trainer.scaling import sweep, tune_base
 
 _CONFIG = flags.DEFINE_string('config', None, 'counts, sweep: the base config file (file.py or file.py:ARG).')
@@ -155,7 +155,7 @@ def flops_per_param_token(columns: dict[str, np.ndarray]) -> float:
 
 
 def do_counts() -> None:
-    from trainer import counts
+    from trainer.modeling import counts
 
     config = load_config(_require(_CONFIG, 'counts'), _SET.value)
     found = counts.count(model_config(config), config.data.seq_len)

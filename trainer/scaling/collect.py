@@ -7,9 +7,10 @@ import json
 import pathlib
 from typing import Any
 
-from trainer import counts, saved_config
-from trainer.model_setup import model_config
+from trainer.modeling import counts
+from trainer.modeling.model_setup import model_config
 from trainer.scaling.sweep import SCORES_FILE
+from trainer.training import saved_config
 
 COLUMNS = (
     'name',

@@ -17,9 +17,9 @@ import numpy as np
 from flax import nnx
 from ml_collections import config_dict
 
-from trainer import mesh as mesh_lib
-from trainer import train
 from trainer.data import pipeline, tokenizers
+from trainer.runtime import mesh as mesh_lib
+from trainer.training import train
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,9 +27,10 @@ from typing import Any
 import tqdm
 from ml_collections import config_dict
 
-from trainer import counts, reporting
 from trainer.errors import ConfigError
-from trainer.model_setup import model_config
+from trainer.modeling import counts
+from trainer.modeling.model_setup import model_config
+from trainer.training import reporting
 
 
 @dataclasses.dataclass(frozen=True)

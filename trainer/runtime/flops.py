@@ -1,4 +1,4 @@
-"""Each device's peak FLOP/s, for MFU (the model's FLOPs per token are trainer.counts')."""
+"""Each device's peak FLOP/s, for MFU (the model's FLOPs per token are trainer.modeling.counts')."""
 
 from __future__ import annotations
 

@@ -21,8 +21,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models.transformer import KVCache, ModelConfig
-from trainer.mesh import logical_sharding
-from trainer.sampling import GREEDY, Sampling, next_tokens
+from trainer.inference.sampling import GREEDY, Sampling, next_tokens
+from trainer.runtime.mesh import logical_sharding
 
 _BUCKET = 64
 

@@ -31,9 +31,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models.transformer import KVCache, ModelConfig
-from trainer.decoding import cache_shardings, compile_once
-from trainer.sampling import GREEDY, Sampling, next_tokens_per_row
-from trainer.streaming import TextStream
+from trainer.inference.decoding import cache_shardings, compile_once
+from trainer.inference.sampling import GREEDY, Sampling, next_tokens_per_row
+from trainer.inference.streaming import TextStream
 
 _SMALLEST_BUCKET = 64  # tokens: prompts up to this long share one prefill
 
@@ -107,7 +107,7 @@ def _admit(graphdef, slots, params, tokens_1T, length, row, cache, logits_BV):
         v_LBSKH=put(cache.v_LBSKH, filled.v_LBSKH, axis=1),
         positions_BS=put(cache.positions_BS, filled.positions_BS, axis=0),
         segment_ids_BS=put(cache.segment_ids_BS, filled.segment_ids_BS, axis=0),
-        index=cache.index,
+        index_B=cache.index_B,
     )
     last_1V = jax.lax.dynamic_index_in_dim(logits_1TV[0], length - 1, axis=0)
     return cache, put(logits_BV, last_1V.astype(logits_BV.dtype), axis=0)
@@ -122,7 +122,7 @@ def _step(
     tokens_B = next_tokens_per_row(logits_BV, keys_B, temperature_B, top_k_B, top_p_B)
     model = nnx.merge(graphdef, params)
     index_B = jnp.maximum(positions_B, 0)
-    cache = cache.replace(index=index_B)
+    cache = cache.replace(index_B=index_B)
     logits_B1V, cache = model.extend(tokens_B[:, None], positions_B[:, None], active_B[:, None], cache)
     return tokens_B, logits_B1V[:, 0], cache
 
@@ -232,7 +232,7 @@ class Engine:
             self._cache_shardings = cache_shardings(self.cfg, self._mesh)
             self._replicated = replicated
             self._cache = jax.device_put(
-                KVCache.empty(self.cfg, rows, self.max_seq_len).replace(index=jnp.zeros(rows, jnp.int32)),
+                KVCache.empty(self.cfg, rows, self.max_seq_len),
                 self._cache_shardings,
             )
             self._logits = jax.device_put(jnp.zeros((rows, self.cfg.padded_vocab), jnp.float32), replicated)

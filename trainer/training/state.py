@@ -15,10 +15,10 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 
 from models.transformer import Decoder, ModelConfig
-from trainer import param_roles
 from trainer.errors import ConfigError
-from trainer.mesh import logical_sharding, replicated
-from trainer.model_setup import abstract_model
+from trainer.modeling import param_roles
+from trainer.modeling.model_setup import abstract_model
+from trainer.runtime.mesh import logical_sharding, replicated
 
 
 @struct.dataclass

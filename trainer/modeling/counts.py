@@ -25,7 +25,7 @@ from typing import Any
 import jax
 
 from models.transformer import ModelConfig
-from trainer.model_setup import abstract_model
+from trainer.modeling.model_setup import abstract_model
 
 # Looked up, not multiplied. The unembedding is counted apart, at the real vocabulary (padding rows are no work).
 _LOOKUPS = ('embedding_VD', 'position_embedding_PD')

@@ -21,7 +21,7 @@ import numpy as np
 from trainer.data import sources
 from trainer.data.tokenizers import Tokenizer
 from trainer.errors import ConfigError
-from trainer.loglikelihood import Scorer, encode_pair
+from trainer.evaluation.loglikelihood import Scorer, encode_pair
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,9 +2,9 @@
 
 from absl import flags
 
-from trainer import loading
 from trainer.errors import ConfigError
-from trainer.model_flag import DTYPE, MODEL
+from trainer.inference import loading
+from trainer.inference.model_flag import DTYPE, MODEL
 
 TENSOR = flags.DEFINE_integer('tensor_parallel', 1, 'Devices to split the heads over (mesh.tensor).')
 

@@ -1,12 +1,12 @@
-"""The flags that trainer.generate and trainer.chat share: the model (trainer.text_model), tokens, sampling."""
+"""The flags that trainer.generate and trainer.chat share: the model (inference.text_model), tokens, sampling."""
 
 from __future__ import annotations
 
 from absl import flags
 
-from trainer import loading, text_model
 from trainer.errors import ConfigError
-from trainer.sampling import Sampling
+from trainer.inference import loading, text_model
+from trainer.inference.sampling import Sampling
 
 MAX_NEW = flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate at most, per prompt or reply.')
 TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 = greedy (the most likely token).')

@@ -9,7 +9,7 @@ import pathlib
 import re
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -17,10 +17,13 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from ml_collections import config_dict
 
-from trainer import param_roles, saved_config
-from trainer.data.pipeline import GlobalBatches
 from trainer.errors import ConfigError
-from trainer.state import ShardedState, TrainState
+from trainer.modeling import param_roles
+from trainer.training import saved_config
+from trainer.training.state import ShardedState, TrainState
+
+if TYPE_CHECKING:  # annotations only: decoding loads checkpoints without importing the input pipeline
+    from trainer.data.pipeline import GlobalBatches
 
 
 def _to_json(value: Any) -> str:

@@ -14,10 +14,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from models.transformer import ModelConfig, constrain, dense
-from trainer.mesh import batch_sharding, replicated
-from trainer.param_roles import Partition
-from trainer.param_roles import merge as merge_params
-from trainer.state import TrainState
+from trainer.modeling.param_roles import Partition
+from trainer.modeling.param_roles import merge as merge_params
+from trainer.runtime.mesh import batch_sharding, replicated
+from trainer.training.state import TrainState
 
 Batch = dict[str, jax.Array]
 # Every batch array is (batch, sequence): token ids, next-token targets, packing metadata, loss weights.

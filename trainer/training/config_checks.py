@@ -25,7 +25,7 @@ from models.transformer import (
 )
 from trainer.data import examples, pipeline, sources, tokenizers
 from trainer.errors import ConfigError
-from trainer.mesh import MESH_AXES, resolve_mesh_shape
+from trainer.runtime.mesh import MESH_AXES, resolve_mesh_shape
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 LR_SCHEDULES = ('cosine', 'linear', 'constant', 'wsd')

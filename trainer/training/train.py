@@ -14,28 +14,18 @@ import numpy as np
 from ml_collections import config_dict
 
 from models.transformer import ModelConfig
-from trainer import (
-    checkpoints,
-    config_checks,
-    distributed,
-    flops,
-    model_setup,
-    optimizer,
-    param_roles,
-    profiling,
-    reporting,
-    steps,
-    stop_signals,
-)
-from trainer import counts as param_counts
-from trainer import memory as memory_lib
-from trainer import mesh as mesh_lib
-from trainer import state as state_lib
 from trainer.data import examples, pipeline, tokenizers
 from trainer.errors import ConfigError, StoppedBySignal, TrainingDivergedError
 from trainer.hf import config as hf_config
 from trainer.hf import tensors as hf_tensors
-from trainer.model_setup import model_config
+from trainer.modeling import counts as param_counts
+from trainer.modeling import model_setup, param_roles
+from trainer.modeling.model_setup import model_config
+from trainer.runtime import distributed, flops, stop_signals
+from trainer.runtime import mesh as mesh_lib
+from trainer.training import checkpoints, config_checks, optimizer, profiling, reporting, steps
+from trainer.training import memory as memory_lib
+from trainer.training import state as state_lib
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,17 +21,12 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from trainer import loading
-from trainer import mesh as mesh_lib
 from trainer.data import pipeline
-from trainer.data.tokenizers import Tokenizer
+from trainer.data.tokenizers import Tokenizer, prefix_id
+from trainer.inference import loading
+from trainer.runtime import mesh as mesh_lib
 
 _WIDTH_MULTIPLE = 64  # rows are padded to a multiple of this many tokens: few shapes, few compilations
-
-
-def prefix_id(tokenizer: Tokenizer) -> int:
-    """The token that stands for an empty context, as in the harness: the BOS, else the EOS."""
-    return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
 
 
 def encode(tokenizer: Tokenizer, text: str) -> list[int]:

@@ -12,13 +12,14 @@ from flax import nnx
 from ml_collections import config_dict
 
 from models.transformer import ModelConfig
-from trainer import checkpoints, model_setup, saved_config
-from trainer import mesh as mesh_lib
-from trainer import state as state_lib
 from trainer.data import tokenizers
 from trainer.errors import ConfigError
 from trainer.hf import config as hf_config
 from trainer.hf import tensors as hf_tensors
+from trainer.modeling import model_setup
+from trainer.runtime import mesh as mesh_lib
+from trainer.training import checkpoints, saved_config
+from trainer.training import state as state_lib
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ import optax
 from ml_collections import config_dict
 from optax import contrib
 
-from trainer import param_roles
+from trainer.modeling import param_roles
 
 # Muon (Jordan et al. 2024; Liu et al. 2025, "Muon is scalable for LLM training"): each hidden matrix's momentum
 # is orthogonalized by Newton-Schulz iterations. optax.contrib's scale_by_muon does that (with the published

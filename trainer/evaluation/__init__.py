@@ -1,0 +1,1 @@
+"""Evaluation: log-likelihoods of continuations and multiple-choice scoring."""
