@@ -470,10 +470,13 @@ def do_tune_base() -> int:
         'rungs': [{'trials': n, 'tokens': t} for n, t in plan],
         'trials': [dataclasses.asdict(t) for t in found],
         'search_space': _SPACE.value,
+        'warnings': tune_base.edge_warnings(knobs, winner.setting),
     }
     (folder / 'best.json').write_text(json.dumps(record, indent=2) + '\n')
     tune_base.plot(found, knobs, winner, str(folder / 'tune_base.png'))
     print('best: ' + ', '.join(f'{k}={v:g}' for k, v in winner.setting.items()) + f' (eval loss {last_loss:.4f})')
+    for line in record['warnings']:
+        print(line)
     print(f'wrote {folder / "tuned.py"} (train or sweep with --config {folder / "tuned.py"}), best.json, tune_base.png')
     return 1 if failed else 0
 

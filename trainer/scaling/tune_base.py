@@ -30,14 +30,18 @@ from trainer.scaling import collect as sweep_collect
 from trainer.scaling import sweep
 
 # Tensor Programs V's tunable constants for Adam (its Table 3, the mup package's MuReadout output_mult and the
-# input multiplier), with the learning rate and weight decay; ranges around SP's values for a small model.
+# input multiplier), with the learning rate and weight decay; ranges around SP's values for a small model. Each
+# range spans 100x or more: the first search's winner sat at the top of init_std=0.005:0.08 (0.0794) and at
+# the largest weight decay (0.1), so both reach further now.
 DEFAULT_SPACE = (
-    'train.learning_rate=1e-3:3e-2',
-    'model.mup_output_multiplier=0.25:8',
-    'model.mup_input_multiplier=0.5:16',
-    'model.init_std=0.005:0.08',
-    'train.weight_decay=0|0.03|0.1',
+    'train.learning_rate=1e-3:5e-2',
+    'model.mup_output_multiplier=0.2:16',
+    'model.mup_input_multiplier=0.25:16',
+    'model.init_std=0.005:0.5',
+    'train.weight_decay=0|0.03|0.1|0.3',
 )
+# A winner this close to a range's end (a share of the range's log width) may have wanted a value beyond it.
+EDGE_SHARE = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +101,24 @@ def draw(knobs: Sequence[Knob], trials: int, seed: int) -> list[dict[str, float]
                 setting[knob.field] = float(knob.choices[rng.integers(len(knob.choices))])
         drawn.append(setting)
     return drawn
+
+
+def edge_warnings(knobs: Sequence[Knob], setting: dict[str, float]) -> list[str]:
+    """A line for each log-uniform range whose end the winning `setting` lies within EDGE_SHARE of (log scale)."""
+    lines = []
+    for knob in knobs:
+        if not knob.is_log:
+            continue
+        share = math.log(setting[knob.field] / knob.low) / math.log(knob.high / knob.low)
+        if EDGE_SHARE < share < 1 - EDGE_SHARE:
+            continue
+        end, bound = ('bottom', knob.low) if share <= EDGE_SHARE else ('top', knob.high)
+        lines.append(
+            f"warning: the winner's {knob.field}={setting[knob.field]:g} lies at the {end} of its range "
+            f'{knob.low:g}:{knob.high:g} (within {EDGE_SHARE:.0%} of it, log scale): the best may lie beyond '
+            f'{bound:g}; widen the range (--search_space {knob.field}=LO:HI) and search again.'
+        )
+    return lines
 
 
 def rung_plan(trials: int, search: str, eta: int, rungs: int, tokens: float) -> list[tuple[int, float]]:
