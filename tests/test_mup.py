@@ -240,7 +240,7 @@ def test_completep_initializes_the_output_projections_as_at_its_base_depth():
     config.model.update(num_layers=8, d_model=96, d_ff=192, init_std=0.05)
     stds = {}
     for scaling in ('none', 'completep'):
-        config.model.update(depth_scaling=scaling, base_depth=2)
+        config.model.update(depth_scaling=scaling, base_depth=2 if scaling == 'completep' else 0)
         mesh = mesh_for(config)
         with jax.set_mesh(mesh):
             params = jax.device_get(train.build(config, mesh).sharded.state.params)

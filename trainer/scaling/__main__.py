@@ -379,10 +379,13 @@ def do_depth_transfer() -> int:
     folder = pathlib.Path(_require(_OUT, 'depth_transfer'))
     depths = _numbers(_require(_DEPTHS, 'depth_transfer'), int)
     lrs = _numbers(_require(_LRS, 'depth_transfer'))
-    variants = {}
-    for scaling in ('none', 'completep'):
-        settings = [*_SET.value, f'model.depth_scaling={scaling}', f'model.base_depth={depths[0]}']
-        variants[scaling] = (config_file, settings, [])
+    # Plain residuals with CompleteP's fields at their off values (a CompleteP --config works too); CompleteP
+    # based at the first depth.
+    plain = ['model.depth_scaling=none', 'model.base_depth=0', 'model.depth_alpha=1.0']
+    variants = {
+        'none': (config_file, [*_SET.value, *plain], []),
+        'completep': (config_file, [*_SET.value, 'model.depth_scaling=completep', f'model.base_depth={depths[0]}'], []),
+    }
     failed = 0
     try:  # a sweep per depth (the shape fixes the depth), each variant's runs in one folder
         for depth in depths:
