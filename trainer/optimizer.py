@@ -43,28 +43,35 @@ def make_optimizer(train: config_dict.ConfigDict, roles: Any) -> tuple[optax.Gra
     """The optimizer of the trainable params (`roles`: their Role tree) and its schedule (logged as `learning_rate`).
 
     Every multiplier 1 (weight decay on or off): one AdamW with a decay mask. Otherwise each group of
-    parameters with the same multipliers gets its own AdamW (optax.multi_transform), sharing the clipping.
+    parameters with the same learning-rate, weight-decay and epsilon multipliers gets its own AdamW
+    (optax.multi_transform), sharing the clipping.
     """
     schedule = make_schedule(train)
     leaves = jax.tree.leaves(roles)
-    plain = all(r.lr_multiplier == 1.0 and r.weight_decay_multiplier in (0.0, 1.0) for r in leaves)
+    plain = all(
+        r.lr_multiplier == 1.0 and r.weight_decay_multiplier in (0.0, 1.0) and r.eps_multiplier == 1.0 for r in leaves
+    )
 
-    def adamw(lr_multiplier: float, decay: Any) -> optax.GradientTransformation:
+    def adamw(lr_multiplier: float, decay: Any, eps_multiplier: float = 1.0) -> optax.GradientTransformation:
         learning_rate = schedule if lr_multiplier == 1.0 else (lambda step: lr_multiplier * schedule(step))
+        eps = train.eps * eps_multiplier
         if isinstance(decay, float):  # one group's decay
-            return optax.adamw(learning_rate, b1=train.b1, b2=train.b2, eps=train.eps, weight_decay=decay)
+            return optax.adamw(learning_rate, b1=train.b1, b2=train.b2, eps=eps, weight_decay=decay)
         return optax.adamw(
-            learning_rate, b1=train.b1, b2=train.b2, eps=train.eps, weight_decay=train.weight_decay, mask=decay
+            learning_rate, b1=train.b1, b2=train.b2, eps=eps, weight_decay=train.weight_decay, mask=decay
         )
+
+    def group(r) -> tuple[float, float, float]:
+        return (r.lr_multiplier, r.weight_decay_multiplier, r.eps_multiplier)
 
     if plain:
         tx = adamw(1.0, jax.tree.map(lambda r: r.weight_decay_multiplier > 0, roles))
     else:
-        groups = sorted({(r.lr_multiplier, r.weight_decay_multiplier) for r in leaves})
-        label = {group: f'lr{group[0]:g}_wd{group[1]:g}' for group in groups}
+        groups = sorted({group(r) for r in leaves})
+        label = {g: f'lr{g[0]:g}_wd{g[1]:g}' + (f'_eps{g[2]:g}' if g[2] != 1.0 else '') for g in groups}
         tx = optax.multi_transform(
-            {label[(lr, wd)]: adamw(lr, train.weight_decay * wd) for lr, wd in groups},
-            jax.tree.map(lambda r: label[(r.lr_multiplier, r.weight_decay_multiplier)], roles),
+            {label[(lr, wd, eps)]: adamw(lr, train.weight_decay * wd, eps) for lr, wd, eps in groups},
+            jax.tree.map(lambda r: label[group(r)], roles),
         )
     if train.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(train.grad_clip), tx), schedule
