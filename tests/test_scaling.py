@@ -339,3 +339,31 @@ def test_every_figure_has_readable_ticks_and_a_weak_fit_says_so(tmp_path, monkey
                 overlapping = [(a, b) for a, b in itertools.combinations(boxes, 2) if a.overlaps(b)]
                 assert not overlapping, [label.get_text() for label in axis.get_ticklabels(which='both')]
         assert any('weak fit' in text.get_text() for text in figure.texts)
+
+
+@pytest.mark.parametrize(
+    'low, high, labels',
+    [
+        (1.0003e12, 1.00035e12, ['500G', '1T', '2T']),  # a 2-point sweep at one budget: once '1.0003T 1.00031T ...'
+        (1.8e11, 3.2e11, ['200G', '300G']),  # within a decade
+        (3e12, 2e13, ['5T', '10T', '20T']),
+        (3e-4, 1e-1, ['300µ', '1m', '3m', '10m', '30m', '100m']),  # learning rates
+        (1e9, 1e16, ['1G', '100G', '10T', '1P']),  # seven decades: once no label at all
+    ],
+)
+def test_a_log_axis_reads_a_few_short_round_values_for_any_spread(low, high, labels):
+    from matplotlib import pyplot
+
+    from trainer.scaling import plot
+
+    figure, axes = pyplot.subplots()
+    axes.scatter(np.geomspace(low, high, 4), [1, 2, 3, 4])
+    axes.set_xscale('log')
+    figure.tight_layout()
+    plot.readable(figure)
+    figure.canvas.draw()
+    view_low, view_high = axes.get_xlim()
+    shown = [t.get_text() for t in axes.xaxis.get_majorticklabels() if view_low <= t.get_position()[0] <= view_high]
+    pyplot.close(figure)
+    assert shown == labels
+    assert view_low <= low and high <= view_high  # every point stays in view
