@@ -367,3 +367,45 @@ def test_a_log_axis_reads_a_few_short_round_values_for_any_spread(low, high, lab
     pyplot.close(figure)
     assert shown == labels
     assert view_low <= low and high <= view_high  # every point stays in view
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_sweep_eta_is_unknown_until_measured_then_counts_training_and_each_points_overhead():
+    """Two points of 1e12 FLOPs, trained at 1e10 FLOP/s after 20 s of start-up and compilation each: 2 x 120 s."""
+    from trainer.scaling.eta import SweepEta
+
+    clock = FakeClock()
+    eta = SweepEta(clock)
+    eta.start_point()
+    clock.now += 20 + 5  # start-up, then the first report after 5 s of steps (5e10 FLOPs)
+    eta.report(5e10)
+    # One report measures no rate: unknown, not hours (the first point's compilation once read 'ETA 7:50:32').
+    assert eta.remaining(2e12 - 5e10, points_to_start=1) is None
+    clock.now += 10
+    eta.report(15e10)
+    assert eta.rate() == pytest.approx(1e10)
+    assert eta.overhead() == pytest.approx(20)  # the running point's start-up, before any point finished
+    assert eta.remaining(2e12 - 15e10, points_to_start=1) == pytest.approx(185 + 20)
+    clock.now += 85  # its last steps
+    eta.report(1e12)
+    clock.now += 3  # its final eval and save
+    eta.end_point()
+    assert eta.overhead() == pytest.approx(23)  # what the finished point took beyond its training
+    eta.start_point()  # the second point: the rate and overhead measured so far stand for it
+    assert eta.remaining(1e12, points_to_start=0) == pytest.approx(100)
+    assert SweepEta(clock).remaining(1e12, points_to_start=2) is None
+
+
+def test_a_resumed_points_time_says_which_is_this_runs_and_which_is_in_all():
+    from trainer.scaling import sweep
+
+    assert sweep.done_line(33.4, 0.0, 'done: step 9') == 'done in 33s: done: step 9'
+    line = sweep.done_line(35.2, 14.1, 'done: step 292')
+    assert line == 'done in 35s this run, 49s in all with its earlier runs: done: step 292'
