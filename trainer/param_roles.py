@@ -50,8 +50,8 @@ def mup_roles(model: config_dict.ConfigDict) -> list[tuple[str, Role]]:
     CompleteP's depth rule (depth_scaling='completep', Dey et al. 2025, Table 1) multiplies the learning rate
     of the hidden matrices and of the blocks' norms and biases by (L / base_depth)^(depth_alpha - 1) (1 at
     depth_alpha = 1) and their Adam epsilon by (L / base_depth)^-depth_alpha: their gradients carry the
-    residual branches' multiplier, so epsilon shrinks with them (the paper's Equation 40, as the authors'
-    nanoGPT-mup does for its hidden groups). Embeddings, readout and final norm keep theirs.
+    residual branches' multiplier, so epsilon shrinks with them (as the authors' nanoGPT-mup does for its
+    hidden groups, after the paper's Equation 40). Embeddings, readout and final norm keep theirs.
     """
     mup = model.parametrization == 'mup'
     depth = model.num_layers / (model.base_depth or model.num_layers) if model.depth_scaling == 'completep' else 1.0
