@@ -31,7 +31,7 @@ from trainer.scaling import sweep
 
 # Tensor Programs V's tunable constants for Adam (its Table 3, the mup package's MuReadout output_mult and the
 # input multiplier), with the learning rate and weight decay; ranges around SP's values for a small model. Each
-# range spans 100x or more: the first search's winner sat at the top of init_std=0.005:0.08 (0.0794) and at
+# range spans 50x or more: the first search's winner sat at the top of init_std=0.005:0.08 (0.0794) and at
 # the largest weight decay (0.1), so both reach further now.
 DEFAULT_SPACE = (
     'train.learning_rate=1e-3:5e-2',
