@@ -2,7 +2,9 @@
 
 The search (27 trials, successive halving, seed 0; eval loss 2.3697 on 2.05e+05 tokens), its tuned.py and what
 these constants give at widths 128-512 (better than SP at its own best rate at every width): docs/scaling.md,
-"Tuning the base". A width-512 model with them:
+"Tuning the base". Its init std sits at the top of that search's range; a rerun over wider ranges found an interior
+winner as good at width 64 that transfers worse (behind this base by 0.05-0.064 at widths 256 and 512), so this
+one stays. A width-512 model with them:
     python -m trainer --config configs/small_lm_mup_tuned.py --config.model.d_model=512 \
         --config.model.num_heads=16 --config.model.num_kv_heads=16 --config.model.d_ff=1536
 """

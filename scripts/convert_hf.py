@@ -74,7 +74,7 @@ def export_checkpoint(
         lora.write_peft(host_params, model_cfg, base, out)
         return folder
     host_params, model_cfg = lora.merge(host_params, model_cfg)
-    host_params, model_cfg = hf_folder.fold_mup(host_params, model_cfg)
+    host_params, model_cfg = hf_folder.fold_parametrization(host_params, model_cfg)
     try:
         tokenizer = tokenizers.make_tokenizer(config.data.tokenizer, config.data.eos_token)
     except ConfigError:  # the run's tokenizer file is not on this machine: no ids in config.json

@@ -63,6 +63,37 @@ def test_bad_values_are_reported_by_field(changes, expected):
     assert expected in failure(changes)
 
 
+@pytest.mark.parametrize(
+    'changes, expected',
+    [
+        (
+            {'model.mup_weight_decay': 'constant'},
+            "config.model.mup_weight_decay='constant' acts only under muP: set config.model.parametrization='mup'",
+        ),
+        (
+            {'model.base_depth': 2},
+            'config.model.base_depth=2 acts only under CompleteP: set config.model.depth_scaling=',
+        ),
+        ({'model.depth_alpha': 0.5}, 'config.model.depth_alpha=0.5 acts only under CompleteP: set'),
+    ],
+)
+def test_mup_and_completep_settings_that_would_do_nothing_are_refused(changes, expected):
+    assert expected in failure(changes)
+
+
+def test_the_same_settings_are_accepted_where_they_act():
+    for changes in (
+        {'model.parametrization': 'mup', 'model.mup_weight_decay': 'constant'},
+        {'model.depth_scaling': 'completep', 'model.base_depth': 2, 'model.depth_alpha': 0.5},
+    ):
+        config = tiny_config('llama', fsdp=8)
+        config.model.vocab_size = 256
+        for dotted, value in changes.items():
+            section, key = dotted.split('.')
+            config[section][key] = value
+        config_checks.validate(config, 8)
+
+
 def test_mesh_that_does_not_cover_the_devices():
     message = failure({}, num_devices=8, data=2, fsdp=2, tensor=1)
     assert message == (

@@ -168,7 +168,7 @@ def test_a_tied_mup_model_does_not_export(tmp_path):
     from trainer.hf import folder
 
     with pytest.raises(ConfigError, match='ties its embeddings'):
-        folder.fold_mup({}, cfg)
+        folder.fold_parametrization({}, cfg)
 
 
 def test_the_best_rate_is_refined_between_grid_points_and_plotted(tmp_path):
@@ -225,8 +225,11 @@ def test_completep_scales_the_branches_and_keeps_the_base_depths_init():
     config.model.update(depth_scaling='completep', depth_alpha=0.5)
     _, shapes, _ = train.state_lib.abstract_model(train.model_config(config))
     roles = param_roles.partition(config, shapes).roles
-    assert roles['blocks']['mlp']['w_up_DF'] == param_roles.Role(lr_multiplier=0.5)
-    assert roles['blocks']['mlp_norm']['scale'] == param_roles.Role(lr_multiplier=0.5, weight_decay_multiplier=0.0)
+    # and (L / base_depth)^-alpha on their Adam epsilon (the paper's Equation 40, the authors' hidden groups)
+    assert roles['blocks']['mlp']['w_up_DF'] == param_roles.Role(lr_multiplier=0.5, eps_multiplier=0.5)
+    assert roles['blocks']['mlp_norm']['scale'] == param_roles.Role(
+        lr_multiplier=0.5, weight_decay_multiplier=0.0, eps_multiplier=0.5
+    )
     assert roles['final_norm']['scale'] == param_roles.NO_DECAY and roles['embedding_VD'] == param_roles.NO_DECAY
     config.model.update(parametrization='mup', d_model=48, d_ff=80, base_width=24)  # with muP: 0.5 / m
     roles = param_roles.partition(config, shapes).roles
@@ -234,7 +237,35 @@ def test_completep_scales_the_branches_and_keeps_the_base_depths_init():
     config.model.depth_alpha = 1.0
     roles = param_roles.partition(config, shapes).roles
     assert roles['blocks']['attention']['wq_DNH'].lr_multiplier == 0.5  # muP's 1 / m alone
-    assert roles['blocks']['mlp_norm']['scale'] == param_roles.NO_DECAY
+    assert roles['blocks']['attention']['wq_DNH'].eps_multiplier == 0.25  # (8 / 2)^-1
+    assert roles['blocks']['mlp_norm']['scale'] == param_roles.Role(weight_decay_multiplier=0.0, eps_multiplier=0.25)
+    assert roles['unembedding_DV'] == param_roles.Role() and roles['final_norm']['scale'] == param_roles.NO_DECAY
+
+
+@pytest.mark.parametrize('depth_scaling, base_depth, eps_multiplier', [('completep', 2, 0.25), ('completep', 8, 1.0),
+                                                                       ('none', 0, 1.0)])  # fmt: skip
+def test_completep_scales_adams_epsilon_of_the_blocks_and_nothing_at_its_base_depth(
+    depth_scaling, base_depth, eps_multiplier
+):
+    """A gradient as small as epsilon: Adam's first step is g / (|g| + eps), so it shows the epsilon each
+    parameter got. CompleteP at 8 layers based at 2: the blocks' eps / 4; at its base depth or off: eps."""
+    config = tiny_config('llama')
+    config.model.update(num_layers=8, depth_scaling=depth_scaling, base_depth=base_depth)
+    config.train.update(learning_rate=1.0, weight_decay=0.0, lr_schedule='constant', warmup_steps=0, grad_clip=0.0)
+    config.train.eps = 1e-3
+    params = {
+        'blocks': {'mlp': {'w_up_DF': np.ones((2, 3), np.float32)}, 'mlp_norm': {'scale': np.ones(3, np.float32)}},
+        'embedding_VD': np.ones((4, 2), np.float32),
+        'final_norm': {'scale': np.ones(2, np.float32)},
+    }
+    tx, _ = optimizer.make_optimizer(config.train, param_roles.partition(config, params).trainable_roles())
+    grads = jax.tree.map(lambda p: np.full_like(p, 1e-3), params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    blocks = -1e-3 / (1e-3 + 1e-3 * eps_multiplier)  # bias-corrected Adam: m / (sqrt(v) + eps) = g / (|g| + eps)
+    np.testing.assert_allclose(updates['blocks']['mlp']['w_up_DF'], blocks, rtol=1e-5)
+    np.testing.assert_allclose(updates['blocks']['mlp_norm']['scale'], blocks, rtol=1e-5)
+    for outside in (updates['embedding_VD'], updates['final_norm']['scale']):  # outside the blocks: eps as it is
+        np.testing.assert_allclose(outside, -0.5, rtol=1e-5)
 
 
 def test_completep_initializes_the_output_projections_as_at_its_base_depth():
@@ -242,7 +273,7 @@ def test_completep_initializes_the_output_projections_as_at_its_base_depth():
     config.model.update(num_layers=8, d_model=96, d_ff=192, init_std=0.05)
     stds = {}
     for scaling in ('none', 'completep'):
-        config.model.update(depth_scaling=scaling, base_depth=2)
+        config.model.update(depth_scaling=scaling, base_depth=2 if scaling == 'completep' else 0)
         mesh = mesh_for(config)
         with jax.set_mesh(mesh):
             params = jax.device_get(train.build(config, mesh).sharded.state.params)

@@ -339,3 +339,73 @@ def test_every_figure_has_readable_ticks_and_a_weak_fit_says_so(tmp_path, monkey
                 overlapping = [(a, b) for a, b in itertools.combinations(boxes, 2) if a.overlaps(b)]
                 assert not overlapping, [label.get_text() for label in axis.get_ticklabels(which='both')]
         assert any('weak fit' in text.get_text() for text in figure.texts)
+
+
+@pytest.mark.parametrize(
+    'low, high, labels',
+    [
+        (1.0003e12, 1.00035e12, ['500G', '1T', '2T']),  # a 2-point sweep at one budget: once '1.0003T 1.00031T ...'
+        (1.8e11, 3.2e11, ['200G', '300G']),  # within a decade
+        (3e12, 2e13, ['5T', '10T', '20T']),
+        (3e-4, 1e-1, ['300µ', '1m', '3m', '10m', '30m', '100m']),  # learning rates
+        (1e9, 1e16, ['1G', '100G', '10T', '1P']),  # seven decades: once no label at all
+    ],
+)
+def test_a_log_axis_reads_a_few_short_round_values_for_any_spread(low, high, labels):
+    from matplotlib import pyplot
+
+    from trainer.scaling import plot
+
+    figure, axes = pyplot.subplots()
+    axes.scatter(np.geomspace(low, high, 4), [1, 2, 3, 4])
+    axes.set_xscale('log')
+    figure.tight_layout()
+    plot.readable(figure)
+    figure.canvas.draw()
+    view_low, view_high = axes.get_xlim()
+    shown = [t.get_text() for t in axes.xaxis.get_majorticklabels() if view_low <= t.get_position()[0] <= view_high]
+    pyplot.close(figure)
+    assert shown == labels
+    assert view_low <= low and high <= view_high  # every point stays in view
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_sweep_eta_is_unknown_until_measured_then_counts_training_and_each_points_overhead():
+    """Two points of 1e12 FLOPs, trained at 1e10 FLOP/s after 20 s of start-up and compilation each: 2 x 120 s."""
+    from trainer.scaling.eta import SweepEta
+
+    clock = FakeClock()
+    eta = SweepEta(clock)
+    eta.start_point()
+    clock.now += 20 + 5  # start-up, then the first report after 5 s of steps (5e10 FLOPs)
+    eta.report(5e10)
+    # One report measures no rate: unknown, not hours (the first point's compilation once read 'ETA 7:50:32').
+    assert eta.remaining(2e12 - 5e10, points_to_start=1) is None
+    clock.now += 10
+    eta.report(15e10)
+    assert eta.rate() == pytest.approx(1e10)
+    assert eta.overhead() == pytest.approx(20)  # the running point's start-up, before any point finished
+    assert eta.remaining(2e12 - 15e10, points_to_start=1) == pytest.approx(185 + 20)
+    clock.now += 85  # its last steps
+    eta.report(1e12)
+    clock.now += 3  # its final eval and save
+    eta.end_point()
+    assert eta.overhead() == pytest.approx(23)  # what the finished point took beyond its training
+    eta.start_point()  # the second point: the rate and overhead measured so far stand for it
+    assert eta.remaining(1e12, points_to_start=0) == pytest.approx(100)
+    assert SweepEta(clock).remaining(1e12, points_to_start=2) is None
+
+
+def test_a_resumed_points_time_says_which_is_this_runs_and_which_is_in_all():
+    from trainer.scaling import sweep
+
+    assert sweep.done_line(33.4, 0.0, 'done: step 9') == 'done in 33s: done: step 9'
+    line = sweep.done_line(35.2, 14.1, 'done: step 292')
+    assert line == 'done in 35s this run, 49s in all with its earlier runs: done: step 292'

@@ -10,7 +10,7 @@ import pytest
 
 from trainer.errors import ConfigError
 from trainer.scaling import sweep, tune_base
-from trainer.scaling.__main__ import load_config
+from trainer.scaling.inputs import load_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / 'configs' / 'small_lm.py')
@@ -44,6 +44,30 @@ def test_the_draws_are_seeded_and_inside_the_space():
     assert 1e-3 <= min(rates) < 2e-3 and 1.5e-2 < max(rates) <= 3e-2  # log-uniform: both ends reached
     assert sum(r < math.sqrt(3e-5) for r in rates) == pytest.approx(100, abs=25)  # half below the geometric mean
     assert {d['train.weight_decay'] for d in drawn} == {0.0, 0.1}
+
+
+def test_a_winner_at_a_ranges_edge_is_warned_and_the_default_ranges_hold_the_first_searchs_winner():
+    knobs = [tune_base.Knob('model.init_std', 0.005, 0.08), tune_base.Knob('train.weight_decay', choices=(0, 0.1))]
+    (top,) = tune_base.edge_warnings(knobs, {'model.init_std': 0.0794, 'train.weight_decay': 0.1})
+    assert top.startswith("warning: the winner's model.init_std=0.0794 lies at the top of its range 0.005:0.08")
+    assert '--search_space model.init_std=LO:HI' in top
+    (bottom,) = tune_base.edge_warnings(knobs, {'model.init_std': 0.0055, 'train.weight_decay': 0.0})
+    assert 'at the bottom of its range' in bottom
+    # 5% of the range's log width from either end is the edge; the middle and the choices are not warned
+    assert tune_base.edge_warnings(knobs, {'model.init_std': 0.02, 'train.weight_decay': 0.0}) == []
+    assert tune_base.edge_warnings(knobs, {'model.init_std': 0.005 * 16**0.94, 'train.weight_decay': 0.0}) == []
+    assert len(tune_base.edge_warnings(knobs, {'model.init_std': 0.005 * 16**0.96, 'train.weight_decay': 0.0})) == 1
+    # The first search (docs/scaling.md) found init_std 0.0794 at the top of 0.005:0.08: the default reaches beyond.
+    default = tune_base.parse_space(tune_base.DEFAULT_SPACE, load_config(CONFIG, []))
+    first_winner = {
+        'train.learning_rate': 0.00904,
+        'model.mup_output_multiplier': 2.11,
+        'model.mup_input_multiplier': 1.89,
+        'model.init_std': 0.0794,
+        'train.weight_decay': 0.1,
+    }
+    assert tune_base.edge_warnings(default, first_winner) == []
+    assert all(k.high / k.low >= 50 for k in default if k.is_log)
 
 
 def test_successive_halving_keeps_a_third_on_three_times_the_tokens():

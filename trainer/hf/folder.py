@@ -82,7 +82,7 @@ def _scaled(tree: dict[str, Any], names: tuple[str, ...], factor: float) -> dict
     return {k: np.asarray(v, np.float32) * factor if k in names else v for k, v in tree.items()}
 
 
-def fold_mup(params: dict[str, Any], cfg: ModelConfig) -> tuple[dict[str, Any], ModelConfig]:
+def fold_parametrization(params: dict[str, Any], cfg: ModelConfig) -> tuple[dict[str, Any], ModelConfig]:
     """muP's and CompleteP's forward multipliers folded into the weights (host arrays), so a standard model
     computes the same: the logits' output multiplier / m into the unembedding, the input multiplier into the
     embeddings, the attention's sqrt(base_head_dim / head_dim) into the queries, the residual branches' scale

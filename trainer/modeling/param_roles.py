@@ -27,6 +27,7 @@ class Role:
     lr_multiplier: float = 1.0
     weight_decay_multiplier: float = 1.0
     init_multiplier: float = 1.0  # a fresh parameter's initial values are scaled by this (0: starts at zero)
+    eps_multiplier: float = 1.0  # Adam's epsilon (config.train.eps) x this: CompleteP's depth rule
 
 
 NO_DECAY = Role(weight_decay_multiplier=0.0)
@@ -38,8 +39,11 @@ HIDDEN_PATTERN = r'^blocks/(attention/(wq_DNH|wk_DKH|wv_DKH|wo_NHD)|mlp/(w_up_DF
 READOUT_PATTERN = r'^(unembedding_DV|classifier_DC)$'
 
 
-def mup_roles(model: config_dict.ConfigDict) -> list[tuple[str, Role]]:
-    """muP for Adam (Yang et al. 2022, Tensor Programs V, Table 3), with m = d_model / base_width.
+def parametrization_roles(model: config_dict.ConfigDict) -> list[tuple[str, Role]]:
+    """The roles of the width and depth parametrizations: muP's (under parametrization='mup') and CompleteP's
+    (under depth_scaling='completep', with SP or muP); none for a plain SP model.
+
+    muP for Adam (Yang et al. 2022, Tensor Programs V, Table 3), with m = d_model / base_width.
 
     Hidden matrices: init std / sqrt(m), learning rate / m. Embeddings, norms and biases: unchanged. The
     readout keeps its init and learning rate (its output is multiplied by 1/m in the model), or starts at
@@ -47,21 +51,25 @@ def mup_roles(model: config_dict.ConfigDict) -> list[tuple[str, Role]]:
     (learning rate / m) x wd; with 'constant' wd x m, so that their decay per step, lr x wd, is the base's
     (the mup package's MuAdam and MuAdamW scale each hidden matrix's weight_decay by its width multiplier).
     CompleteP's depth rule (depth_scaling='completep', Dey et al. 2025, Table 1) multiplies the learning rate
-    of the hidden matrices and of the blocks' norms and biases by (L / base_depth)^(depth_alpha - 1): 1 at
-    depth_alpha = 1, so CompleteP's own rule changes only the forward pass and the init.
+    of the hidden matrices and of the blocks' norms and biases by (L / base_depth)^(depth_alpha - 1) (1 at
+    depth_alpha = 1) and their Adam epsilon by (L / base_depth)^-depth_alpha: their gradients carry the
+    residual branches' multiplier, so epsilon shrinks with them (as the authors' nanoGPT-mup does for its
+    hidden groups, after the paper's Equation 40). Embeddings, readout and final norm keep theirs.
     """
     mup = model.parametrization == 'mup'
     depth = model.num_layers / (model.base_depth or model.num_layers) if model.depth_scaling == 'completep' else 1.0
-    depth_lr = depth ** (model.depth_alpha - 1)
+    depth_lr, depth_eps = depth ** (model.depth_alpha - 1), depth**-model.depth_alpha
     rules = []
-    if mup or depth_lr != 1.0:
+    if mup or depth != 1.0:
         m = model.d_model / (model.base_width or model.d_model) if mup else 1.0
         decay = m if mup and model.mup_weight_decay == 'constant' else 1.0
-        rules.append(
-            (HIDDEN_PATTERN, Role(lr_multiplier=depth_lr / m, weight_decay_multiplier=decay, init_multiplier=m**-0.5))
+        hidden = Role(
+            lr_multiplier=depth_lr / m, weight_decay_multiplier=decay, init_multiplier=m**-0.5, eps_multiplier=depth_eps
         )
-    if depth_lr != 1.0:
-        rules.append((r'^blocks/.*(norm/|bias)', Role(lr_multiplier=depth_lr, weight_decay_multiplier=0.0)))
+        rules.append((HIDDEN_PATTERN, hidden))
+    if depth != 1.0:
+        blocks = Role(lr_multiplier=depth_lr, weight_decay_multiplier=0.0, eps_multiplier=depth_eps)
+        rules.append((r'^blocks/.*(norm/|bias)', blocks))
     if mup:
         rules.append((READOUT_PATTERN, Role(init_multiplier=0.0) if model.mup_zero_readout else Role()))
     return rules
@@ -87,7 +95,7 @@ def table(config: config_dict.ConfigDict) -> list[tuple[str, Role]]:
         rules.append((pattern, Role(bool(trainable), *map(float, multipliers))))
     if config.lora.rank:
         rules += [(ADAPTER_PATTERN, Role()), ('', FROZEN)]
-    rules += mup_roles(config.model)
+    rules += parametrization_roles(config.model)
     rules.append((r'(^|/)(scale|bias|biases)(/|$)|^classifier_bias', NO_DECAY))  # norms and biases
     if not config.train.decay_embeddings:
         rules.append((r'^(embedding_VD|position_embedding_PD)$', NO_DECAY))

@@ -18,21 +18,17 @@ depth_transfer  a learning-rate sweep at several depths, plain residuals and Com
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import importlib.util
 import json
 import pathlib
 import sys
 
-import numpy as np
 from absl import app, flags
-from ml_collections import config_dict
 
 from trainer import cli
 from trainer.errors import ConfigError
 from trainer.modeling.model_setup import model_config
-from trainer.scaling import sweep, tune_base
+from trainer.scaling import inputs, sweep, tune_base
 
 _CONFIG = flags.DEFINE_string('config', None, 'counts, sweep: the base config file (file.py or file.py:ARG).')
 _SET = flags.DEFINE_multi_string('set', [], 'counts, sweep: a config field for every run, e.g. model.dtype=float32.')
@@ -95,69 +91,10 @@ def _require(flag, verb: str):
     return flag.value
 
 
-def load_config(spec: str, settings: list[str]) -> config_dict.ConfigDict:
-    """A config file's get_config() (with its ':ARG'), then --set fields, typed like the fields they replace."""
-    path, _, argument = spec.partition(':')
-    if not pathlib.Path(path).is_file():
-        raise ConfigError(f'--config={spec} is not a file: give a config such as configs/small_lm.py.')
-    module_spec = importlib.util.spec_from_file_location('sweep_base_config', path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(argument) if argument else module.get_config()
-    for setting in settings:
-        key, _, value = setting.partition('=')
-        section, _, name = key.rpartition('.')
-        holder = config[section] if section else config
-        if name not in holder:
-            raise ConfigError(f'--set {setting}: {key} names no field of the config.')
-        old = holder[name]
-        holder[name] = value.lower() in ('1', 'true') if isinstance(old, bool) else type(old)(value)
-    return config
-
-
-def _numbers(values: list[str], kind=float) -> list:
-    try:
-        return [kind(float(v)) if kind is int else kind(v) for v in values]
-    except ValueError as error:
-        raise ConfigError(f'not a number: {error}') from None
-
-
-def read_csv(path: str, loss_column: str) -> dict[str, np.ndarray]:
-    """The columns fit and plot use; rows not 'done' (from collect) are left out."""
-    try:
-        with open(path, newline='') as f:
-            rows = list(csv.DictReader(f))
-    except OSError as error:
-        raise ConfigError(f'cannot read --csv={path}: {error.strerror}.') from None
-    rows = [r for r in rows if r.get('state', 'done') in ('done', '')]
-    needed = ('params', 'tokens', loss_column)
-    missing = [c for c in needed if not rows or c not in rows[0]]
-    if missing:
-        raise ConfigError(
-            f'--csv={path} lacks the column(s) {", ".join(missing)}: it needs params, tokens and {loss_column}.'
-        )
-    columns = {}
-    for name in ('params', 'tokens', loss_column, 'flops', 'budget'):
-        if name in rows[0] and all(r[name] not in ('', None) for r in rows):
-            try:
-                columns[name] = np.array([float(r[name]) for r in rows])
-            except ValueError as error:
-                raise ConfigError(f'--csv={path}, column {name}: {error}.') from None
-    columns['loss'] = columns.pop(loss_column)
-    return columns
-
-
-def flops_per_param_token(columns: dict[str, np.ndarray]) -> float:
-    """k in C = k N D: the data's own, from a flops column, else 6 (the convention)."""
-    if 'flops' in columns:
-        return float(np.median(columns['flops'] / (columns['params'] * columns['tokens'])))
-    return 6.0
-
-
 def do_counts() -> None:
     from trainer.modeling import counts
 
-    config = load_config(_require(_CONFIG, 'counts'), _SET.value)
+    config = inputs.load_config(_require(_CONFIG, 'counts'), _SET.value)
     found = counts.count(model_config(config), config.data.seq_len)
     print(json.dumps(dataclasses.asdict(found) | {'train_flops_per_token': found.train_flops_per_token}, indent=2))
 
@@ -165,16 +102,16 @@ def do_counts() -> None:
 def do_sweep() -> int:
     config_file = _require(_CONFIG, 'sweep')
     folder = pathlib.Path(_require(_OUT, 'sweep'))
-    base = load_config(config_file, _SET.value)
+    base = inputs.load_config(config_file, _SET.value)
     shape = sweep.Shape(_ASPECT.value, _HEAD_DIM.value, _FF_RATIO.value, _KV_RATIO.value)
     points = sweep.plan(
         base,
-        _numbers(_require(_WIDTHS, 'sweep'), int),
+        inputs.numbers(_require(_WIDTHS, 'sweep'), int),
         shape,
-        token_budgets=_numbers(_TOKENS.value),
-        flop_budgets=_numbers(_FLOPS.value),
-        learning_rates=_numbers(_LRS.value),
-        seeds=_numbers(_SEEDS.value, int),
+        token_budgets=inputs.numbers(_TOKENS.value),
+        flop_budgets=inputs.numbers(_FLOPS.value),
+        learning_rates=inputs.numbers(_LRS.value),
+        seeds=inputs.numbers(_SEEDS.value, int),
         warmup_fraction=_WARMUP.value,
     )
     extra = [f'--config.{setting}' for setting in _SET.value]
@@ -212,46 +149,8 @@ def do_collect() -> None:
 def do_fit() -> None:
     from trainer.scaling import fit
 
-    columns = read_csv(_require(_CSV, 'fit'), _LOSS.value)
-    k = flops_per_param_token(columns)
-    fit3 = fit.approach3(columns['params'], columns['tokens'], columns['loss'], bootstraps=_BOOTSTRAP.value)
-    law = fit3.law
-    result = {
-        'approach3': dataclasses.asdict(law) | {'standard_errors': fit3.standard_errors, 'objective': fit3.objective},
-        'warning': fit3.warning,
-        'points': fit3.points,
-        'flops_per_param_token': k,
-        'compute_optimal': {  # N*(C) = params_coefficient * C^params_exponent, D*(C) = C / (k N*(C))
-            'params_exponent': law.beta / (law.alpha + law.beta),
-            'tokens_exponent': law.alpha / (law.alpha + law.beta),
-            'params_coefficient': law.optimal(1.0, k)[0],
-            'tokens_coefficient': law.optimal(1.0, k)[1],
-        },
-    }
-    print(
-        f'L(N, D) = {law.E:.3f} + {law.A:.4g} / N^{law.alpha:.3f} + {law.B:.4g} / D^{law.beta:.3f}  '
-        f'(standard errors: alpha {fit3.standard_errors["alpha"]:.3f}, beta {fit3.standard_errors["beta"]:.3f}, '
-        f'E {fit3.standard_errors["E"]:.3f}; {fit3.points} points)'
-    )
-    if fit3.warning:
-        print(f'warning: {fit3.warning}; its predictions are loose (fit.json and the figures say so too).')
-    print(
-        f'compute-optimal: N* ~ C^{result["compute_optimal"]["params_exponent"]:.3f}, '
-        f'D* ~ C^{result["compute_optimal"]["tokens_exponent"]:.3f} (C = {k:.2f} N D)'
-    )
-    if 'flops' in columns:
-        try:
-            fit2 = fit.approach2(columns['params'], columns['flops'], columns['loss'], k, columns.get('budget'))
-            result['approach2'] = dataclasses.asdict(fit2)
-            print(f'IsoFLOP (approach 2): N* ~ C^{fit2.params_exponent:.3f} over {len(fit2.curves)} budgets')
-        except ConfigError as error:
-            print(f'IsoFLOP (approach 2) left out: {error}')
-    if _BUDGET.value:
-        n, d = law.optimal(_BUDGET.value, k)
-        result['budget'] = {'flops': _BUDGET.value, 'params': n, 'tokens': d, 'loss': float(law.loss(n, d))}
-        print(
-            f'for {_BUDGET.value:.2e} FLOPs: train {n:,.0f} parameters on {d:,.0f} tokens (loss {law.loss(n, d):.3f})'
-        )
+    columns = inputs.read_csv(_require(_CSV, 'fit'), _LOSS.value)
+    result = fit.fit_and_report(columns, inputs.flops_per_param_token(columns), _BOOTSTRAP.value, _BUDGET.value)
     out = pathlib.Path(_require(_OUT, 'fit'))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + '\n')
@@ -261,23 +160,9 @@ def do_fit() -> None:
 def do_plot() -> None:
     from trainer.scaling import fit, plot
 
-    columns = read_csv(_require(_CSV, 'plot'), _LOSS.value)
-    k = flops_per_param_token(columns)
-    fit3 = fit2 = None
-    if _FIT.value:  # the fitted law's frontier, allocation and residuals
-        saved = json.loads(pathlib.Path(_FIT.value).read_text())
-        law = fit.Law(**{name: saved['approach3'][name] for name in ('E', 'A', 'B', 'alpha', 'beta')})
-        fit3 = fit.Approach3(
-            law,
-            saved['approach3']['standard_errors'],
-            saved['approach3']['objective'],
-            saved['points'],
-            0,
-            saved.get('warning', ''),
-        )
-        if 'approach2' in saved:
-            curves = [fit.IsoFlop(**{**c, 'parabola': tuple(c['parabola'])}) for c in saved['approach2']['curves']]
-            fit2 = fit.Approach2(**{**saved['approach2'], 'curves': curves})
+    columns = inputs.read_csv(_require(_CSV, 'plot'), _LOSS.value)
+    k = inputs.flops_per_param_token(columns)
+    fit3, fit2 = fit.read_fit(_FIT.value) if _FIT.value else (None, None)  # the law's frontier and residuals
     written = plot.all_figures(
         pathlib.Path(_require(_OUT, 'plot')),
         columns['params'],
@@ -295,9 +180,9 @@ def do_plot() -> None:
 def do_coord_check() -> None:
     from trainer.scaling import coord_check
 
-    base = load_config(_require(_CONFIG, 'coord_check'), _SET.value)
+    base = inputs.load_config(_require(_CONFIG, 'coord_check'), _SET.value)
     folder = pathlib.Path(_require(_OUT, 'coord_check'))
-    widths = tuple(_numbers(_WIDTHS.value or ['64', '128', '256', '512', '1024'], int))
+    widths = tuple(inputs.numbers(_WIDTHS.value or ['64', '128', '256', '512', '1024'], int))
     setting = coord_check.Setting(widths, _HEAD_DIM.value, _FF_RATIO.value, _STEPS.value, _LR.value)
     results = coord_check.run(base, setting)
     folder.mkdir(parents=True, exist_ok=True)
@@ -311,35 +196,17 @@ def do_coord_check() -> None:
     print(f'wrote {folder / "coord_check.json"}, {folder / "coord_check.png"}')
 
 
-def _transfer(folder, variants, widths, shape, lrs, echo=print) -> int:
-    """Runs a sweep per variant ({name: (config file, settings, learning rates)}); returns the failed runs."""
-    failed = 0
-    for name, (config_file, settings, rates) in variants.items():
-        base = load_config(config_file, settings)
-        points = sweep.plan(
-            base,
-            widths,
-            shape,
-            token_budgets=_numbers(_require(_TOKENS, 'the transfer verbs')),
-            learning_rates=rates or lrs,
-            warmup_fraction=_WARMUP.value,
-        )
-        commands = sweep.write(folder / name, config_file, points, [f'--config.{s}' for s in settings])
-        echo(f'{name}: {len(points)} runs in {folder / name}')
-        done, failed_here, stopped = sweep.run(folder / name, commands, points)
-        if stopped:
-            raise _Stopped()
-        failed += failed_here
-    return failed
-
-
-class _Stopped(Exception):
-    """A transfer sweep was stopped by a signal (its running point saved)."""
-
-
 def _stopped_exit() -> int:
     print('stopped: the running point saved; run the same command to resume.', file=sys.stderr)
     return sweep.EXIT_STOPPED
+
+
+def _run_transfer(folder: pathlib.Path, variants: dict, widths: list[int], shape: sweep.Shape) -> int:
+    from trainer.scaling import lr_transfer
+
+    lrs = inputs.numbers(_require(_LRS, 'the transfer verbs'))
+    tokens = inputs.numbers(_require(_TOKENS, 'the transfer verbs'))
+    return lr_transfer.run_variants(folder, variants, inputs.load_config, widths, shape, lrs, tokens, _WARMUP.value)
 
 
 def do_lr_transfer() -> int:
@@ -347,28 +214,21 @@ def do_lr_transfer() -> int:
 
     config_file = _require(_CONFIG, 'lr_transfer')
     folder = pathlib.Path(_require(_OUT, 'lr_transfer'))
-    widths = _numbers(_require(_WIDTHS, 'lr_transfer'), int)
-    lrs = _numbers(_require(_LRS, 'lr_transfer'))
+    widths = inputs.numbers(_require(_WIDTHS, 'lr_transfer'), int)
     shape = sweep.Shape(_ASPECT.value, _HEAD_DIM.value, _FF_RATIO.value, _KV_RATIO.value, _DEPTH.value)
     sp = [*_SET.value, 'model.parametrization=sp']
     if _MUP_CONFIG.value:  # a tuned base: its own base width, constants and (by default) learning rate
         mup_file, mup = _MUP_CONFIG.value, list(_SET.value)
-        mup_lrs = _numbers(_MUP_LRS.value) or [load_config(mup_file, mup).train.learning_rate]
+        mup_lrs = inputs.numbers(_MUP_LRS.value) or [inputs.load_config(mup_file, mup).train.learning_rate]
     else:
-        mup_file, mup_lrs = config_file, _numbers(_MUP_LRS.value)
+        mup_file, mup_lrs = config_file, inputs.numbers(_MUP_LRS.value)
         mup = [*_SET.value, 'model.parametrization=mup', f'model.base_width={min(widths)}']
         mup.append(f'model.base_head_dim={_HEAD_DIM.value}')
     try:
-        failed = _transfer(folder, {'sp': (config_file, sp, []), 'mup': (mup_file, mup, mup_lrs)}, widths, shape, lrs)
-    except _Stopped:
+        failed = _run_transfer(folder, {'sp': (config_file, sp, []), 'mup': (mup_file, mup, mup_lrs)}, widths, shape)
+    except lr_transfer.Stopped:
         return _stopped_exit()
-    table = lr_transfer.collect(folder)
-    lr_transfer.plot(table, str(folder / 'lr_transfer.png'))
-    (folder / 'lr_transfer.json').write_text(json.dumps(table, indent=2) + '\n')
-    for parametrization, by_width in table.items():
-        best = ', '.join(f'{w}: {row["best_lr"]:.2g} (loss {min(row["losses"]):.4f})' for w, row in by_width.items())
-        print(f'{parametrization}: best learning rate by width: {best}')
-    print(f'wrote {folder / "lr_transfer.json"}, {folder / "lr_transfer.png"}')
+    lr_transfer.report(lr_transfer.collect(folder), folder, 'lr_transfer', by='width')
     return 1 if failed else 0
 
 
@@ -377,105 +237,48 @@ def do_depth_transfer() -> int:
 
     config_file = _require(_CONFIG, 'depth_transfer')
     folder = pathlib.Path(_require(_OUT, 'depth_transfer'))
-    depths = _numbers(_require(_DEPTHS, 'depth_transfer'), int)
-    lrs = _numbers(_require(_LRS, 'depth_transfer'))
-    variants = {}
-    for scaling in ('none', 'completep'):
-        settings = [*_SET.value, f'model.depth_scaling={scaling}', f'model.base_depth={depths[0]}']
-        variants[scaling] = (config_file, settings, [])
+    depths = inputs.numbers(_require(_DEPTHS, 'depth_transfer'), int)
+    # Plain residuals with CompleteP's fields at their off values (a CompleteP --config works too); CompleteP
+    # based at the first depth.
+    plain = ['model.depth_scaling=none', 'model.base_depth=0', 'model.depth_alpha=1.0']
+    variants = {
+        'none': (config_file, [*_SET.value, *plain], []),
+        'completep': (config_file, [*_SET.value, 'model.depth_scaling=completep', f'model.base_depth={depths[0]}'], []),
+    }
     failed = 0
     try:  # a sweep per depth (the shape fixes the depth), each variant's runs in one folder
         for depth in depths:
             shape = sweep.Shape(_ASPECT.value, _HEAD_DIM.value, _FF_RATIO.value, _KV_RATIO.value, depth)
-            failed += _transfer(folder / f'depth{depth}', variants, [_WIDTH.value], shape, lrs)
-    except _Stopped:
+            failed += _run_transfer(folder / f'depth{depth}', variants, [_WIDTH.value], shape)
+    except lr_transfer.Stopped:
         return _stopped_exit()
     table = {}
     for depth in depths:
         for variant, by_depth in lr_transfer.collect(folder / f'depth{depth}', ('none', 'completep'), 'depth').items():
             table.setdefault(variant, {}).update(by_depth)
-    lr_transfer.plot(table, str(folder / 'depth_transfer.png'), by='depth')
-    (folder / 'depth_transfer.json').write_text(json.dumps(table, indent=2) + '\n')
-    for variant, by_depth in table.items():
-        best = ', '.join(f'{d}: {row["best_lr"]:.2g} (loss {min(row["losses"]):.4f})' for d, row in by_depth.items())
-        print(f'{variant}: best learning rate by depth: {best}')
-    print(f'wrote {folder / "depth_transfer.json"}, {folder / "depth_transfer.png"}')
+    lr_transfer.report(table, folder, 'depth_transfer', by='depth')
     return 1 if failed else 0
 
 
 def do_tune_base() -> int:
     config_file = _require(_CONFIG, 'tune_base')
     folder = pathlib.Path(_require(_OUT, 'tune_base'))
-    budgets = _numbers(_require(_TOKENS, 'tune_base'))
+    budgets = inputs.numbers(_require(_TOKENS, 'tune_base'))
     if len(budgets) != 1:
         cli.fail('tune_base needs one --tokens budget (the last rung trains on it).')
     tokens = budgets[0]
     for name, flag in (('trials', _TRIALS), ('eta', _ETA), ('rungs', _RUNGS)):
         if flag.value < (2 if name == 'eta' else 1):
             cli.fail(f'--{name}={flag.value} must be at least {2 if name == "eta" else 1}.')
-    width = _WIDTH.value
-    fixed = {'model.parametrization': 'mup', 'model.base_width': width, 'model.base_head_dim': _HEAD_DIM.value}
-    probe = load_config(config_file, _SET.value)
-    if probe.model.depth_scaling == 'completep':
-        fixed['model.base_depth'] = _DEPTH.value
-    settings = [*_SET.value, *(f'{k}={v}' for k, v in fixed.items())]
-    base = load_config(config_file, settings)
-    knobs = tune_base.parse_space(_SPACE.value, base)
     shape = sweep.Shape(_ASPECT.value, _HEAD_DIM.value, _FF_RATIO.value, _KV_RATIO.value, _DEPTH.value)
-    plan = tune_base.rung_plan(_TRIALS.value, _SEARCH.value, _ETA.value, _RUNGS.value, tokens)
-    print(
-        f'tune_base: {_TRIALS.value} trials at width {width} ({_SEARCH.value}: '
-        + ', '.join(f'{n} on {t:.3g} tokens' for n, t in plan)
-        + f'); searching {", ".join(k.field for k in knobs)}'
+    search = tune_base.Search(
+        trials=_TRIALS.value, method=_SEARCH.value, eta=_ETA.value, rungs=_RUNGS.value, seed=_SEARCH_SEED.value
     )
-    found, stopped, failed = tune_base.search(
-        folder,
-        config_file,
-        base,
-        [f'--config.{s}' for s in settings],
-        knobs,
-        width=width,
-        shape=shape,
-        trials=_TRIALS.value,
-        method=_SEARCH.value,
-        eta=_ETA.value,
-        rungs=_RUNGS.value,
-        tokens=tokens,
-        seed=_SEARCH_SEED.value,
+    code = tune_base.tune(
+        folder, config_file, _SET.value, _SPACE.value, search, width=_WIDTH.value, shape=shape, tokens=tokens,
         warmup_fraction=_WARMUP.value,
-    )
-    if stopped:
-        return _stopped_exit()
-    winner = tune_base.best(found)
-    last_loss = [loss for loss in winner.losses if loss is not None][-1]
-    if not np.isfinite(last_loss):
-        cli.fail(f'every trial of the last rung failed or diverged: see {folder}/rung*/runs/*/train.log.')
-    # The tuned config: the sweep's --set fields, muP based here, the shape of the base model, the winner.
-    shaped = shape.overrides(width)
-    typed = {}  # the --set fields as the config typed them
-    for setting in _SET.value:
-        key = setting.partition('=')[0]
-        section, _, name = key.rpartition('.')
-        typed[key] = (base[section] if section else base)[name]
-    chosen = {**typed, **fixed, **shaped, **winner.setting}
-    chosen = {k: v for k, v in chosen.items() if k != 'model.head_dim'}
-    summary = (
-        f'muP base at width {width}, {_SEARCH.value} search of {_TRIALS.value} trials (seed {_SEARCH_SEED.value}): '
-        f'eval loss {last_loss:.4f} on {tokens:.3g} tokens.'
-    )
-    (folder / 'tuned.py').write_text(tune_base.tuned_config_text(config_file, folder, chosen, summary))
-    record = {
-        'best': {'trial': winner.index, 'settings': winner.setting, 'loss': last_loss},
-        'settings': chosen,
-        'rungs': [{'trials': n, 'tokens': t} for n, t in plan],
-        'trials': [dataclasses.asdict(t) for t in found],
-        'search_space': _SPACE.value,
-    }
-    (folder / 'best.json').write_text(json.dumps(record, indent=2) + '\n')
-    tune_base.plot(found, knobs, winner, str(folder / 'tune_base.png'))
-    print('best: ' + ', '.join(f'{k}={v:g}' for k, v in winner.setting.items()) + f' (eval loss {last_loss:.4f})')
-    print(f'wrote {folder / "tuned.py"} (train or sweep with --config {folder / "tuned.py"}), best.json, tune_base.png')
-    return 1 if failed else 0
+    )  # fmt: skip
+    return _stopped_exit() if code == sweep.EXIT_STOPPED else code
 
 
 VERBS = {

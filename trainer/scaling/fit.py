@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import pathlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -266,3 +269,66 @@ def approach2(params: np.ndarray, flops: np.ndarray, loss: np.ndarray, k: float,
         tokens_exponent=float(1 - slope),
         tokens_coefficient=float(1 / (k * np.exp(intercept))),
     )
+
+
+def fit_and_report(
+    columns: dict[str, np.ndarray], k: float, bootstraps: int, budget: float | None, echo=print
+) -> dict[str, Any]:
+    """The `fit` verb: approach 3 (and 2 where the runs have FLOP budgets), the compute-optimal allocation and,
+    for `budget`, the size and tokens to train; said with `echo`, returned as fit.json's content."""
+    fit3 = approach3(columns['params'], columns['tokens'], columns['loss'], bootstraps=bootstraps)
+    law = fit3.law
+    result = {
+        'approach3': dataclasses.asdict(law) | {'standard_errors': fit3.standard_errors, 'objective': fit3.objective},
+        'warning': fit3.warning,
+        'points': fit3.points,
+        'flops_per_param_token': k,
+        'compute_optimal': {  # N*(C) = params_coefficient * C^params_exponent, D*(C) = C / (k N*(C))
+            'params_exponent': law.beta / (law.alpha + law.beta),
+            'tokens_exponent': law.alpha / (law.alpha + law.beta),
+            'params_coefficient': law.optimal(1.0, k)[0],
+            'tokens_coefficient': law.optimal(1.0, k)[1],
+        },
+    }
+    echo(
+        f'L(N, D) = {law.E:.3f} + {law.A:.4g} / N^{law.alpha:.3f} + {law.B:.4g} / D^{law.beta:.3f}  '
+        f'(standard errors: alpha {fit3.standard_errors["alpha"]:.3f}, beta {fit3.standard_errors["beta"]:.3f}, '
+        f'E {fit3.standard_errors["E"]:.3f}; {fit3.points} points)'
+    )
+    if fit3.warning:
+        echo(f'warning: {fit3.warning}; its predictions are loose (fit.json and the figures say so too).')
+    echo(
+        f'compute-optimal: N* ~ C^{result["compute_optimal"]["params_exponent"]:.3f}, '
+        f'D* ~ C^{result["compute_optimal"]["tokens_exponent"]:.3f} (C = {k:.2f} N D)'
+    )
+    if 'flops' in columns:
+        try:
+            fit2 = approach2(columns['params'], columns['flops'], columns['loss'], k, columns.get('budget'))
+            result['approach2'] = dataclasses.asdict(fit2)
+            echo(f'IsoFLOP (approach 2): N* ~ C^{fit2.params_exponent:.3f} over {len(fit2.curves)} budgets')
+        except ConfigError as error:
+            echo(f'IsoFLOP (approach 2) left out: {error}')
+    if budget:
+        n, d = law.optimal(budget, k)
+        result['budget'] = {'flops': budget, 'params': n, 'tokens': d, 'loss': float(law.loss(n, d))}
+        echo(f'for {budget:.2e} FLOPs: train {n:,.0f} parameters on {d:,.0f} tokens (loss {law.loss(n, d):.3f})')
+    return result
+
+
+def read_fit(path: str) -> tuple[Approach3, Approach2 | None]:
+    """fit.json's fits, as `plot` draws them."""
+    saved = json.loads(pathlib.Path(path).read_text())
+    law = Law(**{name: saved['approach3'][name] for name in ('E', 'A', 'B', 'alpha', 'beta')})
+    fit3 = Approach3(
+        law,
+        saved['approach3']['standard_errors'],
+        saved['approach3']['objective'],
+        saved['points'],
+        0,
+        saved.get('warning', ''),
+    )
+    fit2 = None
+    if 'approach2' in saved:
+        curves = [IsoFlop(**{**c, 'parabola': tuple(c['parabola'])}) for c in saved['approach2']['curves']]
+        fit2 = Approach2(**{**saved['approach2'], 'curves': curves})
+    return fit3, fit2

@@ -3,17 +3,68 @@
 
 `python -m trainer.scaling lr_transfer` runs two sweeps (folder/sp and folder/mup, resumable like any
 sweep: the same command again skips finished runs) of every width x learning rate on one token budget;
-this module reads them back, finds each width's best rate and draws the curves.
+this module runs those sweeps (`run_variants`), reads them back, finds each width's best rate, draws the curves
+and writes the table (`report`); lr_transfer and depth_transfer share all of it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import pathlib
+from collections.abc import Callable
 
 import numpy as np
+from ml_collections import config_dict
 
 from trainer.scaling import collect as sweep_collect
+from trainer.scaling import sweep
+
+
+class Stopped(Exception):
+    """A transfer sweep was stopped by a signal (its running point saved)."""
+
+
+def run_variants(
+    folder: pathlib.Path,
+    variants: dict[str, tuple[str, list[str], list[float]]],
+    load_config: Callable[[str, list[str]], config_dict.ConfigDict],
+    widths: list[int],
+    shape: sweep.Shape,
+    lrs: list[float],
+    tokens: list[float],
+    warmup_fraction: float,
+    echo: Callable[[str], None] = print,
+) -> int:
+    """Runs a sweep per variant ({name: (config file, settings, learning rates or [] for `lrs`)}) in
+    folder/<name>; returns the failed runs; raises Stopped when a signal stopped one."""
+    failed = 0
+    for name, (config_file, settings, rates) in variants.items():
+        points = sweep.plan(
+            load_config(config_file, settings),
+            widths,
+            shape,
+            token_budgets=tokens,
+            learning_rates=rates or lrs,
+            warmup_fraction=warmup_fraction,
+        )
+        commands = sweep.write(folder / name, config_file, points, [f'--config.{s}' for s in settings])
+        echo(f'{name}: {len(points)} runs in {folder / name}')
+        _, failed_here, stopped = sweep.run(folder / name, commands, points)
+        if stopped:
+            raise Stopped()
+        failed += failed_here
+    return failed
+
+
+def report(table: dict[str, dict[int, dict]], folder: pathlib.Path, name: str, by: str) -> None:
+    """The figure and table of a transfer test (folder/<name>.png, .json) and each variant's best rates."""
+    plot(table, str(folder / f'{name}.png'), by=by)
+    (folder / f'{name}.json').write_text(json.dumps(table, indent=2) + '\n')
+    for variant, by_size in table.items():
+        best = ', '.join(f'{w}: {row["best_lr"]:.2g} (loss {min(row["losses"]):.4f})' for w, row in by_size.items())
+        print(f'{variant}: best learning rate by {by}: {best}')
+    print(f'wrote {folder / f"{name}.json"}, {folder / f"{name}.png"}')
 
 
 def best_rate(rates: list[float], losses: list[float]) -> float:

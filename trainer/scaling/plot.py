@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pathlib
 
 import matplotlib
@@ -14,17 +15,49 @@ from matplotlib import ticker  # noqa: E402
 
 from trainer.scaling.fit import Approach2, Approach3  # noqa: E402
 
+MAX_TICKS = 6  # labelled ticks per log axis, so that short labels never crowd
+
+
+def log_ticks(low: float, high: float) -> list[float]:
+    """Round values to label a base-10 log axis spanning [low, high]: 1, 2 and 5 times powers of ten, fewer
+    (1 and 3, then powers of ten, then every k-th) over many decades, more (1 to 9) within a decade; fewer than
+    2 when the span is too narrow for any (the caller widens it)."""
+    decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+
+    def inside(subs) -> list[float]:
+        return [float(s * 10.0**d) for d in decades for s in subs if low <= s * 10.0**d <= high]
+
+    ticks = inside((1, 2, 5))
+    if len(ticks) < 2:
+        finer = inside(range(1, 10))
+        return finer if 2 <= len(finer) <= MAX_TICKS else ticks
+    for subs in ((1, 3), (1,)):
+        if len(ticks) <= MAX_TICKS:
+            return ticks
+        ticks = inside(subs)
+    return ticks[:: math.ceil(len(ticks) / MAX_TICKS)]
+
 
 def readable(figure, warning: str = '') -> None:
-    """Base-10 log axes labelled at 1, 2 and 5 times powers of ten in short form ('20k', '5M'), never at every
-    minor tick (a span under a decade once labelled '2x10^3x10^4x10^...' on top of each other); a weak fit's
-    warning across the bottom. Call after tight_layout."""
+    """Base-10 log axes labelled at a few round values in short form ('20k', '5M'), for any spread: never at
+    every minor tick (a span under a decade once labelled '2x10^3x10^4x10^...' on top of each other), never in
+    long digits (runs at nearly equal FLOPs once read '1.0003T 1.00031T 1.00032T'): an axis too narrow for two
+    round values is widened to a decade about its middle. A weak fit's warning across the bottom. Call after
+    tight_layout."""
     for axes in figure.axes:
-        for axis in (axes.xaxis, axes.yaxis):
-            if axis.get_scale() == 'log' and getattr(axis.get_transform(), 'base', 10) == 10:
-                axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=6))
-                axis.set_major_formatter(ticker.EngFormatter(sep=''))
-                axis.set_minor_formatter(ticker.NullFormatter())
+        for axis, set_limits in ((axes.xaxis, axes.set_xlim), (axes.yaxis, axes.set_ylim)):
+            if axis.get_scale() != 'log' or getattr(axis.get_transform(), 'base', 10) != 10:
+                continue
+            low, high = sorted(axis.get_view_interval())
+            ticks = log_ticks(low, high)
+            if len(ticks) < 2:  # a decade always holds 1, 2 or 5 times a power of ten twice or more
+                middle = math.sqrt(low * high)
+                low, high = middle / math.sqrt(10), middle * math.sqrt(10)
+                set_limits(low, high)
+                ticks = log_ticks(low, high)
+            axis.set_major_locator(ticker.FixedLocator(ticks))
+            axis.set_major_formatter(ticker.EngFormatter(sep=''))
+            axis.set_minor_formatter(ticker.NullFormatter())
     if warning:
         figure.text(0.5, 0.005, warning, ha='center', va='bottom', color='firebrick', fontsize=7, wrap=True)
         figure.subplots_adjust(bottom=max(figure.subplotpars.bottom, 0.2))

@@ -30,6 +30,7 @@ from ml_collections import config_dict
 from trainer.errors import ConfigError
 from trainer.modeling import counts
 from trainer.modeling.model_setup import model_config
+from trainer.scaling.eta import SweepEta
 from trainer.training import reporting
 
 
@@ -184,9 +185,9 @@ class _SweepProgress:
         self._total = sum(self._flops.values())
         self._finished = sum(self._flops[name] for name in finished)
         self._points, self._done = len(points), len(finished)
+        self._to_start = len(points) - len(finished)  # points this command has still to start
         self._echo = echo
-        self._started = time.monotonic()
-        self._flops_here = 0.0  # FLOPs trained by this command, for its rate
+        self._eta = SweepEta()
         self._bar = None
         if echo is print and sys.stderr.isatty():
             self._bar = tqdm.tqdm(
@@ -194,15 +195,19 @@ class _SweepProgress:
                 bar_format='{percentage:3.0f}% of FLOPs |{bar}| {postfix}',
             )  # fmt: skip
 
+    def start(self) -> None:
+        """A point starts (or resumes)."""
+        self._to_start -= 1
+        self._eta.start_point()
+
     def step(self, index: int, point: Point, step: int, steps: int, eta: str, loss: str, first_step: int) -> None:
         """A trainer report of the running point, which this command started (or resumed) at `first_step`."""
         current = self._flops[point.name] * step / max(steps, 1)
         share = (self._finished + current) / self._total
-        # The rate counts what this command trained, not what a resumed point had done before.
-        here = self._flops_here + self._flops[point.name] * (step - first_step) / max(steps, 1)
-        rate = here / max(time.monotonic() - self._started, 1e-9)
-        left = self._total - self._finished - current
-        sweep_eta = reporting.format_duration(left / rate) if rate > 0 else '?'
+        # What this command trained of the point, not what a resumed point had done before.
+        self._eta.report(self._flops[point.name] * (step - first_step) / max(steps, 1))
+        left = self._eta.remaining(self._total - self._finished - current, self._to_start)
+        sweep_eta = reporting.format_duration(left) if left is not None else '? (measured from the next report)'
         text = (
             f'point {index}/{self._points} {point.name} | step {step}/{steps} | loss {loss} | ETA {eta} | sweep: '
             f'{self._done}/{self._points} points, {share:.0%} of FLOPs, ETA {sweep_eta}'
@@ -219,10 +224,12 @@ class _SweepProgress:
         else:
             self._echo(text)
 
-    def finished(self, point: Point, trained_fraction: float) -> None:
-        self._finished += self._flops[point.name]
-        self._flops_here += self._flops[point.name] * trained_fraction
-        self._done += 1
+    def ended(self, point: Point, done: bool) -> None:
+        """The running point ended: done, or stopped or failed."""
+        self._eta.end_point()
+        if done:
+            self._finished += self._flops[point.name]
+            self._done += 1
 
     def close(self) -> None:
         if self._bar is not None:
@@ -262,7 +269,7 @@ class _Signals:
 
 def _run_point(argv: list[str], workdir: pathlib.Path, index: int, point: Point, progress, signals) -> tuple:
     """Runs one point, its output appended to workdir/train.log and its reports shown; returns (exit code, last
-    line, the fraction of its steps trained here)."""
+    line)."""
     # A session of its own: a Ctrl-C at the terminal reaches the sweep alone, which passes it on once.
     child = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, bufsize=1
@@ -279,13 +286,19 @@ def _run_point(argv: list[str], workdir: pathlib.Path, index: int, point: Point,
                 progress.message(f'  {line}')
             elif found := _STEP_LINE.match(line):
                 step, steps = int(found[1]), int(found[2])
-                first_step = step - 1 if first_step is None else first_step
+                first_step = 0 if first_step is None else first_step  # no 'resumed from': a fresh start
                 progress.step(index, point, step, steps, found[3], found[4], first_step)
     code = child.wait()
     signals.watch(None)
-    trained = (step - (first_step or 0)) / steps if steps else 0.0
     meaningful = [line for line in lines if line.strip()]
-    return code, meaningful[-1] if meaningful else '', trained
+    return code, meaningful[-1] if meaningful else ''
+
+
+def done_line(here: float, earlier: float, last: str) -> str:
+    """A finished point's line: how long this command ran it and, for a resumed one, its time in all."""
+    if not earlier:
+        return f'done in {here:.0f}s: {last}'
+    return f'done in {here:.0f}s this run, {here + earlier:.0f}s in all with its earlier runs: {last}'
 
 
 SCORES_FILE = 'multiple_choice.json'  # a point's acc and acc_norm on the sweep's --mc_files, which collect reads
@@ -336,13 +349,15 @@ def run(
             progress.message(f'point {i + 1}/{len(points)}: {point.name} ({point.params:,} parameters, '
                              f'{point.tokens:,} tokens)')  # fmt: skip
             start = time.monotonic()
-            code, last, trained = _run_point(argv, workdir, i + 1, point, progress, signals)
-            seconds = time.monotonic() - start + status.get('wall_s', 0.0)  # a resumed point adds its earlier time
+            progress.start()
+            code, last = _run_point(argv, workdir, i + 1, point, progress, signals)
+            progress.ended(point, code == 0)
+            here, earlier = time.monotonic() - start, status.get('wall_s', 0.0)
+            seconds = here + earlier  # a resumed point's wall_s adds its earlier runs' time
             if code == 0:
                 record = {'state': 'done', 'wall_s': seconds}
                 done += 1
-                progress.finished(point, trained)
-                progress.message(f'  done in {seconds:.0f}s: {last}')
+                progress.message(f'  {done_line(here, earlier, last)}')
                 if mc_files:
                     progress.message(f'  {score_point(workdir, mc_files)}')
             elif code == EXIT_STOPPED or signals.received:

@@ -16,6 +16,7 @@ and tune_base.png (loss against each constant, a colour per rung).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import pathlib
@@ -27,17 +28,21 @@ from ml_collections import config_dict
 
 from trainer.errors import ConfigError
 from trainer.scaling import collect as sweep_collect
-from trainer.scaling import sweep
+from trainer.scaling import inputs, sweep
 
 # Tensor Programs V's tunable constants for Adam (its Table 3, the mup package's MuReadout output_mult and the
-# input multiplier), with the learning rate and weight decay; ranges around SP's values for a small model.
+# input multiplier), with the learning rate and weight decay; ranges around SP's values for a small model. Each
+# range spans 50x or more: the first search's winner sat at the top of init_std=0.005:0.08 (0.0794) and at
+# the largest weight decay (0.1), so both reach further now.
 DEFAULT_SPACE = (
-    'train.learning_rate=1e-3:3e-2',
-    'model.mup_output_multiplier=0.25:8',
-    'model.mup_input_multiplier=0.5:16',
-    'model.init_std=0.005:0.08',
-    'train.weight_decay=0|0.03|0.1',
+    'train.learning_rate=1e-3:5e-2',
+    'model.mup_output_multiplier=0.2:16',
+    'model.mup_input_multiplier=0.25:16',
+    'model.init_std=0.005:0.5',
+    'train.weight_decay=0|0.03|0.1|0.3',
 )
+# A winner this close to a range's end (a share of the range's log width) may have wanted a value beyond it.
+EDGE_SHARE = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +102,24 @@ def draw(knobs: Sequence[Knob], trials: int, seed: int) -> list[dict[str, float]
                 setting[knob.field] = float(knob.choices[rng.integers(len(knob.choices))])
         drawn.append(setting)
     return drawn
+
+
+def edge_warnings(knobs: Sequence[Knob], setting: dict[str, float]) -> list[str]:
+    """A line for each log-uniform range whose end the winning `setting` lies within EDGE_SHARE of (log scale)."""
+    lines = []
+    for knob in knobs:
+        if not knob.is_log:
+            continue
+        share = math.log(setting[knob.field] / knob.low) / math.log(knob.high / knob.low)
+        if EDGE_SHARE < share < 1 - EDGE_SHARE:
+            continue
+        end, bound = ('bottom', knob.low) if share <= EDGE_SHARE else ('top', knob.high)
+        lines.append(
+            f"warning: the winner's {knob.field}={setting[knob.field]:g} lies at the {end} of its range "
+            f'{knob.low:g}:{knob.high:g} (within {EDGE_SHARE:.0%} of it, log scale): the best may lie beyond '
+            f'{bound:g}; widen the range (--search_space {knob.field}=LO:HI) and search again.'
+        )
+    return lines
 
 
 def rung_plan(trials: int, search: str, eta: int, rungs: int, tokens: float) -> list[tuple[int, float]]:
@@ -264,3 +287,94 @@ def plot(found: Sequence[Trial], knobs: Sequence[Knob], winner: Trial, out_png: 
     readable(fig)
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
+
+
+@dataclasses.dataclass(frozen=True)
+class Search:
+    """How tune_base searches: trials drawn, 'random' or 'halving', halving's eta and rungs, the draw's seed."""
+
+    trials: int
+    method: str
+    eta: int
+    rungs: int
+    seed: int
+
+
+def tune(
+    folder: pathlib.Path,
+    config_file: str,
+    set_fields: Sequence[str],
+    space: Sequence[str],
+    how: Search,
+    *,
+    width: int,
+    shape: sweep.Shape,
+    tokens: float,
+    warmup_fraction: float,
+) -> int:
+    """The whole tune_base verb: muP based at `width`, the search, then tuned.py, best.json and the figure in
+    `folder`; returns the exit code (sweep.EXIT_STOPPED when a signal stopped it)."""
+    fixed = {'model.parametrization': 'mup', 'model.base_width': width, 'model.base_head_dim': shape.head_dim}
+    probe = inputs.load_config(config_file, list(set_fields))
+    if probe.model.depth_scaling == 'completep':
+        fixed['model.base_depth'] = shape.depth
+    settings = [*set_fields, *(f'{k}={v}' for k, v in fixed.items())]
+    base = inputs.load_config(config_file, settings)
+    knobs = parse_space(space, base)
+    plan = rung_plan(how.trials, how.method, how.eta, how.rungs, tokens)
+    print(
+        f'tune_base: {how.trials} trials at width {width} ({how.method}: '
+        + ', '.join(f'{n} on {t:.3g} tokens' for n, t in plan)
+        + f'); searching {", ".join(k.field for k in knobs)}'
+    )
+    found, stopped, failed = search(
+        folder,
+        config_file,
+        base,
+        [f'--config.{s}' for s in settings],
+        knobs,
+        width=width,
+        shape=shape,
+        trials=how.trials,
+        method=how.method,
+        eta=how.eta,
+        rungs=how.rungs,
+        tokens=tokens,
+        seed=how.seed,
+        warmup_fraction=warmup_fraction,
+    )
+    if stopped:
+        return sweep.EXIT_STOPPED
+    winner = best(found)
+    last_loss = [loss for loss in winner.losses if loss is not None][-1]
+    if not np.isfinite(last_loss):
+        raise ConfigError(f'every trial of the last rung failed or diverged: see {folder}/rung*/runs/*/train.log.')
+    # The tuned config: the sweep's --set fields, muP based here, the shape of the base model, the winner.
+    shaped = shape.overrides(width)
+    typed = {}  # the --set fields as the config typed them
+    for setting in set_fields:
+        key = setting.partition('=')[0]
+        section, _, name = key.rpartition('.')
+        typed[key] = (base[section] if section else base)[name]
+    chosen = {**typed, **fixed, **shaped, **winner.setting}
+    chosen = {k: v for k, v in chosen.items() if k != 'model.head_dim'}
+    summary = (
+        f'muP base at width {width}, {how.method} search of {how.trials} trials (seed {how.seed}): '
+        f'eval loss {last_loss:.4f} on {tokens:.3g} tokens.'
+    )
+    (folder / 'tuned.py').write_text(tuned_config_text(config_file, folder, chosen, summary))
+    record = {
+        'best': {'trial': winner.index, 'settings': winner.setting, 'loss': last_loss},
+        'settings': chosen,
+        'rungs': [{'trials': n, 'tokens': t} for n, t in plan],
+        'trials': [dataclasses.asdict(t) for t in found],
+        'search_space': list(space),
+        'warnings': edge_warnings(knobs, winner.setting),
+    }
+    (folder / 'best.json').write_text(json.dumps(record, indent=2) + '\n')
+    plot(found, knobs, winner, str(folder / 'tune_base.png'))
+    print('best: ' + ', '.join(f'{k}={v:g}' for k, v in winner.setting.items()) + f' (eval loss {last_loss:.4f})')
+    for line in record['warnings']:
+        print(line)
+    print(f'wrote {folder / "tuned.py"} (train or sweep with --config {folder / "tuned.py"}), best.json, tune_base.png')
+    return 1 if failed else 0

@@ -116,6 +116,18 @@ def check_model(model: config_dict.ConfigDict) -> None:
         0.5 <= model.depth_alpha <= 1.0,
         f'config.model.depth_alpha={model.depth_alpha} must be in [0.5, 1] (1 = CompleteP, 0.5 = 1/sqrt(depth)).',
     )
+    # Settings that would silently do nothing: refused, so a run never looks muP or CompleteP when it is not.
+    _require(
+        model.mup_weight_decay == 'coupled' or model.parametrization == 'mup',
+        f'config.model.mup_weight_decay={model.mup_weight_decay!r} acts only under muP: set '
+        "config.model.parametrization='mup' or leave mup_weight_decay at 'coupled'.",
+    )
+    for name, off in (('base_depth', 0), ('depth_alpha', 1.0)):
+        _require(
+            model[name] == off or model.depth_scaling == 'completep',
+            f"config.model.{name}={model[name]} acts only under CompleteP: set config.model.depth_scaling='completep' "
+            f'or leave {name} at {off}.',
+        )
     _require(
         model.loss_vocab_chunk >= 0,
         f'config.model.loss_vocab_chunk={model.loss_vocab_chunk} must be 0 (off) or positive.',

@@ -117,25 +117,26 @@ def make_optimizer(train: config_dict.ConfigDict, roles: Any) -> tuple[optax.Gra
     """The optimizer of the trainable params (`roles`: their Role tree) and its schedule (logged as `learning_rate`).
 
     AdamW with every multiplier 1 (weight decay on or off): one AdamW with a decay mask. Otherwise each group
-    of parameters with the same multipliers (and, under Muon, the same update rule: Muon for the hidden
-    matrices, AdamW for embeddings, the output head, norms, biases and adapters) gets its own transform
-    (optax.multi_transform), sharing the clipping.
+    of parameters with the same learning-rate, weight-decay and epsilon multipliers, and under Muon the same
+    update rule (Muon for the hidden matrices, AdamW for embeddings, the output head, norms, biases and
+    adapters), gets its own transform (optax.multi_transform), sharing the clipping.
     """
     schedule = make_schedule(train)
     leaves = jax.tree.leaves(roles)
     plain = train.optimizer == 'adamw' and all(
-        r.lr_multiplier == 1.0 and r.weight_decay_multiplier in (0.0, 1.0) for r in leaves
+        r.lr_multiplier == 1.0 and r.weight_decay_multiplier in (0.0, 1.0) and r.eps_multiplier == 1.0 for r in leaves
     )
 
     def scaled(lr_multiplier: float) -> optax.ScalarOrSchedule:
         return schedule if lr_multiplier == 1.0 else (lambda step: lr_multiplier * schedule(step))
 
-    def adamw(lr_multiplier: float, decay: Any) -> optax.GradientTransformation:
+    def adamw(lr_multiplier: float, decay: Any, eps_multiplier: float = 1.0) -> optax.GradientTransformation:
         learning_rate = scaled(lr_multiplier)
+        eps = train.eps * eps_multiplier
         if isinstance(decay, float):  # one group's decay
-            return optax.adamw(learning_rate, b1=train.b1, b2=train.b2, eps=train.eps, weight_decay=decay)
+            return optax.adamw(learning_rate, b1=train.b1, b2=train.b2, eps=eps, weight_decay=decay)
         return optax.adamw(
-            learning_rate, b1=train.b1, b2=train.b2, eps=train.eps, weight_decay=train.weight_decay, mask=decay
+            learning_rate, b1=train.b1, b2=train.b2, eps=eps, weight_decay=train.weight_decay, mask=decay
         )
 
     if plain:
@@ -143,19 +144,20 @@ def make_optimizer(train: config_dict.ConfigDict, roles: Any) -> tuple[optax.Gra
     else:
         muon = train.optimizer == 'muon'
 
-        def group(path, role) -> tuple[str, float, float]:
-            rule = 'muon' if muon and muon_dimensions(param_roles.path_name(path), 2) is not None else 'adamw'
-            return rule, role.lr_multiplier, role.weight_decay_multiplier
+        def group(path, role) -> tuple[str, float, float, float]:
+            if muon and muon_dimensions(param_roles.path_name(path), 2) is not None:
+                return 'muon', role.lr_multiplier, role.weight_decay_multiplier, 1.0  # Adam's epsilon: not Muon's
+            return 'adamw', role.lr_multiplier, role.weight_decay_multiplier, role.eps_multiplier
 
         groups = jax.tree_util.tree_map_with_path(group, roles)
         # AdamW's groups keep the labels they had before Muon existed: checkpoints of such runs still resume.
         names = {
-            g: ('muon_' if g[0] == 'muon' else '') + f'lr{g[1]:g}_wd{g[2]:g}'
+            g: ('muon_' if g[0] == 'muon' else '') + f'lr{g[1]:g}_wd{g[2]:g}' + (f'_eps{g[3]:g}' if g[3] != 1.0 else '')
             for g in sorted(set(jax.tree.leaves(groups, is_leaf=_is_group)))
         }
-        make = {'adamw': adamw, 'muon': lambda lr, wd: _muon(train, scaled(lr), wd)}
+        make = {'adamw': adamw, 'muon': lambda lr, wd, _: _muon(train, scaled(lr), wd)}
         tx = optax.multi_transform(
-            {name: make[rule](lr, train.weight_decay * wd) for (rule, lr, wd), name in names.items()},
+            {name: make[rule](lr, train.weight_decay * wd, eps) for (rule, lr, wd, eps), name in names.items()},
             jax.tree.map(lambda g: names[g], groups, is_leaf=_is_group),
         )
     if train.grad_clip > 0:
