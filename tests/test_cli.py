@@ -209,9 +209,9 @@ def test_data_that_cannot_be_read_as_asked_is_one_plain_line(tmp_path):
         *common, f'--workdir={tmp_path / "a"}', '--config.data.format=sft', f'--config.data.train_files={text}'
     )
     assert sft.returncode == 2 and sft.stderr.strip().splitlines() == [
-        f"error: {text} is not JSON lines (its first 5 lines are no JSON objects), but config.data.format='sft' "
-        "reads one JSON object per line: give .jsonl files (docs/finetune.md), or config.data.format='auto' for "
-        'plain text.'
+        f'error: {text} is not JSON lines ({text}:1: not valid JSON, and 4 more lines are no JSON objects before '
+        "any usable one), but config.data.format='sft' reads one JSON object per line: give .jsonl files "
+        "(docs/finetune.md), or config.data.format='auto' for plain text."
     ], sft.stderr
     empty = run_trainer(*common, f'--workdir={tmp_path / "b"}', f'--config.data.train_files={tmp_path / "empty.txt"}')
     assert empty.returncode == 2 and empty.stderr.strip().splitlines() == [
