@@ -41,11 +41,17 @@ class BadLines:
         if not_json and not self._usable:
             self._not_json.append((number, why))
             if len(self._not_json) == NOT_JSON_LINES:
-                first, first_why = self._not_json[0]
-                raise ConfigError(
-                    f'{self.path} is not JSON lines ({self.path}:{first}: {first_why}, and {NOT_JSON_LINES - 1} '
-                    f'more lines are no JSON objects before any usable one), but {self._refusal}'
-                )
+                self.refuse()
+
+    def refuse(self) -> None:
+        """Raises the ConfigError of a file that is not JSON lines, if no line was usable and some were no JSON."""
+        if self._usable or not self._not_json:
+            return
+        (first, why), lines = self._not_json[0], len(self._not_json)
+        raise ConfigError(
+            f'{self.path} is not JSON lines ({self.path}:{first}: {why}; no JSON object in its first {lines} '
+            f'line{"s" if lines > 1 else ""}), but {self._refusal}'
+        )
 
     def report(self) -> int:
         """Logs the named lines and the count of the others; returns how many were skipped."""
