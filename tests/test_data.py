@@ -533,6 +533,23 @@ def test_a_json_lines_file_that_is_not_json_is_one_line_naming_it(tmp_path):
         config_checks.check_data(data_config(str(tmp_path / 'sft.jsonl')))
 
 
+def test_a_global_batch_of_examples_draws_from_the_whole_file_not_a_few_runs_of_neighbours(tmp_path):
+    """Each stream shuffles its share with a seed of its own. With one seed for all, the 16 rows of a batch from 8
+    streams were 2 places of the file, 8 neighbouring examples each (a file sorted by label: batches of one label)."""
+    lines = [json.dumps({'text': f'example {i:02d}', 'label': i // 32}) for i in range(64)]
+    (tmp_path / 'labeled.jsonl').write_text('\n'.join(lines) + '\n')
+    config = data_config(str(tmp_path / 'labeled.jsonl'), format='classify')
+    config.model.update(head='classify', num_classes=2)
+    tokenizer = tokenizers.make_tokenizer('byte')
+    srcs = pipeline.train_sources(config.data)
+    batch = []  # the example numbers of the first global batch of 16 rows, from 8 streams of 2
+    for stream in range(8):
+        rows = next(iter(pipeline.make_dataset(srcs, config.data, tokenizer, 0, 2, True, stream, 8, num_classes=2)))
+        batch += [int(bytes(row[8:10].astype(np.uint8))) for row in rows['inputs']]
+    assert sorted(batch) == sorted(set(batch)) and len(batch) == 16
+    assert len({i // 8 for i in batch}) >= 4, sorted(batch)  # of the 8 runs of 8 neighbours
+
+
 def test_the_default_stream_count_is_the_configs_alone_and_each_process_runs_the_streams_of_its_rows():
     """Not one per device or process: the same streams on any mesh; a process keeps its rows of them."""
     mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'), axis_types=(jax.sharding.AxisType.Auto,) * 3)

@@ -281,7 +281,9 @@ def make_dataset(
     """One data stream's batches of `local_batch` rows: its share of the examples, shuffled every epoch; with
     `with_bytes` (an eval of instruction data), the bytes of text each target stands for."""
     dataset: Any = grain.MapDataset.source(list(found.examples))[stream::num_streams]
-    dataset = dataset.shuffle(seed) if shuffle else dataset
+    # Each stream its own order (stream 0 keeps `seed`): one permutation for all would fill each global batch
+    # with runs of neighbouring examples (stream j's i-th is example perm[i] * n + j), a few places of the file.
+    dataset = dataset.shuffle(seed + 1009 * stream) if shuffle else dataset
     dataset = dataset.repeat(None) if repeat else dataset
     if data_cfg.format == 'classify':
         rows = dataset.map(functools.partial(_classify_features, seq_len=data_cfg.seq_len))
