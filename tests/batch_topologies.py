@@ -34,6 +34,9 @@ WORDS = 'the quick brown fox jumps over a lazy dog while seven wizards quietly h
 FORMATS = {
     'text': {'train_files': 'text/*.txt', 'eval_files': 'eval.txt'},
     'text_whole_files': {'train_files': 'many/*.txt'},  # >= 4 files per stream: whole files each
+    # fewer documents than the 8 streams: each stream reads its byte range of the text
+    'one_paragraph': {'train_files': 'one_paragraph.txt', 'eval_files': 'one_paragraph.txt'},
+    'jsonl_few': {'train_files': 'few.jsonl', 'eval_files': 'few.jsonl'},
     'jsonl': {'train_files': 'docs.jsonl', 'eval_files': 'docs.jsonl'},
     'parquet': {'train_files': 'docs.parquet'},
     'arrayrecord': {'train_files': 'prepared/*.arrayrecord'},
@@ -58,6 +61,9 @@ def write_data(folder: pathlib.Path) -> None:
         for f in range(files):
             (folder / name / f'part{f}.txt').write_text('\n\n'.join(_paragraphs(rng, f'{name} {f}', paragraphs)) + '\n')
     (folder / 'eval.txt').write_text('\n\n'.join(_paragraphs(rng, 'eval', 60)))
+    (folder / 'one_paragraph.txt').write_text(' '.join(_paragraphs(rng, 'one', 200)) + '\n')
+    few = [' '.join(_paragraphs(rng, f'few {i}', 20)) for i in range(3)]
+    (folder / 'few.jsonl').write_text(''.join(json.dumps({'text': d}) + '\n' for d in few))
     docs = _paragraphs(rng, 'json', 120)
     (folder / 'docs.jsonl').write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs))
     pq.write_table(pa.table({'text': docs}), folder / 'docs.parquet', row_group_size=16)

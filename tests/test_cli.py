@@ -209,9 +209,9 @@ def test_data_that_cannot_be_read_as_asked_is_one_plain_line(tmp_path):
         *common, f'--workdir={tmp_path / "a"}', '--config.data.format=sft', f'--config.data.train_files={text}'
     )
     assert sft.returncode == 2 and sft.stderr.strip().splitlines() == [
-        f"error: {text} is not JSON lines (its first 5 lines are no JSON objects), but config.data.format='sft' "
-        "reads one JSON object per line: give .jsonl files (docs/finetune.md), or config.data.format='auto' for "
-        'plain text.'
+        f'error: {text} is not JSON lines ({text}:1: not valid JSON; no JSON object in its first 5 lines), but '
+        "config.data.format='sft' reads one JSON object per line: give .jsonl files (docs/finetune.md), or "
+        "config.data.format='auto' for plain text."
     ], sft.stderr
     empty = run_trainer(*common, f'--workdir={tmp_path / "b"}', f'--config.data.train_files={tmp_path / "empty.txt"}')
     assert empty.returncode == 2 and empty.stderr.strip().splitlines() == [
@@ -224,3 +224,63 @@ def test_data_that_cannot_be_read_as_asked_is_one_plain_line(tmp_path):
     assert both.returncode == 0, both.stderr[-2000:]
     warnings = [line for line in both.stderr.splitlines() if 'empty' in line]
     assert warnings == [f'warning: data: skipping 1 empty file(s) of config.data.train_files: {tmp_path / "empty.txt"}']
+
+
+def test_one_paragraph_files_train_and_evaluate_with_the_default_streams(tmp_path):
+    """100 kB of prose in one paragraph, and sentences one per line (one paragraph too), with the default 8 streams:
+    each stream reads its eighth of the text (they were refused: fewer documents than streams)."""
+    rng = np.random.default_rng(0)
+    words = 'the quick brown fox jumps over a lazy dog while seven wizards quietly hex jovial bakers'.split()
+    prose, lines = tmp_path / 'prose.txt', tmp_path / 'lines.txt'
+    prose.write_text(' '.join(rng.choice(words, 20_000)) + '\n')
+    lines.write_text(''.join(' '.join(rng.choice(words, 10)) + '.\n' for _ in range(300)))
+    assert prose.stat().st_size > 100_000
+    result = run_trainer(
+        '--config',
+        'configs/small_lm.py',
+        f'--workdir={tmp_path / "run"}',
+        *TINY,
+        '--config.train.steps=3',
+        f'--config.data.train_files={prose}',
+        f'--config.data.eval_files={lines}',
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'done: step 3' in result.stdout and 'eval loss' in result.stdout
+
+
+def _tree(folder: pathlib.Path) -> dict[str, bytes | None]:
+    """Every path under `folder` and the bytes of each file (None for folders)."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob('*'))}
+
+
+def test_a_refused_run_writes_nothing(tmp_path):
+    """Exit 2 leaves a new workdir unmade and an existing one (a config.json, no checkpoint yet) as it was: for a
+    file that is not JSON lines (named once, not a warning per stream), a bad config value, a missing file, and a
+    data problem the first batch meets (after compiling)."""
+    not_json = tmp_path / 'train.jsonl'
+    not_json.write_text('\n'.join(f'Line {i} of a play, no JSON here.' for i in range(500)))
+    blank = tmp_path / 'blank.txt'
+    blank.write_text('word' + ' ' * 100_000)  # 7 of the 8 streams' eighths hold only spaces
+    existing = tmp_path / 'existing'
+    existing.mkdir()
+    (existing / 'config.json').write_text('{"the": "last run"}\n')
+    before = _tree(existing)
+    common = ['--config', 'configs/small_lm.py', *TINY, '--config.train.steps=2']
+    new = tmp_path / 'new' / 'run'
+    refusals = [
+        ('not JSON lines', existing, f'--config.data.train_files={not_json}'),
+        ('not JSON lines', new, f'--config.data.train_files={not_json}'),
+        ('config.model.num_heads=5 does not divide', existing, '--config.model.num_heads=5'),
+        ('matches no file', new, '--config.data.train_files=/no/such/*.txt'),
+        ('none of the 1 data files yields a document', new, f'--config.data.train_files={blank}'),
+    ]
+    for expected, workdir, flag in refusals:
+        result = run_trainer(*common, f'--workdir={workdir}', flag)
+        assert result.returncode == 2, (expected, result.stderr[-2000:])
+        errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+        assert len(errors) == 1 and expected in errors[0], (expected, result.stderr[-2000:])
+        assert 'Traceback' not in result.stderr and 'skipped' not in result.stderr, expected
+        assert _tree(existing) == before, expected
+        assert not (tmp_path / 'new').exists(), expected
+        if expected == 'not JSON lines':
+            assert errors[0].startswith(f'error: {not_json} is not JSON lines ({not_json}:1: not JSON ('), errors

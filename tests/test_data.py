@@ -435,6 +435,121 @@ def test_files_that_yield_no_document_are_an_error_not_a_hang(tmp_path):
         next(iter(dataset(config)))
 
 
+def one_paragraph(words: int = 20_000, seed: int = 0) -> str:
+    """Prose without a blank line (one paragraph), with two-byte characters so that a cut could split one."""
+    rng = np.random.default_rng(seed)
+    return ' '.join(rng.choice(WORDS + ['café', 'naïve', 'señor'], words)) + '\n'
+
+
+def stream_texts(config, num_streams: int) -> list[list[str]]:
+    """Each stream's documents of the (one) train source, read once in order, decoded."""
+    tokenizer = tokenizers.make_tokenizer('byte')
+    (src,) = pipeline.train_sources(config.data)
+    texts = []
+    for stream in range(num_streams):
+        docs = pipeline._documents(src, config.data, tokenizer, 0, False, stream, num_streams, repeat=False)
+        texts.append([tokenizer.decode(d['tokens'][:-1]) for d in docs])
+    return texts
+
+
+def test_a_file_of_fewer_documents_than_streams_is_shared_by_byte_ranges(tmp_path):
+    """One paragraph of 100 kB, or sentences one per line read by paragraph: each of 8 streams gets an eighth."""
+    prose = one_paragraph()
+    assert len(prose.encode()) > 100_000 and '\n\n' not in prose
+    (tmp_path / 'prose.txt').write_text(prose)
+    rng = np.random.default_rng(1)
+    lines = ''.join(' '.join(rng.choice(WORDS, 12)) + '.\n' for _ in range(2000))
+    (tmp_path / 'lines.txt').write_text(lines)
+    for name, text in (('prose.txt', prose), ('lines.txt', lines)):
+        shares = stream_texts(data_config(str(tmp_path / name)), 8)
+        assert ''.join(''.join(share) for share in shares) == text, 'every byte once, in order'
+        sizes = [sum(len(t.encode()) for t in share) for share in shares]
+        assert min(sizes) > 0.45 * len(text.encode()) / 8, (name, sizes)
+        if name == 'lines.txt':  # cut at line ends, not inside a sentence
+            assert all(t.endswith('\n') for share in shares for t in share), name
+    # Two files of three documents each (JSON lines, Parquet): each stream an eighth of each file's text.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = [one_paragraph(800, seed) for seed in range(3)]
+    (tmp_path / 'few.jsonl').write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs))
+    pq.write_table(pa.table({'text': docs}), tmp_path / 'few.parquet')
+    for name in ('few.jsonl', 'few.parquet'):
+        shares = stream_texts(data_config(str(tmp_path / name)), 8)
+        assert all(shares) and ''.join(''.join(share) for share in shares) == ''.join(docs), name
+
+
+def test_a_file_of_enough_documents_is_dealt_by_documents_as_before(tmp_path):
+    """At least as many documents as streams: each stream keeps every n-th one, whole (the order of old runs)."""
+    (tmp_path / 'x.txt').write_text('\n\n'.join(f'doc {i}' for i in range(8)))
+    shares = stream_texts(data_config(str(tmp_path / 'x.txt')), 8)
+    assert shares == [[f'doc {i}'] for i in range(8)]
+
+
+def test_streams_sharing_one_paragraph_resume_exactly(tmp_path):
+    # Worker processes too (num_workers=2) passed, in 3 minutes for 16 of them: test_restored_iterator_... covers
+    # grain's workers; a stream's byte range is one more entry of the same state.
+    (tmp_path / 'prose.txt').write_text(one_paragraph(2_000))  # 12 kB: a stream's eighth lasts ~12 batches
+    config = data_config(str(tmp_path / 'prose.txt'), prefetch_batches=2)
+    tokenizer = tokenizers.make_tokenizer('byte')
+    sharding = jax.sharding.NamedSharding(
+        jax.make_mesh((1,), ('fsdp',), devices=jax.devices()[:1]), jax.sharding.PartitionSpec('fsdp')
+    )
+    first = pipeline.train_batches(config, tokenizer, sharding)
+    assert first.num_streams == 8
+    take(first, 7)
+    saved = checkpoints._from_json(checkpoints._to_json(first.get_state()))  # as a checkpoint stores it
+    expected = [{k: np.asarray(v) for k, v in b.items()} for b in take(first, 30)]  # crosses epochs
+    first.close()
+    second = pipeline.train_batches(config, tokenizer, sharding)
+    second.set_state({int(stream): state for stream, state in saved.items()})
+    assert_same_batches([{k: np.asarray(v) for k, v in b.items()} for b in take(second, 30)], expected)
+    second.close()
+
+
+def test_a_file_smaller_than_one_sequence_is_one_line_naming_it(tmp_path):
+    (tmp_path / 'tiny.txt').write_text('too little text\n')
+    config = data_config(str(tmp_path / 'tiny.txt'))
+    with pytest.raises(ConfigError) as refused:
+        config_checks.check_data(config)
+    assert str(refused.value) == (
+        f'config.data.train_files ({tmp_path / "tiny.txt"}) holds 17 tokens of text, less than one sequence of '
+        'config.data.seq_len + 1 = 33: give more text, or lower config.data.seq_len.'
+    )
+    config.data.seq_len = 16
+    config_checks.check_data(config)  # 16 bytes and an EOS: one sequence
+
+
+def test_a_json_lines_file_that_is_not_json_is_one_line_naming_it(tmp_path):
+    (tmp_path / 'bad.jsonl').write_text('\n'.join(f'line {i} of plain text' for i in range(3000)))
+    config = data_config(str(tmp_path / 'bad.jsonl'))
+    with pytest.raises(ConfigError) as refused:
+        config_checks.check_data(config)
+    message = str(refused.value)
+    assert message.startswith(f'{tmp_path / "bad.jsonl"} is not JSON lines ({tmp_path / "bad.jsonl"}:1: not JSON (')
+    assert "config.data.format='text' to read it as plain text" in message and '\n' not in message
+    (tmp_path / 'sft.jsonl').write_text(json.dumps({'prompt': 'a', 'completion': 'b'}) + '\n')
+    with pytest.raises(ConfigError, match=r"sft.jsonl:1: no field 'text' in its first records \(they have 'prompt'"):
+        config_checks.check_data(data_config(str(tmp_path / 'sft.jsonl')))
+
+
+def test_a_global_batch_of_examples_draws_from_the_whole_file_not_a_few_runs_of_neighbours(tmp_path):
+    """Each stream shuffles its share with a seed of its own. With one seed for all, the 16 rows of a batch from 8
+    streams were 2 places of the file, 8 neighbouring examples each (a file sorted by label: batches of one label)."""
+    lines = [json.dumps({'text': f'example {i:02d}', 'label': i // 32}) for i in range(64)]
+    (tmp_path / 'labeled.jsonl').write_text('\n'.join(lines) + '\n')
+    config = data_config(str(tmp_path / 'labeled.jsonl'), format='classify')
+    config.model.update(head='classify', num_classes=2)
+    tokenizer = tokenizers.make_tokenizer('byte')
+    srcs = pipeline.train_sources(config.data)
+    batch = []  # the example numbers of the first global batch of 16 rows, from 8 streams of 2
+    for stream in range(8):
+        rows = next(iter(pipeline.make_dataset(srcs, config.data, tokenizer, 0, 2, True, stream, 8, num_classes=2)))
+        batch += [int(bytes(row[8:10].astype(np.uint8))) for row in rows['inputs']]
+    assert sorted(batch) == sorted(set(batch)) and len(batch) == 16
+    assert len({i // 8 for i in batch}) >= 4, sorted(batch)  # of the 8 runs of 8 neighbours
+
+
 def test_the_default_stream_count_is_the_configs_alone_and_each_process_runs_the_streams_of_its_rows():
     """Not one per device or process: the same streams on any mesh; a process keeps its rows of them."""
     mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'), axis_types=(jax.sharding.AxisType.Auto,) * 3)

@@ -1,6 +1,7 @@
 """Scoring whole files: the same loss as the training eval on the same text; bits per byte; the command."""
 
 import json
+import logging
 import math
 import pathlib
 import subprocess
@@ -13,6 +14,8 @@ from conftest import mesh_for, tiny_config
 
 from trainer import evaluate
 from trainer.data import pipeline, tokenizers
+from trainer.errors import ConfigError
+from trainer.evaluation import multiple_choice
 from trainer.inference import loading
 from trainer.training import train
 
@@ -82,3 +85,38 @@ def test_the_command_scores_files_with_a_hugging_face_model(tmp_path):
         missing.stderr.strip().splitlines()[-1]
         == "error: --files='/no/such/*.txt' matches no file: give an existing path or a glob that matches one."
     )
+
+
+def test_multiple_choice_on_plain_text_is_one_error_not_a_warning_per_line(tmp_path, caplog):
+    """A plain-text file given to --task multiple_choice: one line naming the file, no warning for each line."""
+    text = tmp_path / 'play.txt'
+    text.write_text('\n'.join(f'Line {i} of a play, no JSON here.' for i in range(3000)))
+    with caplog.at_level(logging.WARNING), pytest.raises(ConfigError) as refused:
+        multiple_choice.read_questions(str(text))
+    assert f'{text} is not JSON lines ({text}:1: not JSON (' in str(refused.value)
+    assert '--task multiple_choice reads one question per line' in str(refused.value)
+    assert caplog.records == []
+
+
+def test_multiple_choice_names_the_first_bad_lines_and_counts_the_rest(tmp_path, caplog):
+    good = json.dumps({'context': 'x', 'choices': [' a', ' b'], 'gold': 1})
+    questions = tmp_path / 'questions.jsonl'
+    questions.write_text('\n'.join([good] + [f'bad line {i}' for i in range(40)] + [good]))
+    with caplog.at_level(logging.WARNING):
+        found = multiple_choice.read_questions(str(questions))
+    assert len(found) == 2
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages[:5] == [f'{questions}:{line} skipped: not JSON (Expecting value)' for line in range(2, 7)]
+    assert messages[5:] == [f'data: skipping 35 more bad lines in {questions}']
+
+
+def test_the_command_refuses_plain_text_for_multiple_choice_in_one_line(tmp_path):
+    text = tmp_path / 'play.txt'
+    text.write_text('\n'.join(f'Line {i} of a play, no JSON here.' for i in range(3000)))
+    command = [sys.executable, '-m', 'trainer.evaluate', f'--model={FIXTURES / "gpt2"}', '--batch_size=8']
+    result = subprocess.run(
+        [*command, '--task=multiple_choice', f'--files={text}'], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2 and 'skipped' not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if str(text) in line]
+    assert line.startswith(f'error: {text} is not JSON lines ({text}:1: not JSON (Expecting value)')

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
 from typing import Any
 
 import fsspec
@@ -33,14 +32,12 @@ import numpy as np
 import tqdm
 from ml_collections import config_dict
 
-from trainer.data import chat_template, sources
+from trainer.data import chat_template, json_lines, sources
 from trainer.data.tokenizers import Tokenizer, token_bytes
 from trainer.errors import ConfigError
 
 FORMATS = ('sft', 'classify')
-_WARNED_LINES = 5  # bad lines named per file; the rest are counted
 _PACKING_ROWS = 8  # rows filled at once by first-fit packing, at least
-_NOT_JSON_LINES = 5  # a file whose first lines are all no JSON objects is not JSON lines: one error, not a warning each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,23 +176,19 @@ def _read_files(
     template = chat_template.for_tokenizer(data_cfg.tokenizer) if data_cfg.format == 'sft' else None
     examples, skipped, cut = [], 0, 0
     for path in files:
-        bad: list[str] = []
-        lines = _lines(path)
-        good = not_json = 0
-        for number, line in tqdm.tqdm(lines, desc=f'reading {path}', unit=' lines', leave=False, disable=None):
+        bad = json_lines.BadLines(
+            path,
+            f'config.data.format={data_cfg.format!r} reads one JSON object per line: give .jsonl files '
+            "(docs/finetune.md), or config.data.format='auto' for plain text.",
+        )
+        for number, line in tqdm.tqdm(_lines(path), desc=f'reading {path}', unit=' lines', leave=False, disable=None):
             if not line.strip():
                 continue
-            if not good and not_json == _NOT_JSON_LINES:
-                raise ConfigError(
-                    f'{path} is not JSON lines (its first {_NOT_JSON_LINES} lines are no JSON objects), but '
-                    f'config.data.format={data_cfg.format!r} reads one JSON object per line: give .jsonl files '
-                    "(docs/finetune.md), or config.data.format='auto' for plain text."
-                )
             try:
                 record = json.loads(line)
                 if not isinstance(record, dict):
-                    not_json += 1
-                    raise _BadRecord('the line is not a JSON object')
+                    bad.skip(number, 'the line is not a JSON object', not_json=True)
+                    continue
                 if data_cfg.format == 'classify':
                     example = _labeled(record, data_cfg, tokenizer, num_classes)
                 elif data_cfg.messages_field in record:
@@ -203,22 +196,17 @@ def _read_files(
                 else:
                     example = _prompt_completion(record, data_cfg, tokenizer)
             except (json.JSONDecodeError, UnicodeDecodeError):
-                not_json += 1
-                bad.append(f'{path}:{number}: not valid JSON')
+                bad.skip(number, 'not valid JSON', not_json=True)
                 continue
             except _BadRecord as why:
-                bad.append(f'{path}:{number}: {why}')
+                bad.skip(number, str(why), not_json=False)
                 continue
-            good += 1
+            bad.used()
             if len(example.tokens) > row_tokens:
                 cut += 1
                 example = example.cut(row_tokens)
             examples.append(example)
-        for message in bad[:_WARNED_LINES]:
-            logging.warning('data: skipping %s', message)
-        if len(bad) > _WARNED_LINES:
-            logging.warning('data: skipping %d more bad lines in %s', len(bad) - _WARNED_LINES, path)
-        skipped += len(bad)
+        skipped += bad.report()
     return Examples(tuple(examples), skipped, cut)
 
 
@@ -292,7 +280,9 @@ def make_dataset(
     """One data stream's batches of `local_batch` rows: its share of the examples, shuffled every epoch; with
     `with_bytes` (an eval of instruction data), the bytes of text each target stands for."""
     dataset: Any = grain.MapDataset.source(list(found.examples))[stream::num_streams]
-    dataset = dataset.shuffle(seed) if shuffle else dataset
+    # Each stream its own order (stream 0 keeps `seed`): one permutation for all would fill each global batch
+    # with runs of neighbouring examples (stream j's i-th is example perm[i] * n + j), a few places of the file.
+    dataset = dataset.shuffle(seed + 1009 * stream) if shuffle else dataset
     dataset = dataset.repeat(None) if repeat else dataset
     if data_cfg.format == 'classify':
         rows = dataset.map(functools.partial(_classify_features, seq_len=data_cfg.seq_len))

@@ -80,7 +80,7 @@ class _SizeBalancedIterator(grain.DatasetIterator):
                 if empty_in_a_row > self._distinct + self._cycle_length:
                     raise ConfigError(
                         f'none of the {self._distinct} data files yields a document here: check config.data.format '
-                        'and text_field, or use fewer data streams (config.data.num_streams) than documents.'
+                        'and text_field, and that the files hold text, not only blank lines.'
                     ) from None
                 continue
             slot[2] = clock + max(reader.fraction_read() - before, 0.0)

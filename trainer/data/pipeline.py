@@ -89,11 +89,15 @@ def eval_source(data_cfg: config_dict.ConfigDict, field: str = 'config.data.eval
 
 
 def check_sources(srcs: list[Source], data_cfg: config_dict.ConfigDict, vocab_size: int) -> None:
-    """Checks what can be checked before training: Parquet columns, pre-tokenized shards' tokenizer."""
+    """Checks what can be checked before training: Parquet columns, JSON lines' first lines, pre-tokenized shards'
+    tokenizer."""
     for src in srcs:
         if src.format == 'parquet':
             for path in src.files:
                 sources.check_parquet_column(path, data_cfg.text_field)
+        if src.format == 'jsonl':
+            for path in src.files:
+                sources.check_json_lines(path, data_cfg.text_field, data_cfg.format)
         if src.format == 'arrayrecord':
             manifest = sources.read_manifest(list(src.files))
             if manifest['tokenizer_fingerprint'] != fingerprint(data_cfg.tokenizer):
@@ -106,6 +110,35 @@ def check_sources(srcs: list[Source], data_cfg: config_dict.ConfigDict, vocab_si
                     f'{src.files[0]} holds ids up to {manifest["vocab_size"] - 1} but config.model.vocab_size='
                     f'{vocab_size}: raise vocab_size to at least {manifest["vocab_size"]}.'
                 )
+
+
+# Counting a source's tokens, a document's first (seq_len + 1) x this many characters are tokenized: no tokenizer
+# makes fewer than seq_len + 1 tokens of them, and a 1 MiB document is not tokenized whole at start-up.
+_CHARS_PER_TOKEN_BOUND = 64
+
+
+def check_enough_text(src: Source, data_cfg: config_dict.ConfigDict, tokenizer: Tokenizer, field: str) -> None:
+    """Refuses a source of less text than one sequence (seq_len + 1 tokens, EOS included) for streams to share.
+
+    Reads its documents in order only until that many tokens are found: the first document, for any corpus.
+    """
+    if src.format == 'arrayrecord':
+        return
+    need, found = data_cfg.seq_len + 1, 0
+    for path in src.files:
+        documents = iter(sources.FileDocuments(path, data_cfg))
+        try:
+            for text in documents:
+                found += len(tokenizer.encode(text[: need * _CHARS_PER_TOKEN_BOUND])) + 1  # and its EOS
+                if found >= need:
+                    return
+        finally:
+            documents.close()
+    files = ', '.join(src.files[:3]) + (f' and {len(src.files) - 3} more' if len(src.files) > 3 else '')
+    raise ConfigError(
+        f'{field} ({files}) holds {found} tokens of text, less than one sequence of config.data.seq_len + 1 = '
+        f'{need}: give more text, or lower config.data.seq_len.'
+    )
 
 
 def _documents(
@@ -144,21 +177,34 @@ def _documents(
         return records.map(
             lambda ids: document(ids, bytes_of_ids(tokenizer, ids) if with_bytes else None)
         ).to_iter_dataset(sources.read_options(num_streams))
-    if len(src.files) >= _FILES_PER_STREAM * num_streams:  # whole files per stream
-        shards = dict.fromkeys(_stream_share(src, stream, num_streams), (0, 1))
-    else:
-        # Every stream reads all files and keeps every num_streams-th document; which one it keeps first
-        # turns with the file, so that files with an odd number of documents do not favour stream 0.
-        shards = {path: ((stream + i) % num_streams, num_streams) for i, path in enumerate(src.files)}
-    files = list(shards)
+    shares = _shares(src, data_cfg, stream, num_streams)
+    files = list(shares)
     dataset = grain.MapDataset.source(files)
     dataset = dataset.shuffle(seed) if shuffle else dataset
     dataset = dataset.repeat(None) if repeat else dataset
-    per_file = dataset.map(lambda path: sources.FileDocuments(path, data_cfg, shards[path]))
+    per_file = dataset.map(lambda path: sources.FileDocuments(path, data_cfg, shares[path]))
     # At most one epoch's files open at once: a wider cycle would read the next epoch's copies early.
     cycle = min(len(files), _INTERLEAVED_FILES)
     documents = SizeBalancedInterleave(per_file, cycle_length=cycle, distinct_files=len(files))
     return documents.map(from_text)
+
+
+def _shares(src: Source, data_cfg: config_dict.ConfigDict, stream: int, num_streams: int) -> dict[str, sources.Share]:
+    """What data stream `stream` reads of each file of `src` (the files it reads nothing of left out)."""
+    if len(src.files) >= _FILES_PER_STREAM * num_streams:  # whole files per stream
+        return dict.fromkeys(_stream_share(src, stream, num_streams), sources.Share())
+    shares = {}
+    for i, (path, size) in enumerate(zip(src.files, src.sizes, strict=True)):
+        few = sources.text_bytes_if_few(path, size, data_cfg, num_streams) if num_streams > 1 else None
+        if few is None:
+            # Every stream reads all files and keeps every num_streams-th document; which one it keeps first
+            # turns with the file, so that files with an odd number of documents do not favour stream 0.
+            shares[path] = sources.Share((stream + i) % num_streams, num_streams)
+        else:
+            # Fewer documents than streams (one long paragraph, a file of lines read by paragraph): dealt whole,
+            # they would leave some streams without text. Each stream reads its own n-th of the text instead.
+            shares[path] = sources.Share(stream, num_streams, few)
+    return shares
 
 
 def _stream_share(src: Source, stream: int, num_streams: int) -> list[str]:

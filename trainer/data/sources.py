@@ -6,6 +6,8 @@ Each reader is a grain IterDataset over one file whose iterator state is a posit
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import glob
 import itertools
 import json
@@ -18,6 +20,7 @@ import fsspec
 import grain
 import numpy as np
 
+from trainer.data import json_lines
 from trainer.errors import ConfigError
 
 
@@ -42,6 +45,9 @@ _EXTENSIONS = {
 # Line ends of either kind (Windows files, Hugging Face's raw WikiText have '\r\n'); a paragraph ends at a blank line.
 _SEPARATORS = {'line': re.compile(rb'\r?\n'), 'paragraph': re.compile(rb'\r?\n\r?\n'), 'document': None}
 _BLOCK_BYTES = 1 << 20  # read size; a reader holds at most one block plus one document
+# A file of fewer documents than streams is cut into byte ranges, one per stream; each cut moves forward to the
+# next line end if one is this close (at most half a range), else to the next character.
+_CUT_WINDOW = 4096
 # fsspec backends that are separate packages, and the pip extra that brings each.
 _BACKEND_EXTRAS = {'gs': 'gcs', 'gcs': 'gcs', 's3': 's3', 'hf': 'hf'}
 
@@ -117,6 +123,44 @@ def check_parquet_column(path: str, column: str) -> None:
         raise ConfigError(
             f'{path} has no column {column!r} (it has {names}): set config.data.text_field to the text column.'
         )
+
+
+def check_json_lines(path: str, field: str, configured: str) -> None:
+    """A JSON-lines file must be JSON objects holding the text field: reads its first few lines only.
+
+    A file that is something else (plain text named .jsonl) is one error naming it, not a skipped-line warning
+    from every stream and then no document.
+    """
+    reads = "config.data.format='auto' reads a .jsonl or .json file" if configured == 'auto' else 'format jsonl reads'
+    bad = json_lines.BadLines(
+        path,
+        f'{reads} as one JSON object per line, its text in config.data.text_field={field!r}: give JSON lines, or '
+        "config.data.format='text' to read it as plain text.",
+    )
+    keys: dict[str, None] = {}  # of the first records, which lack `field`
+    first = 0
+    with fsspec.open(path, 'rb') as lines:
+        numbered = ((number, line) for number, line in enumerate(lines, 1) if line.strip())
+        for number, line in itertools.islice(numbered, json_lines.NOT_JSON_LINES):
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                why = f'not JSON ({error.msg})' if isinstance(error, json.JSONDecodeError) else 'not UTF-8'
+                bad.skip(number, why, not_json=True)
+                continue
+            if not isinstance(record, dict):
+                bad.skip(number, 'not a JSON object', not_json=True)
+            elif field in record:
+                return
+            else:
+                keys.update(dict.fromkeys(record))
+                first = first or number
+    if keys:
+        raise ConfigError(
+            f'{path}:{first}: no field {field!r} in its first records (they have {", ".join(map(repr, keys))}): set '
+            "config.data.text_field to the field of the text, or config.data.format='sft' for instruction data."
+        )
+    bad.refuse()
 
 
 class _TextIterator(grain.DatasetIterator):
@@ -295,21 +339,124 @@ class _ParquetIterator(grain.DatasetIterator):
         self._file.close()
 
 
-class FileDocuments(grain.IterDataset):
-    """The text documents of one file, read lazily (text, JSON lines or Parquet)."""
+@dataclasses.dataclass(frozen=True)
+class Share:
+    """What one data stream reads of a file: every `count`-th document from the `index`-th on; or, when `text_bytes`
+    is set (a file of fewer documents than streams, holding that many bytes of text), the `index`-th of `count`
+    equal byte ranges of its documents' text."""
 
-    def __init__(self, path: str, data_cfg: Any, shard: tuple[int, int] = (0, 1)):
+    index: int = 0
+    count: int = 1
+    text_bytes: int | None = None
+
+
+def _cut(data: bytes, at: int, window: int) -> int:
+    """Where a range of `data` starting or ending near `at` is cut: after a line end within `window` bytes, else
+    at the next character (never inside a UTF-8 one); a document's own start and end stay where they are.
+
+    Neighbouring ranges cut each document alike, so together they hold every byte of it once.
+    """
+    if at <= 0 or at >= len(data):
+        return min(max(at, 0), len(data))
+    line_end = data.find(b'\n', at, at + window)
+    if line_end >= 0:
+        return line_end + 1
+    while at < len(data) and (data[at] & 0xC0) == 0x80:
+        at += 1
+    return at
+
+
+class _RangeIterator(grain.DatasetIterator):
+    """One stream's byte range of a file's text (`Share.text_bytes`): the parts of its documents inside it.
+
+    State: the inner reader's (over all documents) and the bytes of text before its next document.
+    """
+
+    def __init__(self, documents: grain.DatasetIterator, share: Share):
+        super().__init__()
+        total = share.text_bytes or 0
+        self._documents = documents
+        self._start = total * share.index // share.count
+        self._stop = total * (share.index + 1) // share.count
+        self._window = min(_CUT_WINDOW, total // share.count // 2)  # no cut moves past half a range
+        self._at = 0
+
+    def fraction_read(self) -> float:
+        """How far through its range the stream is, from 0 to 1."""
+        if self._stop <= self._start:
+            return 1.0
+        return min(max(self._at - self._start, 0) / (self._stop - self._start), 1.0)
+
+    def __next__(self) -> str:
+        while self._at < self._stop:
+            data = next(self._documents).encode()  # StopIteration: the file ended
+            begins, self._at = self._at, self._at + len(data)
+            start = _cut(data, self._start - begins, self._window)
+            stop = _cut(data, self._stop - begins, self._window)
+            piece = data[start:stop].decode() if start < stop else ''
+            if piece.strip():
+                return piece
+        raise StopIteration
+
+    def get_state(self) -> dict[str, Any]:
+        return {'documents': self._documents.get_state(), 'at': self._at}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._documents.set_state(state['documents'])
+        self._at = state['at']
+
+    def close(self) -> None:
+        super().close()
+        self._documents.close()
+
+
+def _reader(
+    path: str, fmt: str, sample_by: str, max_bytes: int, field: str, shard: tuple[int, int]
+) -> grain.DatasetIterator:
+    if fmt == 'jsonl':
+        return _JsonlIterator(path, field, shard)
+    if fmt == 'parquet':
+        return _ParquetIterator(path, field, shard)
+    return _TextIterator(path, sample_by, max_bytes, shard)
+
+
+class FileDocuments(grain.IterDataset):
+    """The text documents of one file, read lazily (text, JSON lines or Parquet): a stream's `share` of them."""
+
+    def __init__(self, path: str, data_cfg: Any, share: Share = Share()):
         super().__init__()
         self._path, self._format = path, file_format(path, data_cfg.format)
         self._sample_by, self._max_bytes = data_cfg.sample_by, data_cfg.max_document_bytes
-        self._field, self._shard = data_cfg.text_field, shard
+        self._field, self._share = data_cfg.text_field, share
 
     def __iter__(self) -> grain.DatasetIterator:
-        if self._format == 'jsonl':
-            return _JsonlIterator(self._path, self._field, self._shard)
-        if self._format == 'parquet':
-            return _ParquetIterator(self._path, self._field, self._shard)
-        return _TextIterator(self._path, self._sample_by, self._max_bytes, self._shard)
+        if self._share.text_bytes is None:
+            shard = (self._share.index, self._share.count)
+            return _reader(self._path, self._format, self._sample_by, self._max_bytes, self._field, shard)
+        everything = _reader(self._path, self._format, self._sample_by, self._max_bytes, self._field, (0, 1))
+        return _RangeIterator(everything, self._share)
+
+
+def text_bytes_if_few(path: str, size: int, data_cfg: Any, limit: int) -> int | None:
+    """The bytes of text in the documents of `path` (of `size` bytes) if it holds fewer than `limit` documents,
+    else None; reads only as far as its `limit`-th document, once per process."""
+    fmt = file_format(path, data_cfg.format)
+    return _text_bytes_if_few(
+        path, size, fmt, data_cfg.sample_by, data_cfg.max_document_bytes, data_cfg.text_field, limit
+    )
+
+
+@functools.lru_cache(maxsize=4096)  # every stream deals the same files; the size stands for the contents
+def _text_bytes_if_few(
+    path: str, size: int, fmt: str, sample_by: str, max_bytes: int, field: str, limit: int
+) -> int | None:
+    del size
+    documents = _reader(path, fmt, sample_by, max_bytes, field, (0, 1))
+    try:
+        sizes = [len(document.encode()) for document in itertools.islice(documents, limit)]
+    finally:
+        documents.close()
+    return sum(sizes) if len(sizes) < limit else None
 
 
 def read_manifest(files: list[str]) -> dict[str, Any]:

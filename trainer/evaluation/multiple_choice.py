@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 
 import fsspec
 import numpy as np
 
-from trainer.data import sources
+from trainer.data import json_lines, sources
 from trainer.data.tokenizers import Tokenizer
 from trainer.errors import ConfigError
 from trainer.evaluation.loglikelihood import Scorer, encode_pair
+
+_NOT_AN_OBJECT = 'not a JSON object'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Question:
 def _question(record: object) -> Question | str:
     """The record as a Question, or what is wrong with it."""
     if not isinstance(record, dict):
-        return 'not a JSON object'
+        return _NOT_AN_OBJECT
     context, choices, gold = record.get('context'), record.get('choices'), record.get('gold')
     if not isinstance(context, str):
         return '"context" is not a string'
@@ -46,9 +47,16 @@ def _question(record: object) -> Question | str:
 
 
 def read_questions(patterns: str, field: str = '--files') -> list[Question]:
-    """Every valid question of the JSON-lines files `patterns`; a bad record is skipped with its file:line."""
+    """Every valid question of the JSON-lines files `patterns`; a bad record is skipped with its file:line (the first
+    few named, the rest counted), a file that is not JSON lines refused."""
     questions = []
     for path in sources.resolve_files(patterns, field):
+        bad = json_lines.BadLines(
+            path,
+            '--task multiple_choice reads one question per line, {"context": "...", "choices": ["...", "..."], '
+            '"gold": 0}: give such JSON lines (docs/generate.md).',
+            warning='%s:%d skipped: %s',
+        )
         with fsspec.open(path, 'rt', encoding='utf-8') as lines:
             for number, line in enumerate(lines, 1):
                 if not line.strip():
@@ -56,11 +64,14 @@ def read_questions(patterns: str, field: str = '--files') -> list[Question]:
                 try:
                     found = _question(json.loads(line))
                 except json.JSONDecodeError as error:
-                    found = f'not JSON ({error.msg})'
+                    bad.skip(number, f'not JSON ({error.msg})', not_json=True)
+                    continue
                 if isinstance(found, str):
-                    logging.warning('%s:%d skipped: %s', path, number, found)
-                else:
-                    questions.append(found)
+                    bad.skip(number, found, not_json=found == _NOT_AN_OBJECT)
+                    continue
+                bad.used()
+                questions.append(found)
+        bad.report()
     if not questions:
         raise ConfigError(
             f'{field}={patterns} holds no valid question: each line must be {{"context": "...", "choices": '

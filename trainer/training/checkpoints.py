@@ -375,7 +375,7 @@ class Checkpointer:
             keep_period=ckpt_cfg.keep_every_steps or None,
             enable_async_checkpointing=True,
             cleanup_tmp_directories=True,  # remove what a killed run left half-written
-            create=True,
+            create=False,  # the first save makes the folder: a run refused before it writes nothing
         )
         self.directory = directory
         self._manager = ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=_item_handlers())

@@ -255,6 +255,10 @@ def check_data(config: config_dict.ConfigDict) -> None:
             examples.read(src.files, data, tokenizer, config.model.num_classes, 'config.data.eval_files')
         return
     pipeline.check_sources(train_sources + eval_sources, data, config.model.vocab_size)
+    fields = [f'config.data.mixture[{i}]' for i in range(len(data.mixture))] or ['config.data.train_files']
+    fields += ['config.data.eval_files'] * len(eval_sources)
+    for src, field in zip(train_sources + eval_sources, fields, strict=True):
+        pipeline.check_enough_text(src, data, tokenizer, field)
 
 
 def check_train(train: config_dict.ConfigDict) -> None:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import itertools
 import logging
 import math
+import os
 import pathlib
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import numpy as np
@@ -224,11 +227,7 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
             config.train.steps,
             optimizer.warmup_steps(config.train),
         )
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        message = f'cannot create --workdir {workdir}: {error.strerror}; give a folder you can write to.'
-        raise ConfigError(message) from None
+    _check_workdir(workdir)
 
     mesh = mesh_lib.make_mesh({axis: config.mesh[axis] for axis in mesh_lib.MESH_AXES})
     tokenizer = tokenizers.make_tokenizer(config.data.tokenizer, config.data.eos_token)
@@ -248,7 +247,12 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
         )
         cleanup.callback(checkpointer.close)  # waits for the last save
         state, how = _starting_state(config, setup, checkpointer, train_data)
-        if is_chief and int(state.step) < config.train.steps:
+        trains = int(state.step) < config.train.steps
+        # The first batch now, before anything is written: a data problem it meets refuses the run (exit 2)
+        # and leaves the workdir as it was (or absent).
+        first_batch = next(train_data) if trains else None
+        _make_workdir(workdir)
+        if is_chief and trains:
             # Only a run that trains records its config: a refused or no-op command leaves the last one.
             (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
 
@@ -288,7 +292,28 @@ def train(config: config_dict.ConfigDict, workdir: pathlib.Path) -> TrainResult:
             stop=stop,
             profiler=profiler,
         )
-        return _loop(ctx, state)
+        return _loop(ctx, state, first_batch)
+
+
+def _check_workdir(workdir: pathlib.Path) -> None:
+    """Refuses a --workdir that mkdir would refuse, without making it: a refused run writes nothing."""
+    existing = next(folder for folder in (workdir, *workdir.parents) if folder.exists())
+    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+        return
+    # mkdir's own reasons (and words), as _make_workdir reports them
+    reason = errno.EACCES if existing.is_dir() else errno.EEXIST if existing == workdir else errno.ENOTDIR
+    _refuse_workdir(workdir, os.strerror(reason))
+
+
+def _refuse_workdir(workdir: pathlib.Path, reason: str) -> NoReturn:
+    raise ConfigError(f'cannot create --workdir {workdir}: {reason}; give a folder you can write to.')
+
+
+def _make_workdir(workdir: pathlib.Path) -> None:
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        _refuse_workdir(workdir, error.strerror)
 
 
 def _start_from_hugging_face(
@@ -364,10 +389,11 @@ def _compile_train_step(ctx: _RunContext, state: state_lib.TrainState, batch: di
     return compiled
 
 
-def _loop(ctx: _RunContext, state: state_lib.TrainState) -> TrainResult:
+def _loop(ctx: _RunContext, state: state_lib.TrainState, first_batch: dict[str, jax.Array] | None) -> TrainResult:
     """Dispatches steps ahead of the host: an interval's metrics are fetched after the next step is queued.
 
-    Throughput is timed between fetches: a fetch returns once its interval's last step is done.
+    `first_batch` is the first step's, read by `train` before it wrote anything (None: no step to run). Throughput
+    is timed between fetches: a fetch returns once its interval's last step is done.
     """
     train_cfg = ctx.config.train
     first_step, total = int(state.step), train_cfg.steps
@@ -389,8 +415,9 @@ def _loop(ctx: _RunContext, state: state_lib.TrainState) -> TrainResult:
             ctx.writer.write(step, summary)
 
     train_step = ctx.compiled.train
+    batches = itertools.chain([first_batch], ctx.train_data)
     for step in range(first_step, total):
-        batch = next(ctx.train_data)
+        batch = next(batches)
         if step == first_step:
             train_step = _compile_train_step(ctx, state, batch)
         ctx.profiler.before(step + 1)
