@@ -20,17 +20,18 @@ run() {  # name, then the command; prints the command's last lines and its wall 
   local start=$SECONDS
   "$@" > "$out/$name.log" 2>&1
   echo "== $name ($((SECONDS - start)) s): $*"
-  grep -E "eval_loss|^done:|accuracy|right|tok/s" "$out/$name.log" | tail -6
+  grep -E "eval_loss|^done:|accuracy|right|nats/token|tok/s" "$out/$name.log" | tail -6 || true
 }
 
-run small_lm python -m trainer --config configs/small_lm.py --workdir runs/small_lm
-run before_finetune python -m trainer.evaluate --model runs/small_lm \
+skip() { [ -f "$out/$1.log" ] && grep -q "^done:\|nats/\|accuracy\|right" "$out/$1.log"; }  # rerun in place: done parts kept
+skip small_lm || run small_lm python -m trainer --config configs/small_lm.py --workdir runs/small_lm
+skip before_finetune || run before_finetune python -m trainer.evaluate --model runs/small_lm \
   --files trainer/sample_data/finetune/instruct_eval.jsonl --format sft --seq_len 256
-run finetune_instruct python -m trainer --config configs/finetune_instruct.py --workdir runs/finetune_instruct
-run finetune_lora python -m trainer --config configs/finetune_lora.py --workdir runs/finetune_lora
-run classify_play python -m trainer --config configs/classify_play.py --workdir runs/classify_play
-run classify_eval python -m trainer.evaluate --model runs/classify_play \
+skip finetune_instruct || run finetune_instruct python -m trainer --config configs/finetune_instruct.py --workdir runs/finetune_instruct
+skip finetune_lora || run finetune_lora python -m trainer --config configs/finetune_lora.py --workdir runs/finetune_lora
+skip classify_play || run classify_play python -m trainer --config configs/classify_play.py --workdir runs/classify_play
+skip classify_eval || run classify_eval python -m trainer.evaluate --model runs/classify_play \
   --files trainer/sample_data/finetune/play_eval.jsonl
-run who_speaks python scripts/who_speaks.py runs/small_lm runs/finetune_instruct runs/finetune_lora
+skip who_speaks || run who_speaks python scripts/who_speaks.py runs/small_lm runs/finetune_instruct runs/finetune_lora
 run generate python -m trainer.generate --model runs/small_lm --prompt "ROMEO:" --seed 3
 cat "$out/generate.log"

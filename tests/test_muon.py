@@ -140,6 +140,7 @@ def test_muon_losses_equal_one_devices_on_every_mesh():
         np.testing.assert_allclose(two_steps(muon_config(**sizes)), reference, rtol=1e-4, err_msg=str(sizes))
 
 
+@pytest.mark.slow  # the mesh test above runs the same Muon step; this adds accumulation's scan around it
 def test_muon_with_gradient_accumulation_equals_one_big_batch():
     reference = two_steps(muon_config())
     config = muon_config()

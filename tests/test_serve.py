@@ -346,7 +346,7 @@ def test_a_failed_engine_is_no_busy_server_on_health_or_to_new_requests():
 # trainer.serve with a decode loop that fails at its first step, as a device that fails would.
 FAILING_SERVE = (
     'from absl import app\n'
-    'from trainer import batching, serve\n'
+    'from trainer import serve\nfrom trainer.serving import batching\n'
     'def fail(engine):\n'
     '    raise RuntimeError("the device is gone")\n'
     'batching.Engine._decode_one_step = fail\n'
